@@ -1,0 +1,35 @@
+# The two commands of the README:  `make demo` (the main job) and `make test` (the whole suite).
+# Both create ./.venv and install what they need. torch is pinned to the CPU wheel this project is developed
+# on; GPU users override it, e.g.  make test AEM_TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+VENV ?= .venv
+AEM_TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet $(AEM_TORCH_SPEC)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,train,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m aem_kernels.demo
+
+# pytest exits 5 when it collected no tests: fine for a filtered run (PYTEST_ARGS set), a failure otherwise.
+test: $(STAMP)
+	@rc=0; $(PY) -m pytest python_tests $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then \
+	  if [ -n "$(PYTEST_ARGS)" ]; then echo "make test: no test matched PYTEST_ARGS='$(PYTEST_ARGS)'"; exit 0; \
+	  else echo "make test: pytest collected no tests; the suite must not be empty"; exit 1; fi; \
+	fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) build *.egg-info aem_kernels/*.so

@@ -1,0 +1,42 @@
+"""aem_kernels: fused log-prob / entropy kernels and Adaptive Entropy Modulation (AEM) for LLM RL losses.
+
+The math is in AEM_SPEC.md; every op has a plain-PyTorch reference twin in `aem_kernels.reference`.
+"""
+
+from .api import (
+    LogprobsEntropyFunction,
+    entropy_from_logits,
+    logprobs_and_entropy,
+    logprobs_from_logits,
+    response_entropy,
+    response_surprisal,
+    selective_log_softmax,
+)
+from ._validation import skip_value_checks
+from .config import AEMConfig
+from .dispatch import BackendUnavailableError, available_backends
+from .loss import AEMLoss, aem_policy_loss
+from .modulation import aem_weights, modulate_advantages, relative_uncertainty
+from .packing import turn_ids_to_token_response
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AEMConfig",
+    "AEMLoss",
+    "BackendUnavailableError",
+    "LogprobsEntropyFunction",
+    "aem_policy_loss",
+    "aem_weights",
+    "available_backends",
+    "entropy_from_logits",
+    "logprobs_and_entropy",
+    "logprobs_from_logits",
+    "modulate_advantages",
+    "relative_uncertainty",
+    "response_entropy",
+    "response_surprisal",
+    "selective_log_softmax",
+    "skip_value_checks",
+    "turn_ids_to_token_response",
+]

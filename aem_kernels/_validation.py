@@ -1,0 +1,147 @@
+"""Input validation shared by every backend: one place that names the argument and what was expected.
+
+Shape, dtype and device checks are free (metadata only) and always run. Value checks (labels in range,
+ids in range, NaN in advantages) need one reduction and a host sync; they run by default and are skipped
+inside `torch.compile` tracing, during CUDA-graph capture, inside `skip_value_checks()`, or when the
+environment variable AEM_KERNELS_CHECK_VALUES=0 (for users who validated upstream and want no syncs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = _LOGIT_DTYPES
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def skip_value_checks() -> Iterator[None]:
+    """Context manager that skips the value checks that need a host sync (shape/dtype checks stay on)."""
+    previous = getattr(_state, "skip", False)
+    _state.skip = True
+    try:
+        yield
+    finally:
+        _state.skip = previous
+
+
+def value_checks_enabled(*tensors: torch.Tensor) -> bool:
+    if getattr(_state, "skip", False) or os.environ.get("AEM_KERNELS_CHECK_VALUES", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_logits(logits: object, name: str = "logits") -> torch.Tensor:
+    logits = check_tensor(name, logits)
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have shape [..., V] with at least one dimension, got a 0-d tensor")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have a vocabulary dimension V >= 1, got shape {tuple(logits.shape)}")
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit stride along the vocabulary (last) dimension, got strides "
+                         f"{logits.stride()}; call .contiguous() first")
+    return logits
+
+
+def check_integer_tensor(name: str, value: object, shape: Optional[Sequence[int]], device: torch.device,
+                         expected: str) -> torch.Tensor:
+    value = check_tensor(name, value)
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{name} must be an integer tensor ({expected}), got {value.dtype}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({expected}), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+    return value
+
+
+def check_labels(labels: object, logits: torch.Tensor, ignore_index: int, name: str = "labels") -> torch.Tensor:
+    """Labels of shape logits.shape[:-1], values in [0, V) or == ignore_index."""
+    vocab = logits.shape[-1]
+    labels = check_integer_tensor(name, labels, logits.shape[:-1], logits.device,
+                                  f"logits.shape[:-1], values in [0, {vocab}) or ignore_index")
+    if labels.numel() and value_checks_enabled(labels):
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(bad.any()):
+            example = int(labels[bad].flatten()[0])
+            raise ValueError(f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"found {example} ({int(bad.sum())} bad entries)")
+    return labels
+
+
+def check_index_map(name: str, ids: object, shape: Optional[Sequence[int]], device: torch.device, *,
+                    upper: Optional[int], allow_untrained: bool) -> torch.Tensor:
+    """An id map with values in [0, upper) (or -1 when `allow_untrained`); upper=None: no upper bound."""
+    low = -1 if allow_untrained else 0
+    span = f"values in [{low}, {upper})" if upper is not None else f"values >= {low}"
+    ids = check_integer_tensor(name, ids, shape, device, span)
+    if ids.numel() and value_checks_enabled(ids):
+        bad = ids < low
+        if upper is not None:
+            bad |= ids >= upper
+        if bool(bad.any()):
+            raise ValueError(f"{name} must have {span}; found {int(ids[bad].flatten()[0])}")
+    return ids.long()
+
+
+def check_float_tensor(name: str, value: object, shape: Optional[Sequence[int]], device: torch.device,
+                       *, allow_nonfinite: bool = False) -> torch.Tensor:
+    value = check_tensor(name, value)
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+    if not allow_nonfinite and value.numel() and value_checks_enabled(value):
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            raise ValueError(f"{name} contains {int((~finite).sum())} NaN or infinite entries")
+    return value
+
+
+def check_temperature(temperature: object) -> float:
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
+        temperature = float(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def check_count(name: str, value: object) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value

@@ -1,0 +1,195 @@
+"""Public token ops: the autograd Function over all backends, and the drop-in functions built on it.
+
+`LogprobsEntropyFunction` computes (eq. 1-2) per row of logits and saves only O(N) state (lse, entropy) plus a
+reference to the logits. Its backward is the section-6 formula evaluated by the chosen backend in one read
+of the logits and one write of the gradient (optionally into the logits' own storage), never autograd
+through a softmax copy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _validation as V
+from ._layout import as_rows3d
+from .dispatch import Backend, resolve_backend
+from .reference import segment_mean, segment_sum
+
+__all__ = [
+    "LogprobsEntropyFunction",
+    "logprobs_and_entropy",
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "selective_log_softmax",
+    "response_surprisal",
+    "response_entropy",
+]
+
+
+class LogprobsEntropyFunction(torch.autograd.Function):
+    """(logits [..., V], labels [...] | None) -> (logprobs [...], entropy [...]); see module docstring."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, ignore_index: int,
+                backend: Backend, inplace_backward: bool):
+        flat_labels = labels.reshape(-1) if labels is not None else None
+        logprobs, entropy, lse = backend.forward(as_rows3d(logits), flat_labels, temperature, ignore_index)
+        ctx.save_for_backward(logits, flat_labels, lse, entropy)
+        ctx.config = (temperature, ignore_index, backend, inplace_backward)
+        ctx.set_materialize_grads(False)
+        shape = logits.shape[:-1]
+        if logprobs is None:
+            logprobs = torch.zeros_like(entropy)
+            ctx.mark_non_differentiable(logprobs)
+        return logprobs.view(shape), entropy.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, backend, inplace_backward = ctx.config
+        if grad_logprobs is None and grad_entropy is None:
+            return (None,) * 6
+        if labels is None:
+            grad_logprobs = None
+        grad = logits if inplace_backward else torch.empty_like(logits)
+        grad3d = as_rows3d(grad)
+        flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)
+        out3d = backend.backward(as_rows3d(logits), labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy),
+                                 temperature, ignore_index, grad3d)
+        if out3d.data_ptr() != grad3d.data_ptr():  # as_rows3d had to copy (>3-d, non-mergeable dims)
+            grad.copy_(out3d.view(grad.shape))
+        return grad, None, None, None, None, None
+
+
+def _prepare(logits, labels, temperature, ignore_index, backend):
+    logits = V.check_logits(logits)
+    temperature = V.check_temperature(temperature)
+    ignore_index = V.check_ignore_index(ignore_index)
+    if labels is not None:
+        labels = V.check_labels(labels, logits, ignore_index)
+    return logits, labels, temperature, ignore_index, resolve_backend(backend, logits.device)
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs l_t (eq. 1) and entropies h_t (eq. 2) in one read of the logits.
+
+    Args:
+        logits: [..., V] fp32/bf16/fp16/fp64, any strides with a unit vocab stride.
+        labels: logits.shape[:-1], integer, values in [0, V) or `ignore_index`.
+        temperature: tau > 0; the logits are divided by it.
+        ignore_index: positions with this label give 0 in both outputs and a zero gradient.
+        backend: "auto", "triton", "cpu" or "torch" (see `aem_kernels.dispatch`).
+        inplace_backward: write the logits' gradient into the logits' own storage (the logits must not be
+            needed after the backward); peak memory stays at one N x V buffer.
+
+    Returns:
+        (logprobs, entropy), each of labels' shape, fp32 (fp64 for fp64 logits).
+    """
+    logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend)
+    if labels is None:
+        raise TypeError("labels must be a torch.Tensor, got None (use entropy_from_logits for entropy alone)")
+    return LogprobsEntropyFunction.apply(logits, labels, temperature, ignore_index, be, inplace_backward)
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+    index: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Token log-probs log softmax(logits / tau)[labels] (eq. 1), shape labels.shape, fp32.
+
+    Drop-in for verl's `logprobs_from_logits(logits, labels, inplace_backward=...)` and TRL's
+    `selective_log_softmax(logits, index)` (`index=` is accepted as the labels' name).
+    """
+    if index is not None:
+        if labels is not None:
+            raise TypeError("pass the labels either as `labels` or as `index`, not both")
+        labels = index
+    if labels is None:
+        raise TypeError("logprobs_from_logits() needs `labels` (or `index`)")
+    return logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                backend=backend, inplace_backward=inplace_backward)[0]
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """TRL's name for `logprobs_from_logits(logits, index)`."""
+    return logprobs_from_logits(logits, index)
+
+
+def entropy_from_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Token entropy of softmax(logits / tau) (eq. 2), shape logits.shape[:-1], fp32.
+
+    Drop-in for verl's `entropy_from_logits(logits)` and TRL's `entropy_from_logits(logits, chunk_size=...)`;
+    `chunk_size` is accepted for compatibility and unused (every backend bounds its own working set).
+    """
+    if chunk_size is not None:
+        V.check_count("chunk_size", chunk_size)
+    logits, _, temperature, _, be = _prepare(logits, None, temperature, -100, backend)
+    return LogprobsEntropyFunction.apply(logits, None, temperature, -100, be, inplace_backward)[1]
+
+
+def _segment_inputs(name: str, values, token_response, num_responses):
+    values = V.check_tensor(name, values)
+    if not values.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {values.dtype}")
+    num_responses = V.check_count("num_responses", num_responses)
+    token_response = V.check_index_map("token_response", token_response, values.shape, values.device,
+                                       upper=num_responses, allow_untrained=True)
+    return values, token_response, num_responses
+
+
+def _reduce(values, token_response, num_responses, reduction):
+    if reduction == "sum":
+        return segment_sum(values, token_response, num_responses)
+    if reduction == "mean":
+        return segment_mean(values, token_response, num_responses)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def response_surprisal(token_logprobs: torch.Tensor, token_response: torch.Tensor, num_responses: int, *,
+                       reduction: str = "mean") -> torch.Tensor:
+    """Response surprisal (eq. 3): S_r = -sum_{t in r} l_t ("sum") or s_r = S_r / L_r ("mean").
+
+    Args:
+        token_logprobs: [N] float (any shape; token_response must match it).
+        token_response: [N] int, the response of each token, -1 for untrained tokens.
+        num_responses: R.
+    Returns:
+        [R] in token_logprobs' dtype; an empty response (L_r = 0) gives 0. Differentiable.
+    """
+    values, token_response, num_responses = _segment_inputs("token_logprobs", token_logprobs, token_response,
+                                                            num_responses)
+    return _reduce(-values, token_response, num_responses, reduction)
+
+
+def response_entropy(token_entropy: torch.Tensor, token_response: torch.Tensor, num_responses: int, *,
+                     reduction: str = "mean") -> torch.Tensor:
+    """Response entropy (eq. 3'): H_r = (1/L_r) sum_{t in r} h_t ("mean", the paper's proxy) or the sum.
+
+    Shapes and the empty-response convention as in `response_surprisal`.
+    """
+    values, token_response, num_responses = _segment_inputs("token_entropy", token_entropy, token_response,
+                                                            num_responses)
+    return _reduce(values, token_response, num_responses, reduction)

@@ -1,0 +1,135 @@
+"""`AEMConfig`: every knob of the AEM-modulated policy loss, validated once.
+
+The defaults are the paper's form (AEM_SPEC.md section 4): mean token entropy as the response uncertainty,
+per-group min-max relative uncertainty, w = exp(-beta * u) divided by its group mean, no upper clip, and
+verl's PPO defaults for the surrogate (clip 0.2/0.2, dual clip 3.0, token-mean aggregation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional
+
+__all__ = ["AEMConfig", "LOSS_AGG_MODES", "KL_TYPES"]
+
+LOSS_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+# verl's spellings of the three Schulman estimators map onto ours.
+KL_TYPES = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
+
+_CHOICES = {
+    "phi": ("exp", "linear"),
+    "uncertainty": ("entropy", "surprisal"),
+    "surprisal_reduction": ("mean", "sum"),
+    "baseline": ("minmax", "mean", "loo", "batch"),
+    "normalize": ("group", "batch", "none"),
+    "surprisal_source": ("current", "old"),
+    "loss_agg_mode": LOSS_AGG_MODES,
+}
+
+
+def _finite_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"AEMConfig.{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"AEMConfig.{name} must be finite, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class AEMConfig:
+    """Configuration of AEM advantage modulation (eq. 5, 7) and the clipped policy loss (eq. 8).
+
+    Attributes:
+        beta: modulation strength beta >= 0 (the paper's lambda). 0 gives plain GRPO/PPO exactly.
+        phi: "exp" (the paper; the KL-regularised minimiser) or "linear" (phi(x) = max(0, 1 + x); the
+            clamp at 0 keeps a weight from flipping an advantage's sign).
+        sign: +1 (the paper: confident responses amplified) or -1 (the opposite variant, for comparison).
+        uncertainty: "entropy" (mean token entropy H_r, eq. 3') or "surprisal" (S_r / L_r, eq. 3).
+        surprisal_reduction: "mean" or "sum" over the response's tokens.
+        baseline: relative uncertainty u_r (eq. 5): "minmax" (the paper), "mean", "loo", "batch".
+        zscore: divide the centred baselines by the group (or batch) std + 1e-6; not valid with "minmax".
+        normalize: normalisation set N(r) of eq. 7: "group" (the paper), "batch" or "none".
+        w_min, w_max: clip range of the weights; None means no bound on that side.
+        surprisal_source: "current" (detached values of this forward) or "old" (the rollout's values:
+            `old_entropy` for uncertainty="entropy", `old_logprobs` for "surprisal").
+        clip_low, clip_high: PPO ratio clip 1 - clip_low .. 1 + clip_high (verl's clip_ratio_low/high).
+        dual_clip: the dual-clip constant c > 1 for negative advantages (verl's clip_ratio_c); None: off.
+        loss_agg_mode: verl's aggregation names (see `LOSS_AGG_MODES`).
+        entropy_coef: entropy bonus coefficient (loss -= entropy_coef * agg(h)).
+        kl_coef: coefficient of the KL-to-reference term (needs `ref_logprobs` when > 0).
+        kl_type: "k1", "k2" or "k3" (verl's "kl", "mse", "low_var_kl" accepted and normalised).
+        temperature: logits are divided by it before the softmax (eq. 1-2).
+        ignore_index: label value of untrained positions.
+    """
+
+    beta: float = 1.0
+    phi: str = "exp"
+    sign: int = 1
+    uncertainty: str = "entropy"
+    surprisal_reduction: str = "mean"
+    baseline: str = "minmax"
+    zscore: bool = False
+    normalize: str = "group"
+    w_min: Optional[float] = 0.0
+    w_max: Optional[float] = None
+    surprisal_source: str = "current"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = 3.0
+    loss_agg_mode: str = "token-mean"
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_type: str = "k3"
+    temperature: float = 1.0
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"AEMConfig.{name} must be one of {choices}, got {value!r}")
+        if self.kl_type not in KL_TYPES:
+            raise ValueError(f"AEMConfig.kl_type must be one of {tuple(KL_TYPES)}, got {self.kl_type!r}")
+        object.__setattr__(self, "kl_type", KL_TYPES[self.kl_type])
+        if self.sign not in (1, -1) or isinstance(self.sign, bool):
+            raise ValueError(f"AEMConfig.sign must be +1 or -1, got {self.sign!r}")
+        if not isinstance(self.zscore, bool):
+            raise TypeError(f"AEMConfig.zscore must be a bool, got {type(self.zscore).__name__}")
+        if self.zscore and self.baseline == "minmax":
+            raise ValueError("AEMConfig.zscore=True applies to the centred baselines ('mean', 'loo', 'batch'), "
+                             "not to 'minmax'")
+        if _finite_number("beta", self.beta) < 0:
+            raise ValueError(f"AEMConfig.beta must be >= 0, got {self.beta}")
+        for name in ("w_min", "w_max"):
+            value = getattr(self, name)
+            if value is not None and _finite_number(name, value) < 0:
+                raise ValueError(f"AEMConfig.{name} must be >= 0 or None, got {value}")
+        if self.w_min is not None and self.w_max is not None and self.w_max < self.w_min:
+            raise ValueError(f"AEMConfig.w_max ({self.w_max}) must be >= w_min ({self.w_min})")
+        if not 0 <= _finite_number("clip_low", self.clip_low) < 1:
+            raise ValueError(f"AEMConfig.clip_low must be in [0, 1), got {self.clip_low}")
+        if _finite_number("clip_high", self.clip_high) < 0:
+            raise ValueError(f"AEMConfig.clip_high must be >= 0, got {self.clip_high}")
+        if self.dual_clip is not None and _finite_number("dual_clip", self.dual_clip) <= 1:
+            raise ValueError(f"AEMConfig.dual_clip must be > 1 or None, got {self.dual_clip}")
+        _finite_number("entropy_coef", self.entropy_coef)
+        if _finite_number("kl_coef", self.kl_coef) < 0:
+            raise ValueError(f"AEMConfig.kl_coef must be >= 0, got {self.kl_coef}")
+        if _finite_number("temperature", self.temperature) <= 0:
+            raise ValueError(f"AEMConfig.temperature must be > 0, got {self.temperature}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"AEMConfig.ignore_index must be an int, got {type(self.ignore_index).__name__}")
+
+    def replace(self, **changes: Any) -> "AEMConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

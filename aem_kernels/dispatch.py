@@ -1,0 +1,116 @@
+"""Backend selection for the token ops: "auto", "triton", "cpu" (the C++ extension) or "torch".
+
+Every backend implements the same two functions on the canonical layout (see `_layout.py`):
+
+    forward(logits3d [B,T,V], labels [B*T] | None, temperature, ignore_index)
+        -> (logprobs [B*T] | None, entropy [B*T], lse [B*T])        fp32 (fp64 for fp64 logits)
+    backward(logits3d, labels | None, lse, entropy, grad_logprobs | None, grad_entropy | None,
+             temperature, ignore_index, grad_out3d) -> grad_out3d   (grad_out3d may alias logits3d)
+
+"auto" picks Triton for CUDA tensors, the C++ kernels for CPU tensors when the extension is built, and the
+torch reference otherwise. Naming a backend that cannot serve the tensor raises `BackendUnavailableError`
+with the reason (never a silent fallback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "resolve_backend"]
+
+BACKENDS = ("auto", "triton", "cpu", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when the requested backend cannot run on this machine or for this tensor."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+def _torch_backend() -> Backend:
+    from . import reference
+
+    return Backend("torch", reference.logprobs_entropy_fwd_ref, reference.logprobs_entropy_bwd_ref)
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return "Triton is not installed (pip install triton, or a CUDA build of torch that ships it)"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    return (f"the Triton kernels need CUDA tensors; got a tensor on {device}. Set TRITON_INTERPRET=1 "
+            "before importing aem_kernels to run them in Triton's (slow) interpreter on CPU tensors")
+
+
+def _triton_backend() -> Backend:
+    from .ops import logprobs as triton_ops
+
+    return Backend("triton", triton_ops.logprobs_entropy_fwd, triton_ops.logprobs_entropy_bwd)
+
+
+def _cpu_reason(device: torch.device) -> Optional[str]:
+    from . import _cpu
+
+    if device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors; got a tensor on {device}"
+    return _cpu.unavailable_reason()
+
+
+def _cpu_backend() -> Backend:
+    from . import _cpu
+
+    return Backend("cpu", _cpu.logprobs_entropy_fwd, _cpu.logprobs_entropy_bwd)
+
+
+_REASONS: Dict[str, Callable[[torch.device], Optional[str]]] = {
+    "triton": _triton_reason,
+    "cpu": _cpu_reason,
+    "torch": lambda device: None,
+}
+_FACTORIES: Dict[str, Callable[[], Backend]] = {
+    "triton": _triton_backend,
+    "cpu": _cpu_backend,
+    "torch": _torch_backend,
+}
+_CACHE: Dict[str, Backend] = {}
+
+
+def _get(name: str) -> Backend:
+    if name not in _CACHE:
+        _CACHE[name] = _FACTORIES[name]()
+    return _CACHE[name]
+
+
+def resolve_backend(backend: str, device: torch.device) -> Backend:
+    """The backend that will run for tensors on `device`."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
+        if preferred is not None and _REASONS[preferred](device) is None:
+            return _get(preferred)
+        return _get("torch")
+    reason = _REASONS[backend](device)
+    if reason is not None:
+        raise BackendUnavailableError(f'backend="{backend}" is not available: {reason}')
+    return _get(backend)
+
+
+def available_backends(device: torch.device | str = "cpu") -> Dict[str, Optional[str]]:
+    """Each named backend mapped to None when it can serve tensors on `device`, else to the reason."""
+    device = torch.device(device)
+    return {name: _REASONS[name](device) for name in ("triton", "cpu", "torch")}

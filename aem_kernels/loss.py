@@ -1,0 +1,228 @@
+"""The AEM-modulated clipped policy loss (AEM_SPEC.md sections 4-5) and its `nn.Module` wrapper.
+
+Per trained token t of response r, with modulated advantage A~_t = w_r A_t (eq. 7):
+
+    rho_t = exp(clamp(l_t - l_t^old, -20, 20))
+    L_t   = max(-A~_t rho_t, -A~_t clip(rho_t, 1 - eps_low, 1 + eps_high))         (8)
+    L_t   = min(L_t, -c A~_t)          when A~_t < 0 and the dual clip c is on
+    loss  = agg(L) - entropy_coef * agg(h) + kl_coef * agg(KL(l, l^ref))
+
+exactly as verl's `compute_policy_loss_vanilla` + `agg_loss` + `kl_penalty` compute it (the +-20 clamp of the
+log-ratio and the k3 clamps included), so beta = 0 reproduces verl's actor loss. The log-probs and entropies
+come from `LogprobsEntropyFunction`, so the backward is one section-6 pass over the logits whatever the
+aggregation: autograd only carries O(N) per-token scalars down to it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import _validation as V
+from .api import LogprobsEntropyFunction
+from .config import AEMConfig
+from .dispatch import BACKENDS, resolve_backend
+from .modulation import aem_metrics, aem_weights
+from .packing import PackedBatch, pack_inputs
+from .reference import segment_count, segment_mean, segment_sum
+
+__all__ = ["aem_policy_loss", "AEMLoss", "aggregate", "kl_penalty", "ppo_token_loss"]
+
+
+def aggregate(values: torch.Tensor, token_response: torch.Tensor, num_responses: int, mode: str,
+              horizon: Optional[int] = None) -> torch.Tensor:
+    """verl's `agg_loss` on the packed form: `values` [N], trained tokens are those with token_response >= 0.
+
+    "seq-*" modes treat each response as a sequence and average over the non-empty ones;
+    "seq-mean-token-sum-norm" divides the sum of the per-response sums by `horizon` (the padded length T;
+    by default the longest response's token count), as verl does.
+    """
+    trained = token_response >= 0
+    masked = torch.where(trained, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if mode == "token-mean":
+        return masked.sum() / trained.sum().clamp(min=1).to(values.dtype)
+    if mode == "token-sum":
+        return masked.sum()
+    counts = segment_count(token_response, num_responses)
+    if mode == "seq-mean-token-sum-norm":
+        norm = horizon if horizon is not None else counts.max().clamp(min=1) if num_responses else 1
+        return masked.sum() / norm
+    nonempty = counts > 0
+    per_response = (segment_sum if mode == "seq-mean-token-sum" else segment_mean)(masked, token_response,
+                                                                                   num_responses)
+    if mode not in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        raise ValueError(f"unknown loss_agg_mode {mode!r}")
+    return torch.where(nonempty, per_response, 0.0).sum() / nonempty.sum().clamp(min=1).to(values.dtype)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Per-token KL estimators (Schulman): k1 = l - l_ref, k2 = (l - l_ref)^2 / 2,
+    k3 = exp(l_ref - l) - (l_ref - l) - 1 with verl's clamps (log-ratio to +-20, result to +-10)."""
+    if kl_type == "k1":
+        return logprobs - ref_logprobs
+    if kl_type == "k2":
+        return 0.5 * (logprobs - ref_logprobs).square()
+    if kl_type == "k3":
+        log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+        return (log_ratio.exp() - log_ratio - 1.0).clamp(-10.0, 10.0)
+    raise ValueError(f"kl_type must be 'k1', 'k2' or 'k3', got {kl_type!r}")
+
+
+def ppo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   config: AEMConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Per-token clipped surrogate L_t of eq. 8 and the per-token clip indicators (float 0/1)."""
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    flags = {"clip": (clipped > unclipped).to(loss.dtype), "neg_log_ratio": -log_ratio.detach()}
+    if config.dual_clip is not None:
+        floor = -advantages * config.dual_clip
+        flags["clip_lower"] = ((loss > floor) & (advantages < 0)).to(loss.dtype)
+        loss = torch.where(advantages < 0, torch.minimum(floor, loss), loss)
+    else:
+        flags["clip_lower"] = torch.zeros_like(loss)
+    return loss, flags
+
+
+def _token_mean(values: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    return torch.where(trained, values, 0.0).sum() / trained.sum().clamp(min=1).to(values.dtype)
+
+
+def _uncertainty(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tensor,
+                 config: AEMConfig) -> torch.Tensor:
+    """x_r: response entropy (eq. 3') or surprisal (eq. 3) of the current or the old policy, detached."""
+    if config.uncertainty == "entropy":
+        source = entropy.detach() if config.surprisal_source == "current" else batch.old_entropy
+        needed = "old_entropy"
+    else:
+        source = -logprobs.detach() if config.surprisal_source == "current" else (
+            -batch.old_logprobs if batch.old_logprobs is not None else None)
+        needed = "old_logprobs"
+    if source is None:
+        raise ValueError(f'surprisal_source="old" with uncertainty="{config.uncertainty}" needs `{needed}`')
+    reduce = segment_mean if config.surprisal_reduction == "mean" else segment_sum
+    return reduce(source.to(entropy.dtype), batch.token_response, batch.num_responses)
+
+
+def aem_policy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    token_response: Optional[torch.Tensor] = None,
+    response_group: torch.Tensor,
+    old_logprobs: Optional[torch.Tensor] = None,
+    old_entropy: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    config: AEMConfig = AEMConfig(),
+    backend: str = "auto",
+    response_mask: Optional[torch.Tensor] = None,
+    turn_ids: Optional[torch.Tensor] = None,
+    advantage_level: str = "auto",
+    num_groups: Optional[int] = None,
+    inplace_backward: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """AEM-modulated PPO/GRPO loss from logits (sections 4-5). See `packing.py` for the input forms.
+
+    Args:
+        logits: [..., V] (packed) or [B, T, V] (padded), fp32/bf16/fp16/fp64, unit vocab stride.
+        labels: logits.shape[:-1], integer; untrained positions may hold anything.
+        advantages: [R] per response, or labels' shape per token (padded turn form: also [B] per trajectory).
+        token_response: labels' shape, int, response of each token or -1 (packed form).
+        response_group: [R] (packed) or [B] (padded) int group ids >= 0.
+        old_logprobs: labels' shape; the rollout policy's log-probs (default: this forward's, detached: rho = 1).
+        old_entropy: labels' shape; needed for surprisal_source="old" with uncertainty="entropy".
+        ref_logprobs: labels' shape; needed when config.kl_coef > 0.
+        config: `AEMConfig`; its temperature and ignore_index apply to the logits.
+        backend: "auto", "triton", "cpu", "torch".
+        response_mask / turn_ids: [B, T] padded forms (instead of token_response).
+        advantage_level: "auto", "response" or "token" (needed only when R == N makes the shape ambiguous).
+        num_groups: G (default max group id + 1, one host sync).
+        inplace_backward: write the logits' gradient into the logits' storage.
+
+    Returns:
+        (loss 0-d, metrics) where metrics holds detached 0-d tensors: actor/pg_loss, actor/pg_clipfrac,
+        actor/ppo_kl, actor/pg_clipfrac_lower, actor/entropy, actor/kl_loss (when kl_coef > 0), the aem/* stats
+        of `modulate_advantages`, and "aem/weights" [R].
+    """
+    if not isinstance(config, AEMConfig):
+        raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+    logits = V.check_logits(logits)
+    batch = pack_inputs(logits, labels, advantages, token_response=token_response, response_group=response_group,
+                        response_mask=response_mask, turn_ids=turn_ids, old_logprobs=old_logprobs,
+                        old_entropy=old_entropy, ref_logprobs=ref_logprobs, ignore_index=config.ignore_index,
+                        advantage_level=advantage_level, num_groups=num_groups)
+    if config.kl_coef > 0 and batch.ref_logprobs is None:
+        raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
+    be = resolve_backend(backend, logits.device)
+    logprobs, entropy = LogprobsEntropyFunction.apply(logits, batch.labels, config.temperature, config.ignore_index,
+                                                      be, inplace_backward)
+    logprobs, entropy = logprobs.reshape(-1), entropy.reshape(-1)
+    return _loss_from_token_terms(batch, logprobs, entropy, config)
+
+
+def _loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tensor,
+                           config: AEMConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    tr, num_responses = batch.token_response, batch.num_responses
+    trained = tr >= 0
+    safe_tr = tr.clamp(min=0)
+    dtype = logprobs.dtype
+
+    x = _uncertainty(batch, logprobs, entropy, config)
+    valid = segment_count(tr, num_responses) > 0
+    weights, u, clipped = aem_weights(x, batch.response_group, config, num_groups=batch.num_groups, valid=valid)
+    weights = weights.to(dtype)
+    if batch.token_level:
+        token_adv = batch.advantages.to(dtype) * weights[safe_tr]
+        response_adv = segment_mean(batch.advantages.to(dtype), tr, num_responses)
+    else:
+        response_adv = batch.advantages.to(dtype)
+        token_adv = (weights * response_adv)[safe_tr]
+    token_adv = torch.where(trained, token_adv, 0.0)
+
+    old = batch.old_logprobs.to(dtype) if batch.old_logprobs is not None else logprobs.detach()
+    pg, flags = ppo_token_loss(logprobs, old, token_adv, config)
+    agg = lambda values: aggregate(values, tr, num_responses, config.loss_agg_mode, batch.horizon)  # noqa: E731
+    pg_loss = agg(pg)
+    loss = pg_loss
+    entropy_agg = agg(entropy)
+    if config.entropy_coef != 0:
+        loss = loss - config.entropy_coef * entropy_agg
+    metrics: Dict[str, torch.Tensor] = {
+        "actor/pg_loss": pg_loss.detach(),
+        "actor/pg_clipfrac": _token_mean(flags["clip"], trained),
+        "actor/ppo_kl": _token_mean(flags["neg_log_ratio"], trained),
+        "actor/pg_clipfrac_lower": _token_mean(flags["clip_lower"], trained),
+        "actor/entropy": entropy_agg.detach(),
+    }
+    if config.kl_coef > 0:
+        kl_loss = agg(kl_penalty(logprobs, batch.ref_logprobs.to(dtype), config.kl_type))
+        loss = loss + config.kl_coef * kl_loss
+        metrics["actor/kl_loss"] = kl_loss.detach()
+    metrics.update(aem_metrics(x, u, weights, clipped, response_adv, weights * response_adv, batch.response_group,
+                               batch.num_groups, valid))
+    metrics["aem/weights"] = weights.detach()
+    return loss, metrics
+
+
+class AEMLoss(torch.nn.Module):
+    """`aem_policy_loss` with a fixed `AEMConfig`: `loss, metrics = AEMLoss(cfg)(logits, labels, adv, ...)`."""
+
+    def __init__(self, config: AEMConfig = AEMConfig(), backend: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(config, AEMConfig):
+            raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.config = config
+        self.backend = backend
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
+                **kwargs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        return aem_policy_loss(logits, labels, advantages, config=self.config, backend=self.backend, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, backend={self.backend!r}"

@@ -1,0 +1,198 @@
+"""AEM advantage modulation: relative uncertainty (eq. 4-5), weights (eq. 7) and the batch metrics.
+
+Everything here is O(R) over responses, so it is plain PyTorch on every backend: group statistics are
+scatter reductions into [G] buckets (no Python loop over groups, no host sync once G is known).
+
+Given the response uncertainty x_r (mean token entropy by default) and the group g(r) of each response:
+
+    u_r = (x_r - min_g x) / (max_g x - min_g x)      ("minmax", the paper; 0 when the spread < 1e-8)
+    u_r = x_r - mean_g x | x_r - mean_{g, r' != r} x | x_r - mean_all x     ("mean" | "loo" | "batch")
+    w_r = clip( phi(-sign * beta * u_r) / mean_{r' in N(r)} phi(-sign * beta * u_r'), w_min, w_max )
+    A~_r = w_r * A_r
+
+Responses with no trained token (`valid` False) take no part in any statistic and get u = 0, w = 1: they
+contribute nothing to the loss, and letting their undefined uncertainty move their group's min, max or
+mean would change the other responses' weights. w and u are computed without gradient (like advantages).
+
+The predicted entropy drift of eq. 6, reported per batch, is D = (1/R) sum_r A~_r (x_r - mean_g x).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import _validation as V
+from .config import AEMConfig
+
+__all__ = ["relative_uncertainty", "aem_weights", "modulate_advantages", "aem_metrics"]
+
+_SPREAD_EPS = 1e-8
+_STD_EPS = 1e-6
+
+
+def _buckets(response_group: torch.Tensor, valid: Optional[torch.Tensor], num_groups: int) -> torch.Tensor:
+    """Group id per response, invalid responses sent to an extra bucket `num_groups` that is dropped."""
+    if valid is None:
+        return response_group
+    return torch.where(valid, response_group, num_groups)
+
+
+def _group_sum(values: torch.Tensor, bucket: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return values.new_zeros(num_groups + 1).index_add(0, bucket, values)
+
+
+def _group_extreme(values: torch.Tensor, bucket: torch.Tensor, num_groups: int, reduce: str) -> torch.Tensor:
+    init = float("inf") if reduce == "amin" else float("-inf")
+    return values.new_full((num_groups + 1,), init).scatter_reduce(0, bucket, values, reduce)
+
+
+def _masked_mean_std(values: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population std over the valid entries (0 for none)."""
+    count = valid.sum().clamp(min=1).to(values.dtype)
+    mean = torch.where(valid, values, 0).sum() / count
+    var = torch.where(valid, (values - mean) ** 2, 0).sum() / count
+    return mean, var.sqrt()
+
+
+def relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tensor, num_groups: int, *,
+                         baseline: str = "minmax", zscore: bool = False,
+                         valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """u_r of eq. 5 for x = `uncertainty` [R] and `response_group` [R] in [0, num_groups)."""
+    x = uncertainty.detach()
+    valid = torch.ones_like(x, dtype=torch.bool) if valid is None else valid
+    bucket = _buckets(response_group, valid, num_groups)
+    ones = torch.ones_like(x)
+    count = _group_sum(ones, bucket, num_groups)[response_group]
+    if baseline == "minmax":
+        low = _group_extreme(x, bucket, num_groups, "amin")[response_group]
+        high = _group_extreme(x, bucket, num_groups, "amax")[response_group]
+        spread = high - low
+        wide = valid & (spread >= _SPREAD_EPS)
+        return torch.where(wide, (x - low) / torch.where(wide, spread, 1.0), 0.0)
+    if baseline == "batch":
+        center, _ = _masked_mean_std(x, valid)
+        centred = x - center
+    else:
+        total = _group_sum(torch.where(valid, x, 0.0), bucket, num_groups)[response_group]
+        if baseline == "mean":
+            centred = x - total / count.clamp(min=1)
+        elif baseline == "loo":
+            others = count - 1
+            centred = torch.where(others > 0, x - (total - x) / others.clamp(min=1), 0.0)
+        else:
+            raise ValueError(f"baseline must be 'minmax', 'mean', 'loo' or 'batch', got {baseline!r}")
+    centred = torch.where(valid, centred, 0.0)
+    if zscore:
+        if baseline == "batch":
+            n = valid.sum().to(x.dtype)
+            std = (torch.where(valid, centred, 0.0) ** 2).sum().div((n - 1).clamp(min=1)).sqrt()
+        else:
+            # Unbiased group std (as GRPO's torch.std); a one-response group has std 0.
+            mean = _group_sum(torch.where(valid, x, 0.0), bucket, num_groups) / \
+                _group_sum(ones, bucket, num_groups).clamp(min=1)
+            sq = _group_sum(torch.where(valid, (x - mean[response_group]) ** 2, 0.0), bucket, num_groups)
+            n = _group_sum(ones, bucket, num_groups)
+            std = (sq / (n - 1).clamp(min=1)).sqrt()[response_group]
+        centred = centred / (std + _STD_EPS)
+    return centred
+
+
+def aem_weights(uncertainty: torch.Tensor, response_group: torch.Tensor, config: AEMConfig, *,
+                num_groups: int, valid: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights w_r of eq. 7. Returns (w [R], u [R], clipped [R] bool), all without gradient."""
+    with torch.no_grad():
+        x = uncertainty.detach()
+        valid = torch.ones_like(x, dtype=torch.bool) if valid is None else valid
+        u = relative_uncertainty(x, response_group, num_groups, baseline=config.baseline, zscore=config.zscore,
+                                 valid=valid)
+        arg = -config.sign * config.beta * u
+        # phi = exp is the minimiser of sum w u + KL(w || uniform)/beta under mean(w) = 1 (section 4);
+        # the linear variant is clamped at 0 so a weight never flips an advantage's sign.
+        raw = arg.exp() if config.phi == "exp" else (1.0 + arg).clamp(min=0.0)
+        raw = torch.where(valid, raw, 1.0)
+        if config.normalize == "group":
+            bucket = _buckets(response_group, valid, num_groups)
+            total = _group_sum(raw, bucket, num_groups)[response_group]
+            count = _group_sum(torch.ones_like(raw), bucket, num_groups)[response_group]
+            norm = total / count.clamp(min=1)
+        elif config.normalize == "batch":
+            norm, _ = _masked_mean_std(raw, valid)
+        else:
+            norm = torch.ones_like(raw)
+        # A group whose every phi is 0 (linear phi, huge beta) keeps mean(w) = 1 by taking w = 1.
+        w = torch.where(norm > 0, raw / torch.where(norm > 0, norm, 1.0), 1.0)
+        low = config.w_min if config.w_min is not None else float("-inf")
+        high = config.w_max if config.w_max is not None else float("inf")
+        clipped = valid & ((w < low) | (w > high))
+        w = torch.where(valid, w.clamp(min=low, max=high), 1.0)
+    return w, u, clipped
+
+
+def aem_metrics(x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, clipped: torch.Tensor,
+                advantages: torch.Tensor, modulated: torch.Tensor, response_group: torch.Tensor,
+                num_groups: int, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Section-4 batch metrics as detached 0-d tensors (no host sync; call .item() to log)."""
+    with torch.no_grad():
+        bucket = _buckets(response_group, valid, num_groups)
+        total = _group_sum(torch.where(valid, x, 0.0), bucket, num_groups)
+        count = _group_sum(torch.ones_like(x), bucket, num_groups).clamp(min=1)
+        deviation = torch.where(valid, x - (total / count)[response_group], 0.0)
+        n_valid = valid.sum().clamp(min=1).to(x.dtype)
+        out = {}
+        for name, values in (("x", x), ("u", u), ("w", w)):
+            out[f"aem/{name}_mean"], out[f"aem/{name}_std"] = _masked_mean_std(values.to(x.dtype), valid)
+        out["aem/clip_frac"] = clipped.sum().to(x.dtype) / n_valid
+        out["aem/drift"] = (modulated.to(x.dtype) * deviation).sum() / n_valid
+        out["aem/drift_unmodulated"] = (advantages.to(x.dtype) * deviation).sum() / n_valid
+    return out
+
+
+def _num_groups(response_group: torch.Tensor, num_groups: Optional[int]) -> int:
+    if num_groups is not None:
+        return V.check_count("num_groups", num_groups)
+    return int(response_group.max()) + 1 if response_group.numel() else 0
+
+
+def modulate_advantages(advantages: torch.Tensor, uncertainty: torch.Tensor, response_group: torch.Tensor,
+                        config: AEMConfig = AEMConfig(), *, response_valid: Optional[torch.Tensor] = None,
+                        num_groups: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """A~_r = w_r A_r (eq. 7) for response-level advantages.
+
+    Args:
+        advantages: [R] float, finite.
+        uncertainty: [R] float x_r (e.g. `response_entropy(...)`), finite.
+        response_group: [R] int64 group id of each response, in [0, num_groups).
+        config: `AEMConfig` (beta, phi, sign, baseline, zscore, normalize, w_min, w_max are used).
+        response_valid: optional [R] bool, False for responses with no trained token (excluded).
+        num_groups: G; default response_group.max() + 1 (one host sync).
+
+    Returns:
+        (modulated advantages [R], metrics dict of 0-d tensors: aem/x_mean, aem/x_std, aem/u_mean, aem/u_std,
+        aem/w_mean, aem/w_std, aem/clip_frac, aem/drift, aem/drift_unmodulated, and "aem/weights" [R]).
+    """
+    if not isinstance(config, AEMConfig):
+        raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+    advantages = V.check_tensor("advantages", advantages)
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must have shape [R], got {tuple(advantages.shape)}")
+    n = advantages.shape[0]
+    device = advantages.device
+    advantages = V.check_float_tensor("advantages", advantages, (n,), device)
+    uncertainty = V.check_float_tensor("uncertainty", uncertainty, (n,), device)
+    response_group = V.check_index_map("response_group", response_group, (n,), device,
+                                       upper=num_groups, allow_untrained=False)
+    groups = _num_groups(response_group, num_groups)
+    if response_valid is not None:
+        response_valid = V.check_tensor("response_valid", response_valid)
+        if response_valid.dtype != torch.bool or tuple(response_valid.shape) != (n,):
+            raise ValueError(f"response_valid must be a bool tensor of shape ({n},), got "
+                             f"{response_valid.dtype} {tuple(response_valid.shape)}")
+    valid = torch.ones(n, dtype=torch.bool, device=device) if response_valid is None else response_valid
+    w, u, clipped = aem_weights(uncertainty, response_group, config, num_groups=groups, valid=valid)
+    modulated = w.to(advantages.dtype) * advantages
+    metrics = aem_metrics(uncertainty.detach(), u, w, clipped, advantages, modulated, response_group, groups, valid)
+    metrics["aem/weights"] = w
+    return modulated, metrics
