@@ -27,33 +27,44 @@ from .modulation import aem_metrics, aem_weights
 from .packing import PackedBatch, pack_inputs
 from .reference import segment_count, segment_mean, segment_sum
 
-__all__ = ["aem_policy_loss", "AEMLoss", "aggregate", "kl_penalty", "ppo_token_loss"]
+__all__ = ["aem_policy_loss", "AEMLoss", "aggregate", "aggregation_weights", "kl_penalty", "ppo_token_loss"]
 
 
-def aggregate(values: torch.Tensor, token_response: torch.Tensor, num_responses: int, mode: str,
-              horizon: Optional[int] = None) -> torch.Tensor:
-    """verl's `agg_loss` on the packed form: `values` [N], trained tokens are those with token_response >= 0.
+def aggregation_weights(token_response: torch.Tensor, num_responses: int, mode: str,
+                        horizon: Optional[int] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token weights c [N] such that verl's `agg_loss` of a per-token quantity v is sum_t c_t v_t.
 
-    "seq-*" modes treat each response as a sequence and average over the non-empty ones;
-    "seq-mean-token-sum-norm" divides the sum of the per-response sums by `horizon` (the padded length T;
-    by default the longest response's token count), as verl does.
+    Every aggregation mode is linear in the per-token values with weights that depend only on the masks,
+    which is what lets a fused kernel fold the aggregation into the per-token gradient scalars:
+        token-mean               c_t = 1 / (number of trained tokens)
+        token-sum                c_t = 1
+        seq-mean-token-sum       c_t = 1 / R'                 (R' = number of non-empty responses)
+        seq-mean-token-mean      c_t = 1 / (R' L_r)
+        seq-mean-token-sum-norm  c_t = 1 / horizon           (padded length T; default: longest response)
+    Untrained tokens (token_response == -1) get 0.
     """
     trained = token_response >= 0
-    masked = torch.where(trained, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    ones = trained.to(dtype)
     if mode == "token-mean":
-        return masked.sum() / trained.sum().clamp(min=1).to(values.dtype)
+        return ones / trained.sum().clamp(min=1).to(dtype)
     if mode == "token-sum":
-        return masked.sum()
+        return ones
     counts = segment_count(token_response, num_responses)
     if mode == "seq-mean-token-sum-norm":
-        norm = horizon if horizon is not None else counts.max().clamp(min=1) if num_responses else 1
-        return masked.sum() / norm
-    nonempty = counts > 0
-    per_response = (segment_sum if mode == "seq-mean-token-sum" else segment_mean)(masked, token_response,
-                                                                                   num_responses)
-    if mode not in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        raise ValueError(f"unknown loss_agg_mode {mode!r}")
-    return torch.where(nonempty, per_response, 0.0).sum() / nonempty.sum().clamp(min=1).to(values.dtype)
+        norm = horizon if horizon is not None else (counts.max().clamp(min=1) if num_responses else 1)
+        return ones / norm
+    nonempty = (counts > 0).sum().clamp(min=1).to(dtype)
+    if mode == "seq-mean-token-sum":
+        return ones / nonempty
+    if mode == "seq-mean-token-mean":
+        length = counts.clamp(min=1).to(dtype)[token_response.clamp(min=0)]
+        return ones / (length * nonempty)
+    raise ValueError(f"unknown loss_agg_mode {mode!r}")
+
+
+def aggregate(values: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    """sum_t c_t v_t over trained tokens (c from `aggregation_weights`; untrained values never leak NaN)."""
+    return torch.where(token_weights != 0, values * token_weights, 0.0).sum()
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str) -> torch.Tensor:
@@ -185,7 +196,8 @@ def _loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: 
 
     old = batch.old_logprobs.to(dtype) if batch.old_logprobs is not None else logprobs.detach()
     pg, flags = ppo_token_loss(logprobs, old, token_adv, config)
-    agg = lambda values: aggregate(values, tr, num_responses, config.loss_agg_mode, batch.horizon)  # noqa: E731
+    token_weights = aggregation_weights(tr, num_responses, config.loss_agg_mode, batch.horizon, dtype)
+    agg = lambda values: aggregate(values, token_weights)  # noqa: E731
     pg_loss = agg(pg)
     loss = pg_loss
     entropy_agg = agg(entropy)
