@@ -1,0 +1,39 @@
+"""Independent fp64 formulations the tests compare against (written from the definitions, not from our code)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def oracle_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float = 1.0,
+                            ignore_index: int = -100):
+    """eq. 1-2 via torch.log_softmax in fp64; ignored positions give 0 (labels None: entropy everywhere)."""
+    log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
+    p = log_p.exp()
+    # -inf logits: p = 0 and p log p -> 0; masking log_p (not the product) keeps autograd free of 0 * inf.
+    entropy = -(p * torch.where(p > 0, log_p, torch.zeros((), dtype=torch.float64))).sum(-1)
+    if labels is None:
+        return None, entropy
+    active = labels != ignore_index
+    logprobs = log_p.gather(-1, torch.where(active, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(active, logprobs, 0.0), torch.where(active, entropy, 0.0)
+
+
+def adversarial_logits(kind: str, n: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """fp64 logits of a named adversarial kind, [n, vocab]."""
+    if kind == "normal":
+        return torch.randn(n, vocab, generator=generator, dtype=torch.float64) * 3
+    if kind == "huge":
+        return (torch.rand(n, vocab, generator=generator, dtype=torch.float64) * 2 - 1) * 1e4
+    if kind == "neg_inf":
+        x = torch.randn(n, vocab, generator=generator, dtype=torch.float64)
+        x[torch.rand(n, vocab, generator=generator) < 0.3] = float("-inf")
+        x[:, 0] = torch.randn(n, generator=generator, dtype=torch.float64)  # every row keeps a finite entry
+        return x
+    if kind == "equal":
+        return torch.full((n, vocab), 7.25, dtype=torch.float64)
+    if kind == "peaked":
+        x = torch.randn(n, vocab, generator=generator, dtype=torch.float64)
+        x[:, vocab // 2] += 60.0
+        return x
+    raise ValueError(kind)
