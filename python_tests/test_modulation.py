@@ -164,3 +164,37 @@ def test_modulate_advantages_rejects_bad_input(bad, error):
     with pytest.raises(error):
         ak.modulate_advantages(args["advantages"], args["uncertainty"], args["response_group"], args["config"],
                                **extra)
+
+
+# --- properties over random groups (hypothesis) ------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _groups(draw):
+    sizes = draw(st.lists(st.integers(1, 6), min_size=1, max_size=5))
+    groups = [g for g, size in enumerate(sizes) for _ in range(size)]
+    x = draw(st.lists(st.floats(0.0, 12.0, allow_nan=False), min_size=len(groups), max_size=len(groups)))
+    beta = draw(st.floats(0.0, 5.0))
+    return torch.tensor(groups), _t(x), beta
+
+
+@settings(max_examples=60, deadline=None)
+@given(_groups(), st.sampled_from(["minmax", "mean", "loo"]), st.sampled_from([1, -1]))
+def test_group_normalised_weights_average_one_and_respect_order(case, baseline, sign):
+    groups, x, beta = case
+    cfg = ak.AEMConfig(beta=beta, baseline=baseline, sign=sign)
+    w, u, clipped = ak.aem_weights(x, groups, cfg, num_groups=int(groups.max()) + 1)
+    assert (w > 0).all() and not clipped.any()
+    for g in groups.unique():
+        in_group = groups == g
+        torch.testing.assert_close(w[in_group].mean(), _t(1.0), rtol=1e-12, atol=1e-12)
+        xs, ws = x[in_group], w[in_group]
+        order = torch.argsort(xs)
+        # larger uncertainty never gets a larger weight under sign=+1 (smaller under sign=-1)
+        diffs = (ws[order][1:] - ws[order][:-1]) * sign
+        assert (diffs <= 1e-12).all()
+    if baseline == "minmax":
+        assert ((u >= 0) & (u <= 1)).all()
