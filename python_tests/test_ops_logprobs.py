@@ -279,8 +279,9 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 def test_launch_table_for_gpus(monkeypatch):
     monkeypatch.setattr(tl_utils, "is_interpreting", lambda: False)
-    assert tl_utils.launch_config(151936, 2) == (8192, 8)   # 16 KB bf16 tiles
-    assert tl_utils.launch_config(151936, 4) == (4096, 8)   # 16 KB fp32 tiles
+    assert tl_utils.launch_config(151936, 2) == (8192, 8)   # 16 KB bf16 tiles (forward)
+    assert tl_utils.launch_config(151936, 4) == (4096, 8)   # 16 KB fp32 tiles (forward)
+    assert tl_utils.launch_config(151936, 2, tl_utils.BWD_TILE_BYTES) == (4096, 8)  # 8 KB gradient tiles
     assert tl_utils.launch_config(1000, 2) == (1024, 2)     # one tile per row
     assert tl_utils.launch_config(7, 4) == (8, 1)
 
@@ -309,11 +310,11 @@ def test_custom_ops_fake_shapes_and_opcheck():
 def test_torch_compile_fullgraph():
     """No graph break: the kernels are opaque custom ops with fake implementations (aot_eager keeps the test
     free of a C++ compile; inductor also compiles it, in ~20 s on this machine)."""
-    x = torch.randn(2, 4, 200, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, 5, 200, device=DEVICE, requires_grad=True)
     labels = torch.randint(0, 200, (2, 4), device=DEVICE)
 
     def loss_fn(logits, labels):
-        lp, h = ak.logprobs_and_entropy(logits, labels, temperature=0.9, backend="triton")
+        lp, h = ak.logprobs_and_entropy(logits[:, :-1], labels, temperature=0.9, backend="triton")
         return (2 * lp + h).sum()
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
@@ -323,44 +324,3 @@ def test_torch_compile_fullgraph():
     eager = loss_fn(x, labels)
     eager.backward()
     assert torch.equal(loss, eager) and torch.equal(grad, x.grad)
-
-
-# ---- GPU (skipped without CUDA): real compilation, large shapes, 64-bit offsets -------------------------------
-
-def _rows_ref(logits3d, labels, rows):
-    """fp64 reference of a few rows only (the full reference of 2e9 elements would not fit)."""
-    sub = logits3d.reshape(-1, logits3d.shape[-1])[rows].unsqueeze(0)
-    return _ref_fwd(sub, labels[rows], 1.0)
-
-
-@pytest.mark.gpu
-def test_gpu_large_vocab_matches_reference():
-    logits3d, labels = _batch(b=4, t=257, v=151936, dtype=torch.bfloat16, ignore=(5, 700))
-    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.8, IGNORE)
-    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 0.8)
-    torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-4)
-    a, b = torch.randn_like(lp), torch.randn_like(lp)
-    grad = torch.empty_like(logits3d)
-    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, a, b, 0.8, IGNORE, grad)
-    expected = _ref_bwd(logits3d, labels, 0.8, a, b)
-    assert ((grad.double() - expected).abs() <= 2.0 ** -8 * expected.abs() + 1e-6).all()
-
-
-@pytest.mark.gpu
-def test_gpu_more_than_2_31_elements():
-    """N * V = 14300 * 151936 = 2.17e9 > 2^31 bf16 elements (4.3 GB, +4.3 GB gradient in place: fits 80 GB);
-    the last rows sit past the 32-bit offset range, which only int64 row offsets address correctly."""
-    n, vocab = 14300, 151936
-    assert n * vocab > 2 ** 31
-    logits3d = torch.randn(1, n, vocab, device="cuda", dtype=torch.bfloat16)
-    labels = torch.randint(0, vocab, (n,), device="cuda")
-    rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device="cuda")
-    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
-    lp_ref, h_ref, _ = _rows_ref(logits3d, labels, rows)
-    torch.testing.assert_close(lp[rows].double(), lp_ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(h[rows].double(), h_ref, rtol=1e-5, atol=1e-4)
-    expected = _ref_bwd(logits3d[:, rows], labels[rows], 1.0, torch.ones(5, device="cuda"), None)
-    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, torch.ones(n, device="cuda"), None, 1.0, IGNORE, logits3d)
-    got = logits3d[:, rows].double()
-    assert ((got - expected).abs() <= 2.0 ** -8 * expected.abs() + 1e-7).all()

@@ -38,11 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import as_rows3d
 from .. import loss as _loss
+from .._layout import as_rows3d
 from ..config import AEMConfig
-from .utils import (check_triton_device, launch_config, row_offset, store_row_grad, streaming_softmax_stats,
-                    to_storage)
+from .utils import (BWD_TILE_BYTES, FWD_TILE_BYTES, check_triton_device, launch_config, row_offset,
+                    store_row_grad, streaming_softmax_stats, to_storage)
 
 __all__ = ["fused_aem_policy_loss", "aem_loss_fused_fwd"]
 
@@ -90,7 +90,7 @@ def _aem_loss_fused_kernel(
     rows_per_batch, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab, scale, ignore_index,
     clip_low, clip_high, dual_clip, entropy_coef, kl_coef,
     HAS_OLD: tl.constexpr, DUAL_CLIP: tl.constexpr, KL_TYPE: tl.constexpr, HAS_ENTROPY_BONUS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, GRAD_BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     in_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
@@ -116,7 +116,7 @@ def _aem_loss_fused_kernel(
         b = -weight * entropy_coef
         out_ptr = grad_ptr + row_offset(row, rows_per_batch, grad_stride_b, grad_stride_t)
         store_row_grad(in_ptr, out_ptr, vocab, scale, tl.where(active, m, 0.0), tl.where(active, log_d, 0.0),
-                       entropy, a, b, label, active, True, HAS_ENTROPY_BONUS, BLOCK_V)
+                       entropy, a, b, label, active, True, HAS_ENTROPY_BONUS, GRAD_BLOCK_V)
 
 
 @triton.jit
@@ -150,8 +150,14 @@ def aem_loss_fused_fwd(
         return logprobs, entropy
     write_grad = grad_out3d is not None
     grad = grad_out3d if write_grad else logits3d
+    if grad.shape != logits3d.shape or (vocab > 1 and (grad.stride(-1) != 1 or logits3d.stride(-1) != 1)):
+        raise ValueError(f"grad_out3d must have the shape {tuple(logits3d.shape)} of logits3d and both a unit "
+                         f"vocab stride; got {tuple(grad.shape)} strides {grad.stride()}")
     kl_code = _KL_CODES[kl_type] if (kl_coef != 0 and ref_logprobs is not None) else 0
-    block_v, num_warps = launch_config(vocab, max(logits3d.element_size(), grad.element_size()))
+    # The streaming loop uses the forward's tiles, so l_t and h_t are summed in the same order as by the
+    # two-pass forward kernel (same values); the gradient loop uses the backward's smaller tiles (see utils).
+    block_v, num_warps = launch_config(vocab, logits3d.element_size(), FWD_TILE_BYTES)
+    grad_block_v, _ = launch_config(vocab, max(logits3d.element_size(), grad.element_size()), BWD_TILE_BYTES)
     _aem_loss_fused_kernel[(n_rows,)](
         logits3d, grad, labels, advantages, token_weights,
         old_logprobs if old_logprobs is not None else advantages,
@@ -159,7 +165,8 @@ def aem_loss_fused_fwd(
         rows, logits3d.stride(0), logits3d.stride(1), grad.stride(0), grad.stride(1), vocab, 1.0 / temperature,
         ignore_index, clip_low, clip_high, dual_clip if dual_clip is not None else 0.0, entropy_coef, kl_coef,
         HAS_OLD=old_logprobs is not None, DUAL_CLIP=dual_clip is not None, KL_TYPE=kl_code,
-        HAS_ENTROPY_BONUS=entropy_coef != 0, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=num_warps)
+        HAS_ENTROPY_BONUS=entropy_coef != 0, WRITE_GRAD=write_grad, BLOCK_V=block_v,
+        GRAD_BLOCK_V=grad_block_v, num_warps=num_warps)
     return logprobs, entropy
 
 
@@ -174,7 +181,7 @@ def _(logits3d, labels, advantages, token_weights, old_logprobs, ref_logprobs, t
 def _scale_rows(grad3d: torch.Tensor, factor: torch.Tensor) -> None:
     batch, rows, vocab = grad3d.shape
     if batch * rows:
-        block_v, num_warps = launch_config(vocab, grad3d.element_size())
+        block_v, num_warps = launch_config(vocab, grad3d.element_size(), BWD_TILE_BYTES)
         _scale_rows_kernel[(batch * rows,)](grad3d, factor, rows, grad3d.stride(0), grad3d.stride(1), vocab,
                                             BLOCK_V=block_v, num_warps=num_warps)
 
@@ -221,17 +228,20 @@ def fused_aem_policy_loss(logits: torch.Tensor, batch: "_loss.PackedBatch", conf
     token_weights = _loss.aggregation_weights(tr, batch.num_responses, config.loss_agg_mode, batch.horizon,
                                               torch.float32)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
-    grad = None
-    if write_grad:
-        grad = logits.detach() if inplace_backward else torch.empty_like(logits)
     logits3d = as_rows3d(logits.detach())
-    grad3d = as_rows3d(grad) if grad is not None else None
+    grad = grad3d = None
+    if write_grad and inplace_backward:
+        grad, grad3d = logits.detach(), logits3d
+    elif write_grad:  # in logits3d's [B, T, V] shape, so both are addressed with the same row split
+        grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
+        grad = grad3d.view(logits.shape)
     per_token = (lambda v: v.reshape(-1).to(torch.float32).contiguous() if v is not None else None)  # noqa: E731
     logprobs, entropy = torch.ops.aem_kernels.triton_aem_loss_fused_fwd(
         logits3d, batch.labels.reshape(-1).contiguous(), per_token(token_adv), per_token(token_weights),
-        per_token(batch.old_logprobs), per_token(batch.ref_logprobs), config.temperature, config.ignore_index,
-        config.clip_low, config.clip_high, config.dual_clip, config.entropy_coef, config.kl_coef, config.kl_type,
-        grad3d)
+        per_token(batch.old_logprobs), per_token(batch.ref_logprobs), float(config.temperature), config.ignore_index,
+        float(config.clip_low), float(config.clip_high),
+        float(config.dual_clip) if config.dual_clip is not None else None, float(config.entropy_coef),
+        float(config.kl_coef), config.kl_type, grad3d)
     if grad is not None and grad3d.data_ptr() != grad.data_ptr():  # as_rows3d had to copy
         grad.copy_(grad3d.view(grad.shape))
     with torch.no_grad():

@@ -39,7 +39,8 @@ import triton.language as tl
 from .._layout import compute_dtype
 from ..reference import logprobs_entropy_bwd_ref, logprobs_entropy_fwd_ref, segment_sum
 from .segment import segment_sums_deterministic
-from .utils import check_triton_device, launch_config, row_offset, store_row_grad, streaming_softmax_stats
+from .utils import (BWD_TILE_BYTES, check_triton_device, launch_config, row_offset, store_row_grad,
+                    streaming_softmax_stats)
 
 __all__ = ["logprobs_entropy_fwd", "logprobs_entropy_bwd", "logprobs_entropy_fwd_with_response_sums"]
 
@@ -179,7 +180,8 @@ def _bwd_op(logits3d: torch.Tensor, labels: Optional[torch.Tensor], lse: torch.T
     batch, rows, vocab = logits3d.shape
     if batch * rows == 0:
         return
-    block_v, num_warps = launch_config(vocab, max(logits3d.element_size(), grad_out3d.element_size()))
+    block_v, num_warps = launch_config(vocab, max(logits3d.element_size(), grad_out3d.element_size()),
+                                       BWD_TILE_BYTES)
     dummy = lse
     _logprobs_entropy_bwd_kernel[(batch * rows,)](
         logits3d, grad_out3d, labels if labels is not None else dummy, lse, entropy,

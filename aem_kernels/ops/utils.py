@@ -5,9 +5,14 @@ vocabulary in tiles of BLOCK_V columns; the work per byte is a handful of flops 
 are bound by HBM bandwidth (3.35 TB/s H100 SXM, 4.8 TB/s H200). What matters is the number of bytes in
 flight per SM, which must cover bandwidth x latency (~600 ns): about 15 KB per SM on H100 and 22 KB on H200.
 A tile of 16 KB (8192 bf16/fp16 or 4096 fp32 values) over 8 warps gives every thread four 16-byte vector
-loads per tile and about 100 registers, so two programs fit on an SM: ~32 KB in flight, enough on both
-chips, while a single row of 150k columns is still ~19-37 tiles (plenty of loop iterations to amortise the
-per-tile reductions). Smaller vocabularies use one tile of next_pow2(V) columns and fewer warps. The table is
+loads per tile; ptxas (sm_90, Triton 3.9) allocates 63-79 registers for the bf16 forward, so three or four
+programs fit on an SM: 48-64 KB in flight, enough on both chips, while a row of 150k columns is still ~19-37 tiles (plenty
+of iterations to amortise the per-tile reductions). The backward (and the gradient loop of the fused loss)
+keeps more values live per element (z, log p, p, the gradient) and also stores, so it takes 8 KB tiles
+(32 registers, eight programs per SM; 16 KB tiles would need 80). Neither spills. The 16-byte vector
+accesses need row strides and V divisible by 16 elements (Triton specialises such integer arguments; true
+for the 32000 / 128256 / 151936 vocabularies of Llama 2 / Llama 3 / Qwen 2); other sizes fall back to
+scalar accesses. Smaller vocabularies use one tile of next_pow2(V) columns and fewer warps. The table is
 fixed rather than `triton.autotune`d: autotuning would benchmark the in-place backward on live data
 (needing save/restore of an N x V buffer), adds a first-call stall, and the bandwidth-bound optimum is flat.
 The exp cost stays below the MUFU budget: one exp per element (2.4e12/s needed at 4.8 TB/s of bf16, about
@@ -29,10 +34,12 @@ import triton.language as tl
 
 from ..dispatch import BackendUnavailableError
 
-__all__ = ["INTERPRET_MAX_BLOCK_V", "is_interpreting", "check_triton_device", "launch_config"]
+__all__ = ["INTERPRET_MAX_BLOCK_V", "FWD_TILE_BYTES", "BWD_TILE_BYTES", "is_interpreting", "check_triton_device",
+           "launch_config"]
 
 INTERPRET_MAX_BLOCK_V = 128
-_TILE_BYTES = 16384
+FWD_TILE_BYTES = 16384
+BWD_TILE_BYTES = 8192
 
 
 def is_interpreting() -> bool:
@@ -50,13 +57,14 @@ def check_triton_device(tensor: torch.Tensor, name: str = "logits") -> None:
         "importing aem_kernels to run them in Triton's (slow) interpreter on CPU tensors")
 
 
-def launch_config(vocab: int, element_size: int) -> Tuple[int, int]:
-    """(BLOCK_V, num_warps) for a row-per-program kernel over `vocab` columns of `element_size` bytes."""
+def launch_config(vocab: int, element_size: int, tile_bytes: int = FWD_TILE_BYTES) -> Tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row-per-program kernel over `vocab` columns of `element_size` bytes, with
+    tiles of at most `tile_bytes` (FWD_TILE_BYTES for streaming reductions, BWD_TILE_BYTES for gradients)."""
     full = triton.next_power_of_2(max(vocab, 1))
     if is_interpreting():
         return min(full, INTERPRET_MAX_BLOCK_V), 1
-    block = min(full, _TILE_BYTES // element_size)
-    # 8 warps for a full 16 KB tile (see the module docstring); smaller tiles keep >= 16 elements per thread.
+    block = min(full, tile_bytes // element_size)
+    # 8 warps for a full tile (see the module docstring); smaller tiles keep >= 16 elements per thread.
     num_warps = max(1, min(8, block // 512))
     return block, num_warps
 
