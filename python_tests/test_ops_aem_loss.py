@@ -15,6 +15,7 @@ from aem_kernels import reference as ref
 from conftest import DEVICE
 
 pytest.importorskip("triton")
+from aem_kernels.ops import aem_loss as tl_loss  # noqa: E402
 from aem_kernels.ops import utils as tl_utils  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
@@ -207,3 +208,8 @@ def test_single_pass_errors():
                            **dict(extras, old_entropy=None))
     with pytest.raises(TypeError, match="single_pass"):
         ak.aem_policy_loss(logits, labels, advantages, config=old, backend="triton", single_pass="yes", **extras)
+    n = labels.numel()
+    with pytest.raises(ValueError, match="grad_out3d"):  # the op itself refuses a buffer it would overrun
+        tl_loss.aem_loss_fused_fwd(
+            logits.unsqueeze(0), labels, torch.zeros(n), torch.zeros(n), None, None, 1.0, -100, 0.2, 0.2, None,
+            0.0, 0.0, "k3", torch.empty(1, n - 1, logits.shape[-1]))

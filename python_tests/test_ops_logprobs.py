@@ -140,10 +140,10 @@ def test_all_rows_ignored_reads_nothing_and_zeroes_gradient():
     assert (logits3d == 0).all()  # in place: every row's gradient is 0
 
 
-@pytest.mark.parametrize("vocab", [1, 7, 128])
-def test_tiny_and_exact_tile_vocabularies(vocab):
-    logits3d = torch.randn(1, 3, vocab, device=DEVICE)
-    labels = torch.randint(0, vocab, (3,), device=DEVICE)
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (1, 300), (3, 7), (2, 128)])
+def test_one_token_tiny_and_exact_tile_vocabularies(rows, vocab):
+    logits3d = torch.randn(1, rows, vocab, device=DEVICE)
+    labels = torch.randint(0, vocab, (rows,), device=DEVICE)
     lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.3, IGNORE)
     lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 1.3)
     torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-6)
@@ -245,16 +245,28 @@ def test_deterministic_sums_depend_only_on_each_response_tokens():
 
 def test_launcher_errors():
     logits3d, labels = _batch(b=1, t=2, v=20, neg_inf=False, ignore=())
+    row = torch.zeros(2)
     with pytest.raises(ValueError, match="logits3d"):
         tl_ops.logprobs_entropy_fwd(logits3d[0], labels, 1.0, IGNORE)
-    with pytest.raises(ValueError, match="token_response"):
+    with pytest.raises(ValueError, match="labels must have 2 entries"):
+        tl_ops.logprobs_entropy_fwd(logits3d, labels[:1], 1.0, IGNORE)
+    with pytest.raises(ValueError, match="labels is on meta"):
+        tl_ops.logprobs_entropy_fwd(logits3d, labels.to("meta"), 1.0, IGNORE)
+    with pytest.raises(ValueError, match="token_response must have 2 entries"):
         tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, torch.zeros(3).long(), 1)
+    with pytest.raises(TypeError, match="token_response"):
+        tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, [0, 0], 1)
     with pytest.raises(TypeError, match="deterministic"):
         tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, torch.zeros(2).long(), 1,
                                                        deterministic=1)
     with pytest.raises(ValueError, match="grad_out3d"):
-        tl_ops.logprobs_entropy_bwd(logits3d, labels, labels.float(), labels.float(), None, None, 1.0, IGNORE,
-                                    torch.empty(1, 2, 19))
+        tl_ops.logprobs_entropy_bwd(logits3d, labels, row, row, None, None, 1.0, IGNORE, torch.empty(1, 2, 19))
+    for name in ("lse", "entropy", "grad_logprobs", "grad_entropy"):
+        args = dict(lse=row, entropy=row, grad_logprobs=row, grad_entropy=row)
+        args[name] = torch.zeros(5)
+        with pytest.raises(ValueError, match=f"{name} must have 2 entries"):
+            tl_ops.logprobs_entropy_bwd(logits3d, labels, temperature=1.0, ignore_index=IGNORE,
+                                        grad_out3d=torch.empty_like(logits3d), **args)
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():

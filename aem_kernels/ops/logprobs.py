@@ -197,14 +197,20 @@ def _(logits3d, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, 
     return None
 
 
-def _check_inputs(logits3d: torch.Tensor, *others: Optional[torch.Tensor]) -> None:
+def _check_inputs(logits3d: torch.Tensor, **per_row: Optional[torch.Tensor]) -> None:
+    """Metadata checks (no sync) that keep every kernel access in bounds, naming the offending argument."""
     check_triton_device(logits3d)
     if logits3d.dim() != 3 or (logits3d.shape[-1] > 1 and logits3d.stride(-1) != 1):
         raise ValueError(f"logits3d must be a [B, T, V] view with a unit vocab stride, got shape "
                          f"{tuple(logits3d.shape)} strides {logits3d.stride()}")
-    for other in others:
-        if other is not None and other.device != logits3d.device:
-            raise ValueError(f"all inputs must be on {logits3d.device}, got one on {other.device}")
+    n_rows = logits3d.shape[0] * logits3d.shape[1]
+    for name, tensor in per_row.items():
+        if tensor is None:
+            continue
+        if tensor.device != logits3d.device:
+            raise ValueError(f"{name} is on {tensor.device} but logits3d is on {logits3d.device}")
+        if tensor.numel() != n_rows:
+            raise ValueError(f"{name} must have {n_rows} entries (one per row of logits3d), got {tensor.numel()}")
 
 
 def _flat(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -215,7 +221,7 @@ def logprobs_entropy_fwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor],
                          ignore_index: int) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Dispatch forward: [B, T, V] logits, labels [B*T] | None -> (logprobs | None, entropy, lse), each [B*T]
     fp32 (fp64 for fp64 logits)."""
-    _check_inputs(logits3d, labels)
+    _check_inputs(logits3d, labels=labels)
     logprobs, entropy, lse = torch.ops.aem_kernels.triton_logprobs_entropy_fwd(
         logits3d, _flat(labels), float(temperature), int(ignore_index))
     return (logprobs if labels is not None else None), entropy, lse
@@ -237,10 +243,9 @@ def logprobs_entropy_fwd_with_response_sums(
         (logprobs | None, entropy, lse, response_logprob_sum [R], response_entropy_sum [R]); rows with
         ignore_index add nothing; response_logprob_sum is 0 without labels. Surprisal S_r = -logprob sum.
     """
-    _check_inputs(logits3d, labels, token_response)
-    n_rows = logits3d.shape[0] * logits3d.shape[1]
-    if token_response.numel() != n_rows:
-        raise ValueError(f"token_response must have {n_rows} entries (one per row), got {token_response.numel()}")
+    if not isinstance(token_response, torch.Tensor):
+        raise TypeError(f"token_response must be a torch.Tensor, got {type(token_response).__name__}")
+    _check_inputs(logits3d, labels=labels, token_response=token_response)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     out = torch.ops.aem_kernels.triton_logprobs_entropy_fwd_segmented(
@@ -255,10 +260,12 @@ def logprobs_entropy_bwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor],
                          grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int,
                          grad_out3d: torch.Tensor) -> torch.Tensor:
     """Dispatch backward: writes dL/dlogits (section 6) into grad_out3d [B, T, V] (may alias logits3d)."""
-    _check_inputs(logits3d, labels, lse, grad_out3d)
-    if tuple(grad_out3d.shape) != tuple(logits3d.shape) or (grad_out3d.shape[-1] > 1 and grad_out3d.stride(-1) != 1):
-        raise ValueError(f"grad_out3d must have shape {tuple(logits3d.shape)} with a unit vocab stride, got "
-                         f"{tuple(grad_out3d.shape)} strides {grad_out3d.stride()}")
+    _check_inputs(logits3d, labels=labels, lse=lse, entropy=entropy, grad_logprobs=grad_logprobs,
+                  grad_entropy=grad_entropy)
+    if grad_out3d.device != logits3d.device or tuple(grad_out3d.shape) != tuple(logits3d.shape) or (
+            grad_out3d.shape[-1] > 1 and grad_out3d.stride(-1) != 1):
+        raise ValueError(f"grad_out3d must have logits3d's shape {tuple(logits3d.shape)}, device and a unit vocab "
+                         f"stride, got {tuple(grad_out3d.shape)} strides {grad_out3d.stride()} on {grad_out3d.device}")
     torch.ops.aem_kernels.triton_logprobs_entropy_bwd(
         logits3d, _flat(labels), lse, entropy, _flat(grad_logprobs), _flat(grad_entropy), float(temperature),
         int(ignore_index), grad_out3d)
