@@ -10,23 +10,25 @@ The scalars need l_t and the modulated advantage A~_t = w_r A_t. When the weight
 forward (surprisal_source="old", or beta = 0 where every w_r is a function of the masks only), A~_t is known
 before the kernel runs, so one program per row can (1) stream the row once for m, d, t (as the plain
 forward), (2) form l_t, h_t and then a_t, b_t in registers, (3) stream the row again to write the gradient.
-The second read follows the first within the same program, so on H100/H200 much of it is served by L2;
-in HBM terms the fused kernel moves at most 2 V E + V E bytes per token like the two-pass forward+backward,
-but it needs no second launch, no autograd round trip through O(N) tensors, and with `inplace_backward` it
-writes the gradient over the logits during the forward, so the logits and their gradient never coexist
-(Liger-Kernel's cross-entropy does the same for CE).
+The second read follows the first within the same program: with ~4 rows in flight per SM (528 on 132 SMs)
+the rows in flight occupy 528 V E bytes, which fit the 50 MB L2 of H100/H200 up to V ~ 40k in bf16 (then the
+re-read is mostly an L2 hit); at V = 150k they do not, and the kernel moves the same 3 V E bytes per token
+(read, read, write) as the two-pass forward + backward. What it always saves is the second launch and the
+autograd round trip, and with `inplace_backward` it writes the gradient over the logits during the forward,
+so the logits and their gradient never coexist (Liger-Kernel's cross-entropy does the same for CE).
 
 dL_t/dl_t follows torch's autograd of `ppo_token_loss` exactly, ties included: the log-ratio clamp to
 [-20, 20] and the ratio clamp pass gradient on their closed intervals; torch.maximum / torch.minimum split
-the gradient in half on a tie. With rho = exp(clamp(l - l_old)), u = -A~ rho, c = -A~ clip(rho):
+the gradient in half on a tie. With rho = exp(clamp(l - l_old)), u = -A~ rho, v = -A~ clip(rho):
 
-    dL/drho = -A~ [u > c] + (-A~ [rho in clip range]) [c > u] + tie halves,   dL/dl = dL/drho * rho
+    dL/drho = -A~ [u > v] + (-A~ [rho in clip range]) [v > u] + tie halves,   dL/dl = dL/drho * rho
     dual clip (A~ < 0, floor = -dual_clip A~): dL/dl *= [L < floor] (+ 1/2 on a tie)
     dKL/dl: k1 -> 1,  k2 -> l - l_ref,  k3 -> -(exp(r) - 1) with r = clamp(l_ref - l) (0 outside the clamps)
 
 The backward multiplies the stored gradient by grad_output in place, and skips even that when
 grad_output == 1 (the common `loss.backward()`): the check is made by the kernel on device, so there is no
-host sync. The loss value and every metric are computed by `loss.py` itself from this kernel's l_t and h_t,
+host sync (for bf16/fp16 gradients a factor != 1 rounds a second time: one ulp instead of half). The
+loss value and every metric are computed by `loss.py` itself from this kernel's l_t and h_t,
 so they are identical to the two-pass path by construction.
 """
 

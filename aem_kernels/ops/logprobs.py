@@ -6,13 +6,16 @@ t = sum exp(s) s with s = z - m, z = logits / tau (see `utils.streaming_softmax_
 lse = m + log d, l_t = (z_y - m) - log d, h_t = log d - t / d. Only O(N) state (lse, entropy) is saved for
 the backward. A row whose label is ignore_index reads nothing and outputs 0.
 Backward: one read and one write per row, grad = [a_t (onehot - p) - b_t p (log p + h_t)] / tau, with
-log p = z - lse; the output may alias the logits (in-place gradient).
+log p = z - lse; the output may alias the logits (in-place gradient). The saved lse is an fp32 number, so
+p carries its rounding as a relative error of at most ulp(lse)/2 (6e-8 for |lse| < 1, 5e-4 at |lse| ~ 1e4),
+exactly like the fp32 torch reference, which saves the same lse.
 
-Roofline (for benchmarks; E = bytes per logit, 2 for bf16/fp16, 4 for fp32):
-    forward   V * E bytes read per token (+ ~20 bytes of per-token scalars)
-    backward  2 * V * E bytes per token (one read, one write; in place or not)
-so achieved GB/s = N * V * E / t_fwd and 2 * N * V * E / t_bwd (4.8 TB/s peak on H200, 3.35 TB/s on H100).
-Rows marked ignore_index are skipped by the forward: count only active rows there.
+Roofline (for benchmarks; E = bytes per logit, 2 for bf16/fp16, 4 for fp32; N_a active rows of N):
+    forward   V * E bytes read per active row (+ ~20 bytes of per-row scalars); ignored rows read nothing
+    backward  2 * V * E bytes per active row (one read, one write; in place or not), V * E per ignored row
+              (zeros are written, nothing is read)
+so achieved GB/s = N_a V E / t_fwd and (2 N_a + (N - N_a)) V E / t_bwd, against 3.35 TB/s (H100 SXM) or
+4.8 TB/s (H200). The single-pass loss (`aem_loss.py`) reads each active row twice and writes it once.
 
 Response sums (eq. 3, 3'): `logprobs_entropy_fwd_with_response_sums` also returns sum_{t in r} l_t and
 sum_{t in r} h_t over the token->response map, either accumulated by the forward kernel itself with one
