@@ -53,13 +53,19 @@ class LogprobsEntropyFunction(torch.autograd.Function):
             return (None,) * 6
         if labels is None:
             grad_logprobs = None
-        grad = logits if inplace_backward else torch.empty_like(logits)
-        grad3d = as_rows3d(grad)
+        logits3d = as_rows3d(logits)
+        if inplace_backward:
+            grad, grad3d = logits, logits3d
+        else:
+            # Allocated in logits3d's [B, T, V] shape: the backend addresses both with the same row split even
+            # when the logits are a non-contiguous slice such as logits[:, :-1].
+            grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
+            grad = grad3d.view(logits.shape)
         flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)
-        out3d = backend.backward(as_rows3d(logits), labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy),
+        out3d = backend.backward(logits3d, labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy),
                                  temperature, ignore_index, grad3d)
-        if out3d.data_ptr() != grad3d.data_ptr():  # as_rows3d had to copy (>3-d, non-mergeable dims)
-            grad.copy_(out3d.view(grad.shape))
+        if inplace_backward and logits3d is not logits and not logits3d._is_view():
+            grad.copy_(out3d.view(grad.shape))  # as_rows3d had to copy (>3-d, non-mergeable dims)
         return grad, None, None, None, None, None
 
 

@@ -14,7 +14,7 @@ with the reason (never a silent fallback).
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -43,10 +43,12 @@ def _torch_backend() -> Backend:
     return Backend("torch", reference.logprobs_entropy_fwd_ref, reference.logprobs_entropy_bwd_ref)
 
 
+# Looked up once without importing Triton (cheap at import, and a plain constant for torch.compile to trace).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def _triton_reason(device: torch.device) -> Optional[str]:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
+    if not _TRITON_FOUND:
         return "Triton is not installed (pip install triton, or a CUDA build of torch that ships it)"
     if device.type == "cuda":
         return None

@@ -135,6 +135,7 @@ def aem_policy_loss(
     advantage_level: str = "auto",
     num_groups: Optional[int] = None,
     inplace_backward: bool = False,
+    single_pass: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """AEM-modulated PPO/GRPO loss from logits (sections 4-5). See `packing.py` for the input forms.
 
@@ -153,6 +154,11 @@ def aem_policy_loss(
         advantage_level: "auto", "response" or "token" (needed only when R == N makes the shape ambiguous).
         num_groups: G (default max group id + 1, one host sync).
         inplace_backward: write the logits' gradient into the logits' storage.
+        single_pass: loss terms and gradient from one Triton launch (`ops/aem_loss.py`), possible when the
+            modulation weights do not depend on this forward (surprisal_source="old", or beta = 0). None: use
+            it whenever it applies on the Triton backend; True: require it (ValueError saying why it cannot
+            apply); False: the two-pass path. Loss and metrics are the same either way; with
+            inplace_backward the gradient overwrites the logits already in the forward.
 
     Returns:
         (loss 0-d, metrics) where metrics holds detached 0-d tensors: actor/pg_loss, actor/pg_clipfrac,
@@ -169,30 +175,66 @@ def aem_policy_loss(
     if config.kl_coef > 0 and batch.ref_logprobs is None:
         raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
     be = resolve_backend(backend, logits.device)
+    if single_pass is not None and not isinstance(single_pass, bool):
+        raise TypeError(f"single_pass must be None or a bool, got {type(single_pass).__name__}")
+    if single_pass is not False:
+        reason = _single_pass_unavailable(config, be.name, logits, batch)
+        if reason is None:
+            from .ops.aem_loss import fused_aem_policy_loss
+
+            return fused_aem_policy_loss(logits, batch, config, inplace_backward)
+        if single_pass:
+            raise ValueError(f"single_pass=True cannot apply: {reason}")
     logprobs, entropy = LogprobsEntropyFunction.apply(logits, batch.labels, config.temperature, config.ignore_index,
                                                       be, inplace_backward)
     logprobs, entropy = logprobs.reshape(-1), entropy.reshape(-1)
     return _loss_from_token_terms(batch, logprobs, entropy, config)
 
 
-def _loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tensor,
-                           config: AEMConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def _modulated_token_advantages(batch: PackedBatch, x: torch.Tensor, config: AEMConfig, dtype: torch.dtype):
+    """A~_t = w_r A_t (eq. 7) per token, from the response uncertainty x [R]. Returns (token_adv [N],
+    response_adv [R], weights [R], u [R], clipped [R], valid [R])."""
     tr, num_responses = batch.token_response, batch.num_responses
-    trained = tr >= 0
-    safe_tr = tr.clamp(min=0)
-    dtype = logprobs.dtype
-
-    x = _uncertainty(batch, logprobs, entropy, config)
     valid = segment_count(tr, num_responses) > 0
     weights, u, clipped = aem_weights(x, batch.response_group, config, num_groups=batch.num_groups, valid=valid)
     weights = weights.to(dtype)
+    safe_tr = tr.clamp(min=0)
     if batch.token_level:
         token_adv = batch.advantages.to(dtype) * weights[safe_tr]
         response_adv = segment_mean(batch.advantages.to(dtype), tr, num_responses)
     else:
         response_adv = batch.advantages.to(dtype)
         token_adv = (weights * response_adv)[safe_tr]
-    token_adv = torch.where(trained, token_adv, 0.0)
+    token_adv = torch.where(tr >= 0, token_adv, 0.0)
+    return token_adv, response_adv, weights, u, clipped, valid
+
+
+def _single_pass_unavailable(config: AEMConfig, backend_name: str, logits: torch.Tensor,
+                             batch: PackedBatch) -> Optional[str]:
+    """Why the single-pass kernel cannot serve this call (None when it can)."""
+    if backend_name != "triton":
+        return f'it is a Triton kernel and the backend resolved to "{backend_name}"'
+    if logits.dtype == torch.float64:
+        return "it computes in fp32; fp64 logits (a checking path) use the two-pass path"
+    if config.surprisal_source == "current" and config.beta != 0:
+        return ("the modulation weights depend on this forward's own entropies/log-probs "
+                '(surprisal_source="current" with beta != 0), known only after every row is reduced; use '
+                'surprisal_source="old" (with old_entropy or old_logprobs) or beta=0')
+    if config.surprisal_source == "old":
+        needed = "old_entropy" if config.uncertainty == "entropy" else "old_logprobs"
+        if getattr(batch, needed) is None:
+            return f'surprisal_source="old" with uncertainty="{config.uncertainty}" needs `{needed}`'
+    return None
+
+
+def _loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tensor,
+                           config: AEMConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    tr, num_responses = batch.token_response, batch.num_responses
+    trained = tr >= 0
+    dtype = logprobs.dtype
+
+    x = _uncertainty(batch, logprobs, entropy, config)
+    token_adv, response_adv, weights, u, clipped, valid = _modulated_token_advantages(batch, x, config, dtype)
 
     old = batch.old_logprobs.to(dtype) if batch.old_logprobs is not None else logprobs.detach()
     pg, flags = ppo_token_loss(logprobs, old, token_adv, config)

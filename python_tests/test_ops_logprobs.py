@@ -1,0 +1,345 @@
+"""Triton log-prob / entropy kernels (aem_kernels/ops/logprobs.py) against the fp64 reference.
+
+Without a GPU they run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1), with the
+tile capped at INTERPRET_MAX_BLOCK_V = 128 columns: V = 300 is three tiles, the last one partial. The
+interpreter costs ~20 ms per row and tile, so shapes are a few dozen rows.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import aem_kernels as ak
+from aem_kernels import reference as ref
+from conftest import DEVICE
+
+triton = pytest.importorskip("triton")
+from aem_kernels.ops import logprobs as tl_ops  # noqa: E402
+from aem_kernels.ops import utils as tl_utils  # noqa: E402
+from aem_kernels.ops.segment import segment_sums_deterministic  # noqa: E402
+
+IGNORE = -100
+# The interpreter evaluates both branches of tl.where in numpy: log(0) and 0 * inf there are expected.
+pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+
+
+def _batch(b=3, t=5, v=300, scale=3.0, dtype=torch.float32, ignore=(2, 9), neg_inf=True):
+    """Non-contiguous [b, t, v] rows (logits[:, :-1] of a [b, t+1, v] tensor), labels [b*t] with ignored rows,
+    some -inf entries (never at a label: a -inf target has log-prob -inf, tested separately)."""
+    full = torch.randn(b, t + 1, v, device=DEVICE) * scale
+    labels = torch.randint(0, v, (b * t,), device=DEVICE)
+    if neg_inf:
+        full[0, 1, :v // 2] = float("-inf")
+        full[1, 3, 7] = float("-inf")
+        labels[1] = v - 1
+        labels[1 * t + 3] = 8
+    labels[list(ignore)] = IGNORE
+    return full.to(dtype)[:, :-1], labels
+
+
+def _ref_fwd(logits3d, labels, temperature):
+    return ref.logprobs_entropy_fwd_ref(logits3d.double(), labels, temperature, IGNORE)
+
+
+def _ref_bwd(logits3d, labels, temperature, grad_lp, grad_h):
+    lp, h, lse = _ref_fwd(logits3d, labels, temperature)
+    out = torch.empty(logits3d.shape, dtype=torch.float64, device=logits3d.device)
+    dbl = (lambda g: g.double() if g is not None else None)  # noqa: E731
+    return ref.logprobs_entropy_bwd_ref(logits3d.double(), labels, lse, h, dbl(grad_lp), dbl(grad_h), temperature,
+                                        IGNORE, out)
+
+
+def test_forward_matches_fp64_reference():
+    logits3d, labels = _batch()
+    assert not logits3d.is_contiguous()
+    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.7, IGNORE)
+    lp_ref, h_ref, lse_ref = _ref_fwd(logits3d, labels, 0.7)
+    assert lp.dtype == h.dtype == lse.dtype == torch.float32
+    active = labels != IGNORE
+    # fp32 math on O(10) values: a few ulps (measured ~2e-6); 1e-5 leaves margin for the 1/tau rounding.
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[active].double(), lse_ref[active], rtol=1e-5, atol=1e-5)
+    assert (lp[~active] == 0).all() and (h[~active] == 0).all()
+
+
+@pytest.mark.parametrize("grads", ["both", "logprobs", "entropy"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_matches_fp64_reference(grads, inplace):
+    logits3d, labels = _batch()
+    n = labels.numel()
+    grad_lp = torch.randn(n, device=DEVICE) if grads != "entropy" else None
+    grad_h = torch.randn(n, device=DEVICE) if grads != "logprobs" else None
+    expected = _ref_bwd(logits3d, labels, 0.7, grad_lp, grad_h)
+    _, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.7, IGNORE)
+    source = logits3d
+    if inplace:  # a private copy with the same non-contiguous layout, overwritten by its own gradient
+        source = torch.empty(logits3d.shape[0], logits3d.shape[1] + 1, logits3d.shape[2], device=DEVICE)[:, :-1]
+        source.copy_(logits3d)
+    out = source if inplace else torch.empty_like(logits3d)
+    result = tl_ops.logprobs_entropy_bwd(source, labels, lse, h, grad_lp, grad_h, 0.7, IGNORE, out)
+    assert result.data_ptr() == out.data_ptr()
+    # fp32 gradient entries of size <= |a| + |b| log V ~ 10: measured max error ~1e-6.
+    torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)
+    assert (result.reshape(-1, result.shape[-1])[labels == IGNORE] == 0).all()
+
+
+def test_large_magnitudes_keep_precision():
+    """|z| ~ 1e4 with an O(1) spread: the naive h = lse - E_p[z] would cancel two 1e4 numbers in fp32 (error
+    ~1e-3); the shifted form keeps entropy and log-probs at ~1e-6."""
+    v = 300
+    base = torch.tensor([1e4, -1e4, 0.0, 1e4], device=DEVICE).view(1, 4, 1)
+    logits3d = base + torch.randn(1, 4, v, device=DEVICE)
+    logits3d[0, 3] = torch.randn(v, device=DEVICE) * 1e4  # spread 1e4: a near one-hot row
+    labels = torch.randint(0, v, (4,), device=DEVICE)
+    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    lp_ref, h_ref, lse_ref = _ref_fwd(logits3d, labels, 1.0)
+    torch.testing.assert_close(h.double(), h_ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-6, atol=2e-6)
+    # lse itself is an fp32 number of size 1e4: its rounding (half an ulp, 4.9e-4) is the error.
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=5e-4)
+    grad = torch.empty_like(logits3d)
+    a, b = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, a, b, 1.0, IGNORE, grad)
+    expected = _ref_bwd(logits3d, labels, 1.0, a, b)
+    # p = exp(z - lse) inherits the lse rounding as a relative error exp(4.9e-4) - 1 on every entry; the
+    # fp32 torch reference saves the same lse and has the same bound. Entries are <= |a| + |b| (log V + 1).
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), expected, rtol=0, atol=5e-3)
+
+
+def test_neg_inf_rows_and_targets():
+    v = 200
+    logits3d = torch.randn(1, 3, v, device=DEVICE)
+    logits3d[0, 0, 1:] = float("-inf")           # a one-hot distribution: entropy 0, log-prob 0
+    logits3d[0, 1, 5] = float("-inf")            # target at -inf: log-prob -inf, like the reference
+    logits3d[0, 2] = float("-inf")               # no distribution at all: NaN, like the reference
+    labels = torch.tensor([0, 5, 3], device=DEVICE)
+    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    assert lp[0] == 0 and h[0] == 0
+    assert lp[1] == float("-inf") and torch.isfinite(h[1])
+    assert torch.isnan(lp[2]) and torch.isnan(h[2])
+    _, h_ref, _ = _ref_fwd(logits3d, labels, 1.0)
+    torch.testing.assert_close(h[:2].double(), h_ref[:2], rtol=1e-5, atol=1e-6)
+    grad = torch.empty_like(logits3d)
+    tl_ops.logprobs_entropy_bwd(logits3d[:, :1], labels[:1], lse[:1], h[:1], torch.ones(1), torch.ones(1), 1.0,
+                                IGNORE, grad[:, :1])
+    assert (grad[0, 0] == 0).all()  # one-hot: p = onehot, so a (onehot - p) = 0 and p log p terms vanish
+
+
+def test_all_rows_ignored_reads_nothing_and_zeroes_gradient():
+    logits3d = torch.randn(2, 3, 150, device=DEVICE)
+    labels = torch.full((6,), IGNORE, device=DEVICE)
+    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    assert (lp == 0).all() and (h == 0).all() and (lse == 0).all()
+    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, torch.randn(6), torch.randn(6), 1.0, IGNORE, logits3d)
+    assert (logits3d == 0).all()  # in place: every row's gradient is 0
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (1, 300), (3, 7), (2, 128)])
+def test_one_token_tiny_and_exact_tile_vocabularies(rows, vocab):
+    logits3d = torch.randn(1, rows, vocab, device=DEVICE)
+    labels = torch.randint(0, vocab, (rows,), device=DEVICE)
+    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.3, IGNORE)
+    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 1.3)
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    """bf16/fp16 logits are read as they are and computed in fp32. Compared with fp64 on the same rounded
+    inputs, the outputs are fp32-accurate (measured: log-prob/entropy error ~1e-6); the gradient is rounded
+    to the logits' dtype once: at most half an ulp, 2^-8 (bf16) / 2^-11 (fp16) of each entry (measured max
+    errors: 3.2e-3 bf16 and 2.4e-4 fp16 on entries of size ~1-2)."""
+    logits3d, labels = _batch(b=2, t=4, dtype=dtype, ignore=(3,), neg_inf=False)
+    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.9, IGNORE)
+    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 0.9)
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
+    a, b = torch.randn(8, device=DEVICE), torch.randn(8, device=DEVICE)
+    grad = torch.empty_like(logits3d)
+    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, a, b, 0.9, IGNORE, grad)
+    assert grad.dtype == dtype
+    expected = _ref_bwd(logits3d, labels, 0.9, a, b)
+    half_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    err = (grad.double() - expected).abs()
+    assert (err <= half_ulp * expected.abs() + 1e-6).all(), f"max error {err.max().item():.3g}"
+
+
+def test_fp64_logits_use_the_reference():
+    logits3d, labels = _batch(b=1, t=3, v=50, dtype=torch.float64, ignore=(1,), neg_inf=False)
+    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    assert lp.dtype == torch.float64
+    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 1.0)
+    assert torch.equal(lp, lp_ref) and torch.equal(h, h_ref)
+    grad = torch.empty_like(logits3d)
+    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, torch.ones(3, dtype=torch.float64), None, 1.0, IGNORE,
+                                grad)
+    assert torch.equal(grad, _ref_bwd(logits3d, labels, 1.0, torch.ones(3), None))
+
+
+def test_public_api_autograd_on_triton():
+    full = torch.randn(2, 6, 300, device=DEVICE)
+    labels = torch.randint(0, 300, (2, 5), device=DEVICE)
+    labels[1, 2] = IGNORE
+    weights = torch.randn(2, 5, device=DEVICE), torch.randn(2, 5, device=DEVICE)
+    grads = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        x = full.detach().to(dtype).requires_grad_()
+        lp, h = ak.logprobs_and_entropy(x[:, :-1], labels, temperature=1.1, backend=backend)
+        ((lp * weights[0]).sum() + (h * weights[1]).sum()).backward()
+        grads[backend] = (lp, h, x.grad)
+    for mine, theirs in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5)
+    # Entropy alone (no labels): every row is active, the backward carries only the entropy term.
+    entropies, grads = [], []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        x = full.detach().to(dtype).requires_grad_()
+        h_only = ak.entropy_from_logits(x, backend=backend, temperature=0.5)
+        (h_only * weights[0].sum()).sum().backward()
+        entropies.append(h_only.double())
+        grads.append(x.grad.double())
+    torch.testing.assert_close(entropies[0], entropies[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def _response_map(n, responses, device):
+    token_response = torch.randint(-1, responses - 1, (n,), device=device)  # response R-1 stays empty
+    return token_response
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_response_sums(deterministic):
+    logits3d, labels = _batch(b=2, t=6, v=150, neg_inf=False, ignore=(4,))
+    token_response = _response_map(12, 5, DEVICE)
+    token_response[4] = 1  # an ignored label inside a response adds nothing
+    out = tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, token_response, 5,
+                                                         deterministic=deterministic)
+    lp, h, _, sums_lp, sums_h = out
+    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 1.0)
+    torch.testing.assert_close(sums_lp.double(), ref.segment_sum(lp_ref, token_response, 5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums_h.double(), ref.segment_sum(h_ref, token_response, 5), rtol=1e-5, atol=1e-5)
+    assert sums_lp[4] == 0 and sums_h[4] == 0  # empty response
+    if deterministic:
+        again = tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, token_response, 5,
+                                                               deterministic=True)
+        assert torch.equal(again[3], sums_lp) and torch.equal(again[4], sums_h)
+    no_labels = tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, None, 1.0, IGNORE, token_response, 5,
+                                                               deterministic=deterministic)
+    assert no_labels[0] is None and (no_labels[3] == 0).all()
+
+
+def test_deterministic_sums_depend_only_on_each_response_tokens():
+    """The fixed-order reduction gives bit-identical sums whatever the interleaving of other responses'
+    tokens (the property scheduling-independent reproducibility needs); atomics promise only closeness."""
+    n, responses = 600, 7
+    ids = torch.randint(-1, responses, (n,), device=DEVICE)
+    values = (torch.randn(n, device=DEVICE) * 1e3, torch.rand(n, device=DEVICE))
+    first, second = segment_sums_deterministic(values, ids, responses)
+    torch.testing.assert_close(first.double(), ref.segment_sum(values[0].double(), ids, responses), rtol=1e-6,
+                               atol=1e-3)
+    # Interleave differently while keeping each response's own order: a stable sort by a random key per id.
+    key = torch.rand(responses + 1, device=DEVICE)[ids + 1]
+    perm = torch.sort(key, stable=True).indices
+    shuffled = segment_sums_deterministic((values[0][perm], values[1][perm]), ids[perm], responses)
+    assert torch.equal(shuffled[0], first) and torch.equal(shuffled[1], second)
+
+
+def test_launcher_errors():
+    logits3d, labels = _batch(b=1, t=2, v=20, neg_inf=False, ignore=())
+    row = torch.zeros(2)
+    with pytest.raises(ValueError, match="logits3d"):
+        tl_ops.logprobs_entropy_fwd(logits3d[0], labels, 1.0, IGNORE)
+    with pytest.raises(ValueError, match="labels must have 2 entries"):
+        tl_ops.logprobs_entropy_fwd(logits3d, labels[:1], 1.0, IGNORE)
+    with pytest.raises(ValueError, match="labels is on meta"):
+        tl_ops.logprobs_entropy_fwd(logits3d, labels.to("meta"), 1.0, IGNORE)
+    with pytest.raises(ValueError, match="token_response must have 2 entries"):
+        tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, torch.zeros(3).long(), 1)
+    with pytest.raises(TypeError, match="token_response"):
+        tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, [0, 0], 1)
+    with pytest.raises(TypeError, match="deterministic"):
+        tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, torch.zeros(2).long(), 1,
+                                                       deterministic=1)
+    with pytest.raises(ValueError, match="grad_out3d"):
+        tl_ops.logprobs_entropy_bwd(logits3d, labels, row, row, None, None, 1.0, IGNORE, torch.empty(1, 2, 19))
+    for name in ("lse", "entropy", "grad_logprobs", "grad_entropy"):
+        args = dict(lse=row, entropy=row, grad_logprobs=row, grad_entropy=row)
+        args[name] = torch.zeros(5)
+        with pytest.raises(ValueError, match=f"{name} must have 2 entries"):
+            tl_ops.logprobs_entropy_bwd(logits3d, labels, temperature=1.0, ignore_index=IGNORE,
+                                        grad_out3d=torch.empty_like(logits3d), **args)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = ("import torch, aem_kernels as ak\n"
+            "try:\n"
+            "    ak.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]), backend='triton')\n"
+            "except ak.BackendUnavailableError as e:\n"
+            "    print('ERR', e)\n"
+            "from aem_kernels.ops import logprobs as L\n"
+            "try:\n"
+            "    L.logprobs_entropy_fwd(torch.randn(1, 2, 5), None, 1.0, -100)\n"
+            "except ak.BackendUnavailableError as e:\n"
+            "    print('ERR', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=root)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("ERR")]
+    assert len(lines) == 2, out.stdout + out.stderr
+    assert all("CUDA" in line and "TRITON_INTERPRET=1" in line for line in lines)
+
+
+def test_launch_table_for_gpus(monkeypatch):
+    monkeypatch.setattr(tl_utils, "is_interpreting", lambda: False)
+    assert tl_utils.launch_config(151936, 2) == (8192, 8)   # 16 KB bf16 tiles (forward)
+    assert tl_utils.launch_config(151936, 4) == (4096, 8)   # 16 KB fp32 tiles (forward)
+    assert tl_utils.launch_config(151936, 2, tl_utils.BWD_TILE_BYTES) == (4096, 8)  # 8 KB gradient tiles
+    assert tl_utils.launch_config(1000, 2) == (1024, 2)     # one tile per row
+    assert tl_utils.launch_config(7, 4) == (8, 1)
+
+
+def test_custom_ops_fake_shapes_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits = torch.empty(2, 3, 1000, dtype=torch.bfloat16)
+        lp, h, lse = torch.ops.aem_kernels.triton_logprobs_entropy_fwd(logits, torch.zeros(6, dtype=torch.long),
+                                                                       1.0, IGNORE)
+        assert lp.shape == h.shape == lse.shape == (6,) and lp.dtype == torch.float32
+        out = torch.ops.aem_kernels.triton_logprobs_entropy_fwd_segmented(
+            logits, None, 1.0, IGNORE, torch.zeros(6, dtype=torch.long), 4, True)
+        assert out[0].shape == (0,) and out[3].shape == (4,)
+    logits = torch.randn(1, 2, 16, device=DEVICE)
+    labels = torch.tensor([3, IGNORE], device=DEVICE)
+    torch.library.opcheck(torch.ops.aem_kernels.triton_logprobs_entropy_fwd.default, (logits, labels, 1.0, IGNORE),
+                          test_utils=("test_schema", "test_faketensor"))
+    _, h, lse = tl_ops.logprobs_entropy_fwd(logits, labels, 1.0, IGNORE)
+    args = (logits, labels, lse, h, torch.ones(2), None, 1.0, IGNORE, torch.empty_like(logits))
+    torch.library.opcheck(torch.ops.aem_kernels.triton_logprobs_entropy_bwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    """No graph break: the kernels are opaque custom ops with fake implementations (aot_eager keeps the test
+    free of a C++ compile; inductor also compiles it, in ~20 s on this machine)."""
+    x = torch.randn(2, 5, 200, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 200, (2, 4), device=DEVICE)
+
+    def loss_fn(logits, labels):
+        lp, h = ak.logprobs_and_entropy(logits[:, :-1], labels, temperature=0.9, backend="triton")
+        return (2 * lp + h).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, labels)
+    loss.backward()
+    grad, x.grad = x.grad.clone(), None
+    eager = loss_fn(x, labels)
+    eager.backward()
+    assert torch.equal(loss, eager) and torch.equal(grad, x.grad)
