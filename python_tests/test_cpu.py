@@ -263,3 +263,32 @@ def test_kernel_variants_agree():
         for got, ref in zip(out, exact):
             active = labels.view(-1) != -100
             assert (got[active].double() - ref[active]).abs().max() < 5e-6, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loads_are_exact_for_every_bit_pattern(isa, dtype):
+    """With V = 1 and tau = 1, lse = log-sum-exp of one logit = the logit itself, so the forward returns every
+    16-bit pattern converted to fp32: it must equal torch's conversion bit for bit (non-finite logits have no
+    distribution and give NaN)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    logits = bits.view(dtype).view(1, -1, 1)
+    _, _, lse = _cpu.logprobs_entropy_fwd(logits, None, 1.0, -100)
+    expected = logits.view(-1).float()
+    finite = torch.isfinite(expected)
+    assert torch.equal(lse[finite], expected[finite])
+    assert lse[~finite].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients_round_to_nearest_even(isa, dtype):
+    """The bf16/fp16 kernels compute exactly what the fp32 kernel computes on the same (exactly representable)
+    values, then round once: their gradient must be the fp32 kernel's gradient rounded by torch, bit for bit.
+    Logits of scale 20 spread the gradients over many binades, down to fp16 subnormals."""
+    logits = _logits((3, 8, 1500), torch.float32, scale=20.0).to(dtype)
+    labels = _labels((3, 8), 1500)
+    w = (torch.randn(3, 8), torch.randn(3, 8))
+    lp, h, grad = _run(logits, labels, "cpu", 0.9, -100, w)
+    lp32, h32, grad32 = _run(logits.float(), labels, "cpu", 0.9, -100, w)
+    assert torch.equal(lp, lp32) and torch.equal(h, h32)
+    assert torch.equal(grad, grad32.to(dtype))
+    assert ((grad32.abs() < 6.1e-5) & (grad32 != 0)).any()  # the fp16 subnormal range is exercised
