@@ -294,12 +294,15 @@ void backward_row(const typename Fmt::Storage* row, typename Fmt::Storage* out, 
   using Acc = typename Fmt::Acc;
   alignas(64) Acc stage[kBlock];
   alignas(64) Acc grad[kBlock];
-  // The label's own term, from its logit read before an in-place write can overwrite it.
+  // g_v = p_v (coef_p + coef_logp log p_v) off the label, per-row constants folded out of the loop.
+  const Acc coef_p = -(a + b * entropy) * inv_tau;
+  const Acc coef_logp = -b * inv_tau;
+  // The label's own term (+ a / tau), from its logit read before an in-place write can overwrite it.
   Acc label_grad = 0;
   if (label >= 0) {
     Acc log_p;
     const Acc p = exp_acc(Fmt::load(row[label]) * inv_tau - lse, log_p);
-    label_grad = (a - p * (a + b * (log_p + entropy))) * inv_tau;
+    label_grad = a * inv_tau + p * (coef_p + coef_logp * log_p);
   }
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = vocab - start < kBlock ? vocab - start : kBlock;
@@ -307,7 +310,7 @@ void backward_row(const typename Fmt::Storage* row, typename Fmt::Storage* out, 
     for (int64_t i = 0; i < n; ++i) {
       Acc log_p;  // floored: finite where p == 0 (a -inf logit), so the term is 0, never 0 * -inf
       const Acc p = exp_acc(x[i] * inv_tau - lse, log_p);
-      grad[i] = -(p * (a + b * (log_p + entropy))) * inv_tau;
+      grad[i] = p * (coef_p + coef_logp * log_p);
     }
     if (label >= start && label < start + n) grad[label - start] = label_grad;
     store_block<Fmt>(grad, out + start, n);  // the whole block was read above: safe when out == row
