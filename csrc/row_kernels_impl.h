@@ -1,7 +1,8 @@
 // Row kernels of the fused log-prob / entropy op: the body of row_kernels_baseline.cpp and row_kernels_avx2.cpp.
 // No include guard and no #include: each instruction-set translation unit includes the standard headers first,
-// sets its target, defines AEM_ISA_NAMESPACE / AEM_ISA_NAME / AEM_ISA_HAS_FMA and then includes this body, so
-// every function below is compiled for that target and has internal linkage (nothing can leak across targets).
+// sets its target, defines AEM_ISA_NAMESPACE / AEM_ISA_NAME / AEM_ISA_HAS_FMA / AEM_ISA_VECTOR_BYTES and then
+// includes this body, so every function below is compiled for that target and has internal linkage (nothing
+// can leak across targets) except <isa>::kernel_table().
 //
 // Math (AEM_SPEC eq. 1-2, section 6), z = x / tau for one row x of V logits:
 //   forward, ONE read of the row: blocks of kBlock elements are loaded into L1 (converted to fp32 for
@@ -15,12 +16,13 @@
 //     output may be the input's own storage (in place).
 // Determinism: a row is reduced by one thread, in kLanes fixed partial sums combined in a fixed tree, so the
 // results do not depend on the thread count or on which thread handles the row.
-// Vectorisation: the block loops are plain element-wise loops on restrict-free local buffers and
-// fixed-width lane loops that GCC/Clang vectorise (see `-fopt-info-vec` in setup.py, AEM_KERNELS_VEC_REPORT=1);
-// exp is a branch-free polynomial (no libm call) so that it vectorises too.
+// Vectorisation: the per-block loops are plain element-wise loops writing local L1 buffers (no aliasing for
+// the compiler to fear) and fixed-width lane sums, which GCC and Clang vectorise at -O3 (check with
+// AEM_KERNELS_VEC_REPORT=1, which adds -fopt-info-vec-optimized to the build); exp is a branch-free polynomial
+// (no libm call) so that it vectorises too; the max reduction is written with vector extensions (block_max).
 
 #ifndef AEM_ISA_NAMESPACE
-#error "define AEM_ISA_NAMESPACE, AEM_ISA_NAME, AEM_ISA_HAS_FMA and AEM_ISA_VECTOR_BYTES before including row_kernels_impl.h"
+#error "define AEM_ISA_NAMESPACE, AEM_ISA_NAME, AEM_ISA_HAS_FMA and AEM_ISA_VECTOR_BYTES first"
 #endif
 
 namespace aem_kernels {
