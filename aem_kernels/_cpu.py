@@ -14,6 +14,7 @@ backend="cpu" raises with the reason.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from typing import Optional, Tuple
@@ -30,8 +31,13 @@ if os.environ.get("AEM_KERNELS_DISABLE_CPU_EXT", "0") == "1":
 else:
     try:
         from . import _C as _EXTENSION  # type: ignore[attr-defined, no-redef]
-    except ImportError as exc:  # not built (no compiler, or AEM_KERNELS_NO_EXTENSION=1 at install)
-        _IMPORT_ERROR = f"the C++ extension aem_kernels._C is not built ({exc}); reinstall with a C++ compiler"
+    except ImportError as exc:
+        if importlib.util.find_spec(__name__.rsplit(".", 1)[0] + "._C") is None:  # never built
+            _IMPORT_ERROR = ("the C++ extension aem_kernels._C is not built (installed without a C++ compiler or "
+                             "with AEM_KERNELS_NO_EXTENSION=1); reinstall with `pip install --no-build-isolation "
+                             "-e .` where torch and a C++ compiler are present")
+        else:  # built, but for another torch or platform
+            _IMPORT_ERROR = f"the C++ extension aem_kernels._C failed to load ({exc}); rebuild it for this torch"
 
 _warned = False
 
@@ -60,7 +66,8 @@ def kernel_isa() -> Optional[str]:
 def logprobs_entropy_fwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], temperature: float,
                          ignore_index: int) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """[B, T, V] logits, labels [B*T] | None -> (logprobs [B*T] | None, entropy [B*T], lse [B*T]), fp32
-    (fp64 for fp64 logits); one read of each row."""
+    (fp64 for fp64 logits); one read of each row. Rows whose label is ignore_index are not read: all three
+    outputs are 0 there (the reference still computes their lse; the backward never uses it)."""
     logprobs, entropy, lse = torch.ops.aem_kernels.logprobs_entropy_fwd(logits3d, labels, float(temperature),
                                                                         int(ignore_index))
     return (logprobs if labels is not None else None), entropy, lse
