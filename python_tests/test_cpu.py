@@ -14,6 +14,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import aem_kernels as ak
 from aem_kernels import _cpu
@@ -118,6 +120,24 @@ def test_forward_backward_shapes_dtypes(isa, dtype, shape):
     _check(logits, _labels(shape[:-1], shape[-1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [15, 16, 17, 1023, 1024, 1025, 2049])
+def test_vocab_at_lane_and_block_boundaries(isa, dtype, vocab):
+    # 16 lanes per partial sum, 1024 elements per L1 block: tails of every length path
+    logits = _logits((1, 5, vocab), dtype, neg_inf_frac=0.1)
+    _check(logits, _labels((1, 5), vocab), temperature=1.3)
+
+
+@given(batch=st.integers(1, 3), rows=st.integers(1, 6), vocab=st.integers(1, 2100),
+       dtype=st.sampled_from(DTYPES), temperature=st.floats(0.25, 4.0), scale=st.sampled_from([0.1, 3.0, 300.0]),
+       ignore_frac=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2 ** 16))
+@settings(max_examples=25, deadline=None)
+def test_random_cases(batch, rows, vocab, dtype, temperature, scale, ignore_frac, seed):
+    torch.manual_seed(seed)
+    logits = _logits((batch, rows, vocab), dtype, scale=scale)
+    _check(logits, _labels((batch, rows), vocab, ignore_frac=ignore_frac), temperature=temperature)
+
+
 @pytest.mark.parametrize("temperature", [0.3, 0.7, 2.5])
 @pytest.mark.parametrize("weights", ["both", "logprobs", "entropy"])
 def test_temperature_and_partial_gradients(isa, temperature, weights):
@@ -212,11 +232,12 @@ def test_segment_sum_matches_reference_and_is_deterministic():
     assert out[4] == 0 and out[7] == 0 and out[8] == 0
     values32 = values.float()
     first = _cpu.segment_sum(values32, ids, 9)
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         assert torch.equal(first, _cpu.segment_sum(values32, ids, 9))
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(previous)
     # fp64 accumulation rounded once: at least as accurate as fp32 index_add
     assert (first.double() - out).abs().max() <= (segment_sum(values32, ids, 9).double() - out).abs().max() + 1e-7
 
