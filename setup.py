@@ -13,8 +13,9 @@ from setuptools.command.build_ext import build_ext
 
 
 def _cxx_standard():
-    """The kernels are C++17; torch >= 2.10 builds extensions as C++20 because its own headers use C++20
-    features (with -std=c++17 they only compile with warnings), so follow the installed torch."""
+    """The kernels are C++17. Recent torch builds its own extensions with -std=c++20 (2.13, used here, does;
+    its headers use C++20 features and only warn under C++17), older torch (the package allows >= 2.4) with
+    C++17. 2.10 is taken as the switch; a torch near it at worst prints header warnings."""
     import torch
 
     major, minor = (int(part) for part in torch.__version__.split(".")[:2])
