@@ -1,14 +1,27 @@
-"""Loader of the optional C++ CPU extension (`aem_kernels._C`, built by setup.py from csrc/).
+"""The C++ CPU backend: loader of the optional extension `aem_kernels._C` (built by setup.py from csrc/) and
+the backend functions `dispatch.py` calls for backend="cpu".
 
-The package never compiles anything at import time: when the extension is missing, "auto" falls back to
-the torch reference (with a one-time warning) and backend="cpu" raises with the reason.
+The extension registers `torch.ops.aem_kernels.{logprobs_entropy_fwd, logprobs_entropy_bwd_,
+logprobs_entropy_bwd, segment_sum}`; this module adds their fake (meta) implementations so `torch.compile`
+traces them, and autograd formulas so the raw ops are differentiable too. The kernels read each row of logits
+once in the forward and once (plus one write, optionally in place) in the backward; see
+csrc/row_kernels_impl.h for the math and the vectorisation.
+
+The package never compiles anything at import time: when the extension is missing (or disabled with
+AEM_KERNELS_DISABLE_CPU_EXT=1), "auto" falls back to the torch reference with a one-time warning and
+backend="cpu" raises with the reason.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
+
+import torch
+
+from ._layout import compute_dtype
 
 _EXTENSION = None
 _IMPORT_ERROR: Optional[str] = None
@@ -18,8 +31,13 @@ if os.environ.get("AEM_KERNELS_DISABLE_CPU_EXT", "0") == "1":
 else:
     try:
         from . import _C as _EXTENSION  # type: ignore[attr-defined, no-redef]
-    except ImportError as exc:  # not built (no compiler, or AEM_KERNELS_NO_EXTENSION=1 at install)
-        _IMPORT_ERROR = f"the C++ extension aem_kernels._C is not built ({exc}); reinstall with a C++ compiler"
+    except ImportError as exc:
+        if importlib.util.find_spec(__name__.rsplit(".", 1)[0] + "._C") is None:  # never built
+            _IMPORT_ERROR = ("the C++ extension aem_kernels._C is not built (installed without a C++ compiler or "
+                             "with AEM_KERNELS_NO_EXTENSION=1); reinstall with `pip install --no-build-isolation "
+                             "-e .` where torch and a C++ compiler are present")
+        else:  # built, but for another torch or platform
+            _IMPORT_ERROR = f"the C++ extension aem_kernels._C failed to load ({exc}); rebuild it for this torch"
 
 _warned = False
 
@@ -35,3 +53,105 @@ def unavailable_reason() -> Optional[str]:
 
 def is_available() -> bool:
     return _EXTENSION is not None
+
+
+def kernel_isa() -> Optional[str]:
+    """Instruction set of the row kernels in use ("avx2" or "baseline"), None without the extension.
+    ATEN_CPU_CAPABILITY=default (torch's own switch) selects the baseline."""
+    return _EXTENSION.kernel_isa() if _EXTENSION is not None else None
+
+
+# ---- backend functions (the interface of dispatch.py) --------------------------------------------------------
+
+def logprobs_entropy_fwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], temperature: float,
+                         ignore_index: int) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """[B, T, V] logits, labels [B*T] | None -> (logprobs [B*T] | None, entropy [B*T], lse [B*T]), fp32
+    (fp64 for fp64 logits); one read of each row. Rows whose label is ignore_index are not read: all three
+    outputs are 0 there (the reference still computes their lse; the backward never uses it)."""
+    logprobs, entropy, lse = torch.ops.aem_kernels.logprobs_entropy_fwd(logits3d, labels, float(temperature),
+                                                                        int(ignore_index))
+    return (logprobs if labels is not None else None), entropy, lse
+
+
+def logprobs_entropy_bwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], lse: torch.Tensor,
+                         entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
+                         grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int,
+                         grad_out3d: torch.Tensor) -> torch.Tensor:
+    """Writes dL/dlogits (AEM_SPEC section 6) into grad_out3d ([B, T, V], may be logits3d itself) and returns it."""
+    torch.ops.aem_kernels.logprobs_entropy_bwd_(logits3d, labels, lse, entropy, grad_logprobs, grad_entropy,
+                                                float(temperature), int(ignore_index), grad_out3d)
+    return grad_out3d
+
+
+def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """out[r] = sum of values[t] over segment_ids[t] == r (-1 dropped); deterministic, fp64 accumulation,
+    differentiable. Same contract as `reference.segment_sum`."""
+    return torch.ops.aem_kernels.segment_sum(values, segment_ids, int(num_segments))
+
+
+# ---- fake implementations and autograd formulas of the raw ops ---------------------------------------------
+
+def _register_op_python_parts() -> None:
+    lib = "aem_kernels::"
+
+    @torch.library.register_fake(lib + "logprobs_entropy_fwd")
+    def _fwd_fake(logits, labels, temperature, ignore_index):
+        rows = logits.shape[0] * logits.shape[1]
+        dtype = compute_dtype(logits.dtype)
+        logprobs = logits.new_empty((rows if labels is not None else 0,), dtype=dtype)
+        return logprobs, logits.new_empty((rows,), dtype=dtype), logits.new_empty((rows,), dtype=dtype)
+
+    @torch.library.register_fake(lib + "logprobs_entropy_bwd_")
+    def _bwd_inplace_fake(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+                          grad_out):
+        return None
+
+    @torch.library.register_fake(lib + "logprobs_entropy_bwd")
+    def _bwd_fake(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake(lib + "segment_sum")
+    def _segment_sum_fake(values, segment_ids, num_segments):
+        return values.new_empty((num_segments,))
+
+    def _fwd_setup(ctx, inputs, output):
+        logits, labels, temperature, ignore_index = inputs
+        _, entropy, lse = output
+        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.set_materialize_grads(False)
+
+    def _fwd_backward(ctx, grad_logprobs, grad_entropy, grad_lse):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        grad = torch.ops.aem_kernels.logprobs_entropy_bwd(logits, labels, lse, entropy, grad_logprobs,
+                                                          grad_entropy, ctx.temperature, ctx.ignore_index)
+        if grad_lse is not None:
+            # d lse / d logits = softmax / tau (lse is 0, a constant, on ignored rows). lse is an auxiliary
+            # output, so this rare path may use torch ops and an N x V temporary.
+            row_shape = logits.shape[:-1] + (1,)
+            z = logits.to(lse.dtype) / ctx.temperature
+            coef = grad_lse.to(lse.dtype).view(row_shape)
+            if labels is not None:
+                coef = torch.where((labels != ctx.ignore_index).view(row_shape), coef, 0.0)
+            grad = grad + (coef * (z - lse.view(row_shape)).exp() / ctx.temperature).to(grad.dtype)
+        return grad, None, None, None
+
+    torch.library.register_autograd(lib + "logprobs_entropy_fwd", _fwd_backward, setup_context=_fwd_setup)
+
+    def _segment_setup(ctx, inputs, output):
+        values, segment_ids, _ = inputs
+        ctx.save_for_backward(segment_ids)
+        ctx.values_shape = values.shape
+
+    def _segment_backward(ctx, grad):
+        (segment_ids,) = ctx.saved_tensors
+        ids = segment_ids.reshape(-1).long()
+        picked = grad[ids.clamp(min=0)] if grad.numel() else grad.new_zeros(ids.shape)
+        grad_values = torch.where(ids >= 0, picked, torch.zeros((), dtype=grad.dtype))
+        return grad_values.view(ctx.values_shape), None, None
+
+    torch.library.register_autograd(lib + "segment_sum", _segment_backward, setup_context=_segment_setup)
+
+
+if _EXTENSION is not None:
+    _register_op_python_parts()

@@ -12,10 +12,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import _cpu
 from . import _validation as V
 from ._layout import as_rows3d
 from .dispatch import Backend, resolve_backend
-from .reference import segment_mean, segment_sum
+from .reference import segment_count, segment_sum
 
 __all__ = [
     "LogprobsEntropyFunction",
@@ -166,11 +167,19 @@ def _segment_inputs(name: str, values, token_response, num_responses):
     return values, token_response, num_responses
 
 
+def _segment_sum(values, token_response, num_responses):
+    """The C++ reduction (deterministic, fp64 accumulation) for CPU tensors when built, else the reference."""
+    if values.device.type == "cpu" and _cpu.is_available():
+        return _cpu.segment_sum(values, token_response, num_responses)
+    return segment_sum(values, token_response, num_responses)
+
+
 def _reduce(values, token_response, num_responses, reduction):
     if reduction == "sum":
-        return segment_sum(values, token_response, num_responses)
-    if reduction == "mean":
-        return segment_mean(values, token_response, num_responses)
+        return _segment_sum(values, token_response, num_responses)
+    if reduction == "mean":  # an empty response has mean 0 (see reference.segment_mean)
+        counts = segment_count(token_response, num_responses).clamp(min=1).to(values.dtype)
+        return _segment_sum(values, token_response, num_responses) / counts
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 

@@ -1,0 +1,45 @@
+// torch.ops.aem_kernels.logprobs_entropy_fwd: token log-probs, entropies and log-sum-exps (AEM_SPEC eq. 1-2)
+// of [B, T, V] CPU logits in one read of each row (the row kernels are in row_kernels_impl.h).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <tuple>
+
+#include "op_common.h"
+
+namespace aem_kernels {
+namespace cpu {
+
+// Returns (logprobs [B*T] or an empty [0] tensor when labels is None, entropy [B*T], lse [B*T]), fp32 (fp64 for
+// fp64 logits). Rows whose label is ignore_index give 0 in all three and are not read.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_entropy_fwd(const at::Tensor& logits,
+                                                                    const c10::optional<at::Tensor>& labels,
+                                                                    double temperature, int64_t ignore_index) {
+  const RowLayout layout = check_rows3d(logits, "logits");
+  const LogitDtype dtype = logit_dtype(logits);
+  check_temperature(temperature);
+  const int64_t rows = logits.size(0) * logits.size(1);
+  const auto options = logits.options().dtype(compute_dtype(logits));
+  at::Tensor labels64;
+  if (labels.has_value()) labels64 = checked_labels(*labels, rows, layout.vocab, ignore_index);
+
+  at::Tensor logprobs = at::empty({labels.has_value() ? rows : 0}, options);
+  at::Tensor entropy = at::empty({rows}, options);
+  at::Tensor lse = at::empty({rows}, options);
+  const ForwardArgs args{logits.const_data_ptr(),
+                         layout,
+                         labels.has_value() ? labels64.const_data_ptr<int64_t>() : nullptr,
+                         ignore_index,
+                         1.0 / temperature,
+                         labels.has_value() ? logprobs.data_ptr() : nullptr,
+                         entropy.data_ptr(),
+                         lse.data_ptr()};
+  const ForwardRowsFn kernel = active_kernels().forward[static_cast<int>(dtype)];
+  // Each row is reduced by one thread in a fixed order: the result does not depend on the thread count.
+  at::parallel_for(0, rows, row_grain(layout.vocab),
+                   [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  return {logprobs, entropy, lse};
+}
+
+}  // namespace cpu
+}  // namespace aem_kernels
