@@ -144,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     env = environment(device)
     started = time.perf_counter()
-    records = run_profile(profile, lines, reference_implementation(device), device, excluded,
+    records = run_profile(profile, lines, reference_implementation(lines), device, excluded,
                           BandwidthRoofline(device, args.peak_gbs * 1e9 if args.peak_gbs else None), seed=args.seed)
     env["loadavg_end"] = _loadavg()
     doc = {
@@ -167,9 +167,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(f"aem_kernels benchmark summary on {env['device_name']} "
               f"(N={records[0]['n']}, V={records[0]['v']}, {records[0]['dtype']}; median of "
               f"{profile.timing.min_reps}+ calls; peak memory beyond the inputs)\n")
-        print(report.summary_table(records, doc["cases"]))
-        notes = sorted({f"{name}: {reason}" for name, reason in excluded.items()})
-        print("\n" + "\n".join(notes) if notes else "")
+        print(report.summary_table(doc))
     if args.out is not None or not args.summary:
         out = args.out or RESULTS_DIR / ("cpu" if device.type == "cpu" else report.slug(env["gpu_name"]))
         out.mkdir(parents=True, exist_ok=True)

@@ -76,9 +76,13 @@ def markdown(doc: dict) -> str:
               f"the run {doc['wall_s']:.0f} s", ""]
     lines += ["## Lines", "", "| line | what it runs | status here |", "|---|---|---|"]
     for impl in doc["implementations"]:
-        lines.append(f"| {impl['name']} | {impl['description']} | {impl['unavailable'] or 'available'} |")
+        status = impl["unavailable"] or (f"left out: {impl['excluded']}" if impl.get("excluded") else "available")
+        lines.append(f"| {impl['name']} | {impl['description']} | {status} |")
     results = doc["results"]
     notes: Dict[str, int] = {}
+    absent = {impl["name"] for impl in doc["implementations"] if impl["unavailable"] or impl.get("excluded")}
+    if absent:
+        lines += ["", "The tables below leave out the lines that cannot run in this run (see the reasons above)."]
     for case in doc["cases"]:
         lines += ["", f"## {case['title']} (`{case['name']}`)", ""]
         case_results = [r for r in results if r["case"] == case["name"]]
@@ -86,7 +90,7 @@ def markdown(doc: dict) -> str:
         for sweep in sweeps:
             in_sweep = [r for r in case_results if sweep in r["sweeps"]]
             points = list(dict.fromkeys((r["n"], r["v"], r["dtype"]) for r in in_sweep))
-            impls = list(dict.fromkeys(r["impl"] for r in in_sweep))
+            impls = [name for name in dict.fromkeys(r["impl"] for r in in_sweep) if name not in absent]
             header = [f"N={n} V={v}" for n, v, _ in points]
             lines += [f"**{sweep}**", "", "| line | " + " | ".join(header) + " |",
                       "|---|" + "---|" * len(points)]
@@ -175,7 +179,7 @@ def plots(doc: dict, out_dir: Path) -> List[Path]:
                 if mem:
                     ax_m.plot([m[0] for m in mem], [m[1] for m in mem], style, label=impl, markersize=4,
                               color=colour.get(impl))
-            all_ns = sorted({r["n"] for r in rows})
+            all_ns = sorted({r["n"] for r in doc["results"] if r["case"] == case["name"] and sweep in r["sweeps"]})
             for ax, ylabel in ((ax_t, "median time per call (ms), bars: IQR"), (ax_m, "peak memory beyond inputs (MiB)")):
                 ax.set_xscale("log", base=2)
                 ax.xaxis.set_major_locator(FixedLocator(all_ns))
@@ -186,6 +190,10 @@ def plots(doc: dict, out_dir: Path) -> List[Path]:
                 ax.set_ylabel(ylabel)
                 ax.grid(True, which="both", alpha=0.3)
             ax_m.legend(fontsize=8)
+            for ax in (ax_t, ax_m):
+                ax.set_xlim(all_ns[0] / 1.3, all_ns[-1] * 1.3)
+            fig.text(0.01, 0.01, f"a line missing at a point was not timed there; the reasons are in {doc['profile']}.md",
+                     fontsize=7, alpha=0.7)
             fig.suptitle(f"{case['title']} - {sweep} - {doc['environment']['device_name']} ({doc['profile']} profile)",
                          fontsize=10)
             fig.tight_layout()
@@ -196,26 +204,30 @@ def plots(doc: dict, out_dir: Path) -> List[Path]:
     return written
 
 
-def summary_table(results: Iterable[dict], cases: List[dict]) -> str:
-    """A short table: per line, median time and peak memory of each case, and the speed-up over eager."""
-    results = list(results)
-    impls = list(dict.fromkeys(r["impl"] for r in results))
+def summary_table(doc: dict) -> str:
+    """A short table: per line that ran, median time and peak memory of each case and the speed-up over
+    eager; then one line per implementation that could not run, with the reason."""
+    results, cases = doc["results"], doc["cases"]
+    absent = {impl["name"]: impl["unavailable"] or impl.get("excluded") for impl in doc["implementations"]
+              if impl["unavailable"] or impl.get("excluded")}
     eager = {(r["case"], r["n"], r["v"], r["dtype"]): r for r in results if r["impl"] == "eager" and r["status"] == "ok"}
-    head = "| line | " + " | ".join(f"{c['title']}: ms / peak MiB / vs eager" for c in cases) + " |"
-    out = [head, "|---|" + "---|" * len(cases)]
-    for impl in impls:
+    out = ["| line | " + " | ".join(f"{c['title']}: ms / peak MiB / speed-up vs eager" for c in cases) + " |",
+           "|---|" + "---|" * len(cases)]
+    for impl in dict.fromkeys(r["impl"] for r in results):
+        if impl in absent:
+            continue
         cells = []
         for case in cases:
-            recs = [r for r in results if r["impl"] == impl and r["case"] == case["name"]]
-            if not recs:
+            r = next((r for r in results if r["impl"] == impl and r["case"] == case["name"]), None)
+            if r is None:
                 cells.append("-")
-                continue
-            r = recs[0]
-            if r["status"] != "ok":
-                cells.append(f"{r['status']}: {r['reason'][:60]}")
-                continue
-            base = eager.get((r["case"], r["n"], r["v"], r["dtype"]))
-            speed = f"{base['time_s']['median'] / r['time_s']['median']:.2f}x" if base else "-"
-            cells.append(f"{_ms(r['time_s']['median'])} / {_mib(r.get('peak_bytes'))} / {speed}")
+            elif r["status"] != "ok":
+                cells.append(f"{r['status']}: {r['reason']}")
+            else:
+                base = eager.get((r["case"], r["n"], r["v"], r["dtype"]))
+                speed = f"{base['time_s']['median'] / r['time_s']['median']:.2f}x" if base else "-"
+                cells.append(f"{_ms(r['time_s']['median'])} / {_mib(r.get('peak_bytes'))} / {speed}")
         out.append(f"| {impl} | " + " | ".join(cells) + " |")
+    if absent:
+        out += ["", "Not run here:"] + [f"- {name}: {reason}" for name, reason in absent.items()]
     return "\n".join(out)

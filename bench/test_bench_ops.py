@@ -25,8 +25,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 POINT = Point(n=int(os.environ.get("AEM_BENCH_N", 512)), v=int(os.environ.get("AEM_BENCH_V", 32000)),
               dtype=os.environ.get("AEM_BENCH_DTYPE", "float32"), seq_len=int(os.environ.get("AEM_BENCH_T", 128)))
 ROUNDS = int(os.environ.get("AEM_BENCH_ROUNDS", 5))
-LINES = [line for line in all_implementations(DEVICE)
-         if not (line.compiled and os.environ.get("AEM_BENCH_COMPILE", "0") != "1")]
+ALL_LINES = all_implementations(DEVICE)
+REFERENCE = reference_implementation(ALL_LINES)
+LINES = [line for line in ALL_LINES if not (line.compiled and os.environ.get("AEM_BENCH_COMPILE", "0") != "1")]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_bench(benchmark, base_inputs, case_name, line):
     if reason:
         pytest.skip(reason)
     inputs = case.extend(base_inputs, DEVICE, seed=0)
-    reference = case.reference_for(reference_implementation(DEVICE))
+    reference = case.reference_for(REFERENCE)
     expected = case.call(reference, case.prepare(reference, inputs, fresh=False))
     passed, report = checks.compare(case.call(line, case.prepare(line, inputs, fresh=line.mutates_inputs)), expected)
     assert passed, f"{line.name} disagrees with {reference.name}: {report}"

@@ -3,8 +3,12 @@
 Ours is the public `ak.aem_policy_loss` on each backend. Every other line computes the log-probs (with a
 gradient) and the entropies (without: with entropy_coef = 0 they only feed AEM's detached uncertainty) its own
 way and then applies the same O(N) AEM tail as the package (modulation, clipped surrogate, aggregation), so
-the comparison isolates the N x V work. The batch: responses of 128 tokens in groups of 4, the first 1/8 of
-every sequence untrained (prompt), random advantages, the paper's default `AEMConfig`.
+the comparison isolates the N x V work. The batch: four responses per row in groups of 4, the first 1/8 of
+every row untrained (prompt), random advantages, the paper's default `AEMConfig`, and the rollout's old
+log-probs 0.02 nat (std) away from the current ones: a later PPO epoch, where the ratio is not 1 and the
+loss's value (not only its gradient) depends on the log-probs being compared. The offset stays far from the
+clip range (|log 1.2| = 0.18): at its edge a bf16 line's rounding (~0.06 nat) would switch whole tokens'
+gradients on and off, which says nothing about the implementation.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from aem_kernels.packing import pack_inputs
 from ..implementations import Implementation
 from .base import Case, Inputs, Outputs, Point
 
-RESPONSE_LEN = 128
+RESPONSES_PER_ROW = 4
 GROUP_SIZE = 4
+OLD_LOGPROB_NOISE = 0.02
 CONFIG = ak.AEMConfig()
 
 
@@ -35,22 +40,27 @@ class AEMLossForwardBackward(Case):
         inputs = super().extend(base, device, seed)
         batch, rows = inputs.labels.shape
         position = torch.arange(rows, device=device)
-        per_row = -(-rows // RESPONSE_LEN)
-        response = torch.arange(batch, device=device)[:, None] * per_row + position[None, :] // RESPONSE_LEN
+        length = -(-rows // RESPONSES_PER_ROW)
+        per_row = -(-rows // length)
+        response = torch.arange(batch, device=device)[:, None] * per_row + position[None, :] // length
         prompt = position < rows // 8
         token_response = torch.where(prompt[None, :], -1, response)
         num_responses = batch * per_row
         gen = torch.Generator(device=device).manual_seed(seed + 2)
+        with torch.no_grad():
+            current = ak.logprobs_from_logits(inputs.logits, inputs.labels, backend="torch")
+        noise = torch.randn(current.shape, generator=gen, device=device) * OLD_LOGPROB_NOISE
         inputs.extra["token_response"] = token_response
         inputs.extra["response_group"] = torch.arange(num_responses, device=device) // GROUP_SIZE
         inputs.extra["advantages"] = torch.randn(num_responses, generator=gen, device=device)
+        inputs.extra["old_logprobs"] = current + noise
         return inputs
 
     def _pack(self, inputs: Inputs):
         extra = inputs.extra
         return pack_inputs(inputs.logits, inputs.labels, extra["advantages"], token_response=extra["token_response"],
                            response_group=extra["response_group"], response_mask=None, turn_ids=None,
-                           old_logprobs=None, old_entropy=None, ref_logprobs=None,
+                           old_logprobs=extra["old_logprobs"], old_entropy=None, ref_logprobs=None,
                            ignore_index=CONFIG.ignore_index, advantage_level="response", num_groups=None)
 
     def call(self, impl: Implementation, inputs: Inputs) -> Outputs:
@@ -59,7 +69,8 @@ class AEMLossForwardBackward(Case):
         if impl.ours:
             loss, _ = ak.aem_policy_loss(inputs.logits, inputs.labels, extra["advantages"],
                                          token_response=extra["token_response"],
-                                         response_group=extra["response_group"], config=CONFIG,
+                                         response_group=extra["response_group"],
+                                         old_logprobs=extra["old_logprobs"], config=CONFIG,
                                          backend=impl.backend, inplace_backward=impl.inplace)
         else:
             logprobs, entropy = impl.fn(inputs.logits, inputs.labels, entropy_grad=False)

@@ -31,6 +31,14 @@ class Point:
     dtype: str
     seq_len: int
 
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.v < 1 or self.seq_len < 1:
+            raise ValueError(f"N, V and seq_len must be >= 1, got N={self.n} V={self.v} seq_len={self.seq_len}")
+        if self.n > self.seq_len and self.n % self.seq_len:
+            raise ValueError(f"N={self.n} must be a multiple of seq_len={self.seq_len} (or at most seq_len)")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
     @property
     def batch(self) -> int:
         return max(1, self.n // self.seq_len)
