@@ -31,5 +31,11 @@ test: $(STAMP)
 	  else echo "make test: pytest collected no tests; the suite must not be empty"; exit 1; fi; \
 	fi; exit $$rc
 
+# Speed and peak memory against eager / torch.compile / TRL / verl (/ Liger / CCE on GPU); see bench/README.md.
+#   make bench BENCH_ARGS="--profile quick"
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info aem_kernels/*.so

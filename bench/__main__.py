@@ -1,0 +1,183 @@
+"""`python -m bench`: measure speed and peak memory of aem_kernels' ops against what users write instead.
+
+    python -m bench                      # the device's default profile (gpu on CUDA, cpu otherwise)
+    python -m bench --profile quick      # smoke run on tiny shapes (seconds)
+    python -m bench --summary            # one small point, a short table on stdout (under a minute)
+    python -m bench --n 1024,4096 --v 151936 --dtype bfloat16 --cases logprobs_fwd_bwd
+
+Results go to bench/results/<device>/<profile>.{json,md} and <profile>_*.png (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+import aem_kernels as ak
+
+from . import report
+from .cases import CASES
+from .implementations import all_implementations, competitor_versions, reference_implementation
+from .profiles import GiB, get_profile, override
+from .runner import BandwidthRoofline, run_profile
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--profile", default="auto", help="quick, cpu, gpu or auto (gpu on CUDA, else cpu)")
+    p.add_argument("--summary", action="store_true", help="one small point; print a short table, write nothing "
+                   "unless --out is given")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>)")
+    p.add_argument("--cases", type=_csv(str), default=None, help=f"subset of {','.join(CASES)}")
+    p.add_argument("--only", type=_csv(str), default=None, help="run only these lines (the others are recorded "
+                   "as skipped)")
+    p.add_argument("--exclude", type=_csv(str), default=[], help="lines to leave out (recorded as skipped)")
+    p.add_argument("--n", type=_csv(int), default=None, help="replace the sweeps by this N grid")
+    p.add_argument("--v", type=_csv(int), default=None, help="... and this V grid")
+    p.add_argument("--dtype", type=_csv(str), default=None, help="... and these dtypes (float32,bfloat16,float16)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row of the [B, T, V] logits")
+    p.add_argument("--reps", type=int, default=None, help="exactly this many timed calls per line")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls after the checked first call")
+    p.add_argument("--max-call-s", type=float, default=None)
+    p.add_argument("--mem-limit-gb", type=float, default=None, help="enforced peak-memory limit per line (GiB)")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new points after this long")
+    p.add_argument("--peak-gbs", type=float, default=None, help="device bandwidth for the roofline (GB/s)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); on a shared machine "
+                   "fewer threads than cores avoids OpenMP stalls when another process holds a core")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "device": device.type, "device_name": gpu or f"CPU ({_cpu_model()})", "gpu_name": gpu,
+        "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+        "python": platform.python_version(), "platform": platform.platform(), "aem_kernels": ak.__version__,
+        "git_commit": _git_commit(), "competitors": competitor_versions(),
+        "backends": {name: reason or "available" for name, reason in ak.available_backends(device).items()},
+        "loadavg_start": _loadavg(),
+    }
+
+
+def _loadavg() -> Optional[str]:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return None
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile = get_profile("summary" if args.summary else args.profile, device.type)
+    profile = override(profile, ns=args.n, vocabs=args.v, dtypes=args.dtype, reps=args.reps, warmup=args.warmup,
+                       seq_len=args.seq_len)
+    if args.cases:
+        unknown = set(args.cases) - set(CASES)
+        if unknown:
+            raise SystemExit(f"unknown case(s) {sorted(unknown)}; choose from {list(CASES)}")
+        profile.cases = args.cases
+    if args.max_call_s is not None:
+        profile.max_call_s = args.max_call_s
+    if args.budget_s is not None:
+        profile.budget_s = args.budget_s if args.budget_s > 0 else None
+    if args.mem_limit_gb is not None:
+        profile.mem_limit_bytes = int(args.mem_limit_gb * GiB) if args.mem_limit_gb > 0 else None
+
+    lines = all_implementations(device)
+    names = [line.name for line in lines]
+    excluded = dict(profile.exclude)
+    for name in args.exclude:
+        excluded[name] = "left out by --exclude"
+    if args.only:
+        excluded.update({name: "not selected by --only" for name in names if name not in args.only})
+    unknown = (set(args.exclude) | set(args.only or [])) - set(names)
+    if unknown:
+        raise SystemExit(f"unknown line(s) {sorted(unknown)}; the lines are {names}")
+
+    env = environment(device)
+    started = time.perf_counter()
+    records = run_profile(profile, lines, reference_implementation(lines), device, excluded,
+                          BandwidthRoofline(device, args.peak_gbs * 1e9 if args.peak_gbs else None), seed=args.seed)
+    env["loadavg_end"] = _loadavg()
+    doc = {
+        "schema_version": report.SCHEMA_VERSION, "profile": profile.name, "description": profile.description,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started, "environment": env,
+        "settings": {"warmup": profile.timing.warmup, "min_reps": profile.timing.min_reps,
+                     "max_reps": profile.timing.max_reps, "min_time_s": profile.timing.min_time_s,
+                     "seq_len": profile.seq_len, "max_call_s": profile.max_call_s,
+                     "mem_limit_gib": profile.mem_limit_bytes / GiB if profile.mem_limit_bytes else None,
+                     "budget_s": profile.budget_s, "argv": sys.argv[1:] if argv is None else argv},
+        "implementations": [{"name": line.name, "description": line.description, "ours": line.ours,
+                             "input_kind": line.input_kind, "unavailable": line.unavailable,
+                             "excluded": excluded.get(line.name)} for line in lines],
+        "cases": [{"name": CASES[c].name, "title": CASES[c].title, "backward": CASES[c].backward,
+                   "input_kind": CASES[c].input_kind} for c in (profile.cases or CASES)],
+        "results": records,
+    }
+    if args.summary:
+        print(f"aem_kernels benchmark summary on {env['device_name']} "
+              f"(N={records[0]['n']}, V={records[0]['v']}, {records[0]['dtype']}; median of "
+              f"{profile.timing.min_reps}+ calls; peak memory beyond the inputs)\n")
+        print(report.summary_table(doc))
+    if args.out is not None or not args.summary:
+        out = args.out or RESULTS_DIR / ("cpu" if device.type == "cpu" else report.slug(env["gpu_name"]))
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_json(doc, out / f"{profile.name}.json")
+        (out / f"{profile.name}.md").write_text(report.markdown(doc))
+        written = [] if args.no_plots else report.plots(doc, out)
+        print(f"wrote {out / (profile.name + '.json')}, {profile.name}.md and {len(written)} plot(s) "
+              f"({doc['wall_s']:.0f} s)", file=sys.stderr)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Case (b): token log-probs and entropies, forward and backward, with a gradient through both.
+
+The upstream gradients a_t = dL/dl_t and b_t = dL/dh_t are fixed random vectors, so the backward is the
+general section-6 formula (an entropy bonus or any loss that uses both terms). The least traffic is a read of
+the logits in the forward, a read in the backward and a write of their gradient: 3 x N x V elements.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..implementations import Implementation
+from .base import Case, Inputs, Outputs, Point
+
+
+class LogprobsForwardBackward(Case):
+    name = "logprobs_fwd_bwd"
+    title = "log-prob + entropy, forward + backward"
+    backward = True
+
+    def traffic_bytes(self, point: Point) -> int:
+        return 3 * point.logits_bytes
+
+    def extend(self, base: Inputs, device: torch.device, seed: int) -> Inputs:
+        inputs = super().extend(base, device, seed)
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        shape = inputs.labels.shape
+        inputs.extra["grad_logprobs"] = torch.randn(shape, generator=gen, device=device)
+        inputs.extra["grad_entropy"] = torch.randn(shape, generator=gen, device=device)
+        return inputs
+
+    def call(self, impl: Implementation, inputs: Inputs) -> Outputs:
+        logprobs, entropy = impl.fn(inputs.logits, inputs.labels, entropy_grad=True)
+        # grad_outputs in each output's own dtype (TRL and verl return bf16 for bf16 logits)
+        (grad,) = torch.autograd.grad((logprobs, entropy), inputs.logits,
+                                      (inputs.extra["grad_logprobs"].to(logprobs.dtype),
+                                       inputs.extra["grad_entropy"].to(entropy.dtype)))
+        return {"logprobs": logprobs.detach(), "entropy": entropy.detach(), "grad_logits": grad}
