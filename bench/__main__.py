@@ -39,7 +39,7 @@ def _csv(kind):
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--profile", default="auto", help="quick, cpu, gpu or auto (gpu on CUDA, else cpu)")
+    p.add_argument("--profile", default="auto", help="quick, cpu, gpu, gpu-short or auto (gpu on CUDA, else cpu)")
     p.add_argument("--summary", action="store_true", help="one small point; print a short table, write nothing "
                    "unless --out is given")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -65,6 +65,7 @@ def cpu_profile() -> Profile:
             _n_sweep(151936, "float32", (128, 256, 512, 2048)),
             _v_sweep(128, "float32"),
             _n_sweep(151936, "bfloat16", (128, 512, 2048, 4096)),
+            _n_sweep(32000, "float32", (512, 1024, 4096)),
         ],
         timing=TimingPolicy(warmup=0, min_reps=3, max_reps=10, min_time_s=1.0),
         seq_len=128, max_call_s=3.0, mem_limit_bytes=8 * GiB, budget_s=20 * 60)
@@ -82,6 +83,16 @@ def gpu_profile() -> Profile:
         ],
         timing=TimingPolicy(warmup=3, min_reps=10, max_reps=100, min_time_s=0.5),
         seq_len=1024, max_call_s=30.0, budget_s=60 * 60)
+
+
+def gpu_short_profile() -> Profile:
+    # For a GPU lent for minutes: the headline point (N=16384, V=151936, bf16) and a short N sweep, few reps.
+    return Profile(
+        name="gpu-short",
+        description="H100/H200 in a few minutes: N sweep to 16k tokens at V=151936 bf16, and 16k x 32000 bf16",
+        sweeps=[_n_sweep(151936, "bfloat16", (4096, 16384)), Sweep("32k vocab", ((16384, 32000, "bfloat16"),))],
+        timing=TimingPolicy(warmup=2, min_reps=5, max_reps=20, min_time_s=0.2),
+        seq_len=1024, max_call_s=10.0, budget_s=5 * 60)
 
 
 def quick_profile() -> Profile:
@@ -106,7 +117,7 @@ def summary_profile(device_type: str) -> Profile:
         exclude={"torch.compile": _COMPILE_TOO_SLOW})
 
 
-PROFILES = {"quick": quick_profile, "cpu": cpu_profile, "gpu": gpu_profile}
+PROFILES = {"quick": quick_profile, "cpu": cpu_profile, "gpu": gpu_profile, "gpu-short": gpu_short_profile}
 
 
 def get_profile(name: str, device_type: str) -> Profile:
