@@ -42,9 +42,11 @@ class Limits:
 
 
 class Predictor:
-    """Per (case, line, dtype): predicts time per call and peak memory at a larger point from the two
-    largest points measured so far (an affine fit in N x V: a fixed cost plus a cost per logit, the slope
-    clamped at >= 0), or in proportion to N x V from a single point; remembers where a line ran out of memory."""
+    """Per (case, line, dtype): predicts time per call and peak memory at a larger point in proportion to N x V
+    from the largest points measured so far (the slowest of those within 20 % of the largest N x V, so noise
+    errs on the side of running less); remembers where a line ran out of memory. A slope fitted between two
+    points is not used: points of nearly equal N x V from different sweeps (512 x 32000 and 128 x 128256)
+    turned timing noise into predictions off by 100x."""
 
     def __init__(self) -> None:
         self._seen: Dict[Tuple[str, str, str], Dict[int, Tuple[float, Optional[int]]]] = {}
@@ -58,11 +60,8 @@ class Predictor:
 
     @staticmethod
     def _extrapolate(points: List[Tuple[int, float]], elements: int) -> float:
-        (x2, y2) = points[-1]
-        if len(points) == 1:
-            return y2 * elements / x2
-        (x1, y1) = points[-2]
-        return y2 + max(0.0, (y2 - y1) / (x2 - x1)) * (elements - x2)
+        largest = max(x for x, _ in points)
+        return max(y * elements / x for x, y in points if x >= 0.8 * largest)
 
     def skip_reason(self, key, elements: int, logits_bytes: int, limits: Limits) -> Optional[str]:
         if key in self._oom:
@@ -73,11 +72,11 @@ class Predictor:
         reasons = []
         peaks = [(x, peak) for x, (_, peak) in seen if peak is not None]
         if limits.mem_limit_bytes is not None and peaks:
-            peak = self._extrapolate(peaks[-2:], elements)
+            peak = self._extrapolate(peaks, elements)
             if logits_bytes + peak > limits.mem_limit_bytes:
                 reasons.append(f"predicted memory {(logits_bytes + peak) / 2**30:.2f} GiB (logits + peak "
                                f"{peak / 2**30:.2f} GiB) > the enforced {limits.mem_limit_bytes / 2**30:.1f} GiB limit")
-        seconds = self._extrapolate([(x, t) for x, (t, _) in seen][-2:], elements)
+        seconds = self._extrapolate([(x, t) for x, (t, _) in seen], elements)
         if seconds > limits.max_call_s:
             reasons.append(f"predicted {seconds:.1f} s per call > the profile's {limits.max_call_s:g} s limit")
         if not reasons:
