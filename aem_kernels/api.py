@@ -54,9 +54,14 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         if labels is None:
             grad_logprobs = None
         grad = logits if inplace_backward else torch.empty_like(logits)
+        logits3d = as_rows3d(logits)
         grad3d = as_rows3d(grad)
+        if grad3d.shape != logits3d.shape:
+            # a strided slice such as logits[:, :-1] stays [B, T, V] while its empty_like is contiguous and
+            # views as [1, B*T, V]; backends index both with the logits' (b, t), so match that grouping
+            grad3d = grad3d.view(logits3d.shape)
         flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)
-        out3d = backend.backward(as_rows3d(logits), labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy),
+        out3d = backend.backward(logits3d, labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy),
                                  temperature, ignore_index, grad3d)
         if out3d.data_ptr() != grad3d.data_ptr():  # as_rows3d had to copy (>3-d, non-mergeable dims)
             grad.copy_(out3d.view(grad.shape))
