@@ -77,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the short demo")
     demo.add_argument("--env", choices=tuple(ENVS), default="household")
     _add_common(demo, "demo")
+    demo.set_defaults(workers=2)
     plot = sub.add_parser("plot", help="plots and summary from an output directory")
     plot.add_argument("out", help="output directory of a run / compare / demo")
     return p

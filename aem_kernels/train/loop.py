@@ -44,6 +44,8 @@ def default_cache_dir() -> str:
 def warm_started_policy(cfg: TrainConfig, env: TextEnv, tokenizer: WordTokenizer, cache_dir: Optional[str],
                         progress: bool = False):
     """The warm-started policy of `cfg.env`; cached on disk under `cache_dir` (None: no cache)."""
+    # tiny matrices: one thread avoids OpenMP spin-waiting, which costs a lot on a shared machine
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.warmstart_seed)
     model = build_policy(cfg.model, len(tokenizer), tokenizer.pad_id, tokenizer.bos_id, tokenizer.end_id)
     key = hashlib.sha256(cfg.warmstart_key().encode()).hexdigest()[:16]
@@ -123,17 +125,18 @@ def train(cfg: TrainConfig, *, out_path: Optional[str] = None, cache_dir: Option
     sampler = torch.Generator().manual_seed(cfg.seed)
     eval_tasks = sample_tasks(env, random.Random(f"eval-{cfg.env}"), cfg.eval_tasks)
 
-    records: List[Dict[str, Any]] = [{"kind": "config", **cfg.to_dict(), "aem_config": config.to_dict(),
-                                      **warm_metrics}]
+    records: List[Dict[str, Any]] = []
     sink = open(out_path, "w") if out_path else None
 
     def log(record: Dict[str, Any]) -> None:
+        # 6 significant digits: metrics are noisier than that, and the JSONL files stay small
+        record = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in record.items()}
         records.append(record)
         if sink:
             sink.write(json.dumps(record) + "\n")
             sink.flush()
 
-    log(records.pop())
+    log({"kind": "config", **cfg.to_dict(), "aem_config": config.to_dict(), **warm_metrics})
     bar = _progress(cfg.steps, f"{cfg.env} {cfg.method} seed {cfg.seed}", progress)
     try:
         log({"kind": "eval", "step": 0, **evaluate(policy, tokenizer, env, eval_tasks, cfg, 0)})

@@ -1,6 +1,7 @@
 """Plots of trainer runs (matplotlib, Agg backend): per environment, mean +- std over seeds per method.
 
-Panels: held-out success, rollout success, token entropy, response entropy (eq. 3'), AEM's predicted
+Panels: held-out success, rollout success, invalid actions per episode, the fraction of groups whose
+rewards all tie (GRPO gets no signal from them), token entropy, response entropy (eq. 3'), AEM's predicted
 entropy drift D (eq. 6 with the modulated advantages; dashed: the same with the raw GRPO advantages), and
 the spread of the modulation weights (std of w; dotted: min and max). Training curves are smoothed with a
 centred moving average of `smooth` steps before the seed statistics.
@@ -70,6 +71,8 @@ def _band(ax, steps, values, label, color, style="-"):
 PANELS = (
     ("eval/success", "eval", "held-out success rate"),
     ("rollout/success", "train", "rollout success rate"),
+    ("rollout/invalid_per_episode", "train", "invalid actions per episode"),
+    ("rollout/zero_adv_groups", "train", "groups with equal rewards (no signal)"),
     ("policy/token_entropy", "train", "token entropy (nats)"),
     ("policy/response_entropy", "train", "response entropy (mean token entropy)"),
     ("aem/drift", "train", "predicted entropy drift D"),
@@ -82,7 +85,7 @@ def plot_env(runs: Runs, env: str, path: str, smooth: int = 5) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
     for ax, (key, kind, title) in zip(axes.flat, PANELS):
         for method, (label, color) in METHOD_STYLE.items():
             seeds = runs.get((env, method))
@@ -101,9 +104,11 @@ def plot_env(runs: Runs, env: str, path: str, smooth: int = 5) -> None:
         if key == "aem/drift":
             ax.axhline(0.0, color="k", lw=0.6)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
-    fig.suptitle(f"{env}: GRPO vs GRPO+AEM, mean +- std over seeds", y=0.995, fontsize=12)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.suptitle(f"{env}: GRPO vs GRPO+AEM, mean ± std over seeds (training curves smoothed over {smooth} steps)",
+                 y=0.99, fontsize=12)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=max(len(labels), 1),
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

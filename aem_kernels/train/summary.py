@@ -59,7 +59,8 @@ def summary_tables(runs: Runs, window: int = 5) -> str:
             diff = finals["aem"] - finals["grpo"]
             out.append(f"\nPaired difference AEM - GRPO in final held-out success (same seeds, same warm start): "
                        f"{_fmt(diff, 3)} (AEM better on {int((diff > 0).sum())}, worse on "
-                       f"{int((diff < 0).sum())}, tied on {int((diff == 0).sum())} of {len(diff)} seeds).\n")
+                       f"{int((diff < 0).sum())}, tied on {int((diff == 0).sum())} of {len(diff)} seeds).")
+        out.append("")
         train_steps, _ = series(runs[(env, methods[0])], "policy/token_entropy", "train")
         tmarks = _checkpoints(train_steps)
         out.append(f"Entropy trajectory (rollout policy, mean over a ±{window // 2}-step window):\n")
