@@ -102,7 +102,7 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, minibat
             values = {k: float(v) for k, v in metrics.items()}
             values["actor/grad_norm"] = float(grad_norm)
             if epoch == 0:
-                valid = torch.zeros(batch.num_responses, dtype=torch.bool)
+                valid = torch.zeros(batch.num_responses, dtype=torch.bool, device=weights.device)
                 valid[batch.token_response[batch.token_response >= 0]] = True
                 values.update(_weight_stats(weights, valid))
                 for k, v in values.items():

@@ -91,9 +91,18 @@ def _configs(args, envs: Sequence[str], methods: Sequence[str], default_seeds: i
             for env in envs for method in methods for s in range(count)]
 
 
-def _report(out: str, header: str) -> None:
-    paths = plot_all(out, out)
-    text = write_summary(out, os.path.join(out, "summary.md"), header)
+def _report(out: str) -> None:
+    """Plots and summary.md from OUT/runs; summary.md starts with OUT/command.md (what was run, written by the
+    run) and OUT/notes.md (hand-written remarks), when they exist."""
+    parts = []
+    for name in ("command.md", "notes.md"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                parts.append(f.read().strip())
+    runs = os.path.join(out, "runs")
+    paths = plot_all(runs, out)
+    text = write_summary(runs, os.path.join(out, "summary.md"), "\n\n".join(parts))
     print(text)
     print("plots:", ", ".join(paths))
 
@@ -104,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = ["run"] + argv  # `python -m aem_kernels.train --env household --method aem --seeds 5`
     args = parser().parse_args(argv)
     if args.command == "plot":
-        _report(args.out, "")
+        _report(args.out)
         return 0
     if args.command == "run":
         configs = _configs(args, [args.env], [args.method], 1)
@@ -117,7 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     run_many(configs, out, cache_dir=cache, workers=args.workers, progress=not args.no_progress)
     minutes = (time.perf_counter() - started) / 60
-    header = (f"# {args.command}: {len(configs)} runs, preset `{args.preset}`, {minutes:.1f} min wall time\n\n"
-              f"`python -m aem_kernels.train {' '.join(argv)}`")
-    _report(out, header)
+    with open(os.path.join(out, "command.md"), "w") as f:
+        f.write(f"# {args.command}: {len(configs)} runs, preset `{args.preset}`, {minutes:.1f} min wall time "
+                f"({max(args.workers, 1)} worker processes)\n\n`python -m aem_kernels.train {' '.join(argv)}`\n")
+    _report(out)
     return 0

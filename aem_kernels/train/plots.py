@@ -25,9 +25,9 @@ Runs = Dict[Tuple[str, str], List[List[dict]]]   # (env, method) -> one record l
 
 
 def load_runs(run_dir: str) -> Runs:
-    """Every `*.jsonl` under `run_dir` (recursively), grouped by (env, method), seeds sorted."""
+    """Every `*.jsonl` in `run_dir`, grouped by (env, method), seeds sorted."""
     runs: Dict[Tuple[str, str], List[Tuple[int, List[dict]]]] = defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(run_dir, "**", "*.jsonl"), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(run_dir, "*.jsonl"))):
         with open(path) as f:
             records = [json.loads(line) for line in f if line.strip()]
         if not records or records[0].get("kind") != "config":

@@ -41,25 +41,31 @@ def summary_tables(runs: Runs, window: int = 5) -> str:
     for env in sorted({env for env, _ in runs}):
         methods = [m for m in METHOD_STYLE if (env, m) in runs]
         eval_steps, _ = series(runs[(env, methods[0])], "eval/success", "eval")
-        marks = _checkpoints(eval_steps)
+        marks = _checkpoints(eval_steps, count=8)
         out.append(f"### {env}\n")
         out.append("Held-out success rate (one sampled trajectory per task on the fixed evaluation set) after N RL "
-                   "steps, and the rollout success over the last 10 steps:\n")
-        out.append("| method | seeds | " + " | ".join(f"step {m}" for m in marks) + " | rollout, last 10 |")
-        out.append("|---|---|" + "---|" * (len(marks) + 1))
+                   "steps, its mean over the evaluations after step 0, and the rollout success over the last 10 "
+                   "steps (mean ± std over seeds):\n")
+        out.append("| method | seeds | " + " | ".join(f"step {m}" for m in marks) +
+                   " | mean after 0 | rollout, last 10 |")
+        out.append("|---|---|" + "---|" * (len(marks) + 2))
         finals: Dict[str, np.ndarray] = {}
+        averages: Dict[str, np.ndarray] = {}
         for method in methods:
             seeds = runs[(env, method)]
             steps, values = series(seeds, "eval/success", "eval")
             cells = [_fmt(values[:, list(steps).index(m)]) for m in marks]
             finals[method] = values[:, -1]
-            cells.append(_fmt(_last_mean(seeds, "rollout/success", 10)))
+            averages[method] = values[:, 1:].mean(1) if values.shape[1] > 1 else values[:, -1]
+            cells += [_fmt(averages[method]), _fmt(_last_mean(seeds, "rollout/success", 10))]
             out.append(f"| {METHOD_STYLE[method][0]} | {len(seeds)} | " + " | ".join(cells) + " |")
         if "grpo" in finals and "aem" in finals and len(finals["grpo"]) == len(finals["aem"]):
-            diff = finals["aem"] - finals["grpo"]
-            out.append(f"\nPaired difference AEM - GRPO in final held-out success (same seeds, same warm start): "
-                       f"{_fmt(diff, 3)} (AEM better on {int((diff > 0).sum())}, worse on "
-                       f"{int((diff < 0).sum())}, tied on {int((diff == 0).sum())} of {len(diff)} seeds).")
+            out.append("\nPaired differences AEM - GRPO (same seed: same warm start, same first batch):\n")
+            for name, values in (("final held-out success", finals), ("mean held-out success after step 0",
+                                                                      averages)):
+                diff = values["aem"] - values["grpo"]
+                out.append(f"- {name}: {_fmt(diff, 3)}; AEM better on {int((diff > 0).sum())}, worse on "
+                           f"{int((diff < 0).sum())}, tied on {int((diff == 0).sum())} of {len(diff)} seeds")
         out.append("")
         train_steps, _ = series(runs[(env, methods[0])], "policy/token_entropy", "train")
         tmarks = _checkpoints(train_steps)
