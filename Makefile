@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,train,bench]"
 	touch $(STAMP)
 
+# The main job: a worked AEM loss computation, the reference trainer's demo (GRPO vs GRPO+AEM on the household
+# environment, one seed, a few minutes on 2 CPU cores; output in demo_out/), and the benchmark summary.
+DEMO_OUT ?= demo_out
 demo: $(STAMP)
 	$(PY) -m aem_kernels.demo
+	$(PY) -m aem_kernels.train demo --out $(DEMO_OUT)
+	$(PY) -m bench --summary
 
 # pytest exits 5 when it collected no tests: fine for a filtered run (PYTEST_ARGS set), a failure otherwise.
 test: $(STAMP)

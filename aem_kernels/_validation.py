@@ -70,7 +70,7 @@ def check_integer_tensor(name: str, value: object, shape: Optional[Sequence[int]
     if shape is not None and tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} ({expected}), got {tuple(value.shape)}")
     if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+        raise ValueError(f"{name} is on {value.device}, the other inputs on {device}; put them on one device")
     return value
 
 
@@ -111,7 +111,7 @@ def check_float_tensor(name: str, value: object, shape: Optional[Sequence[int]],
     if shape is not None and tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
     if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+        raise ValueError(f"{name} is on {value.device}, the other inputs on {device}; put them on one device")
     if not allow_nonfinite and value.numel() and value_checks_enabled(value):
         finite = torch.isfinite(value)
         if not bool(finite.all()):

@@ -23,7 +23,7 @@ from . import _validation as V
 from .api import LogprobsEntropyFunction
 from .config import AEMConfig
 from .dispatch import BACKENDS, resolve_backend
-from .modulation import aem_metrics, aem_weights
+from .modulation import _aem_weights, aem_metrics
 from .packing import PackedBatch, pack_inputs
 from .reference import segment_count, segment_mean, segment_sum
 
@@ -196,7 +196,7 @@ def _modulated_token_advantages(batch: PackedBatch, x: torch.Tensor, config: AEM
     response_adv [R], weights [R], u [R], clipped [R], valid [R])."""
     tr, num_responses = batch.token_response, batch.num_responses
     valid = segment_count(tr, num_responses) > 0
-    weights, u, clipped = aem_weights(x, batch.response_group, config, num_groups=batch.num_groups, valid=valid)
+    weights, u, clipped = _aem_weights(x, batch.response_group, config, batch.num_groups, valid)
     weights = weights.to(dtype)
     safe_tr = tr.clamp(min=0)
     if batch.token_level:

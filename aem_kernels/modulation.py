@@ -56,12 +56,53 @@ def _masked_mean_std(values: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.T
     return mean, var.sqrt()
 
 
+def _check_response_inputs(uncertainty: object, response_group: object, num_groups: object,
+                           valid: Optional[object]) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    uncertainty = V.check_tensor("uncertainty", uncertainty)
+    if uncertainty.dim() != 1:
+        raise ValueError(f"uncertainty must have shape [R], got {tuple(uncertainty.shape)}")
+    n, device = uncertainty.shape[0], uncertainty.device
+    uncertainty = V.check_float_tensor("uncertainty", uncertainty, (n,), device)
+    groups = V.check_count("num_groups", num_groups)
+    response_group = V.check_index_map("response_group", response_group, (n,), device, upper=groups,
+                                       allow_untrained=False)
+    if valid is None:
+        return uncertainty, response_group, groups, torch.ones(n, dtype=torch.bool, device=device)
+    valid = V.check_tensor("valid", valid)
+    if valid.dtype != torch.bool or tuple(valid.shape) != (n,) or valid.device != device:
+        raise ValueError(f"valid must be a bool tensor of shape ({n},) on {device}, got {valid.dtype} "
+                         f"{tuple(valid.shape)} on {valid.device}")
+    return uncertainty, response_group, groups, valid
+
+
 def relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tensor, num_groups: int, *,
                          baseline: str = "minmax", zscore: bool = False,
                          valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """u_r of eq. 5 for x = `uncertainty` [R] and `response_group` [R] in [0, num_groups)."""
+    """u_r of eq. 5.
+
+    Args:
+        uncertainty: [R] float x_r, finite.
+        response_group: [R] int group ids in [0, num_groups).
+        num_groups: G.
+        baseline: "minmax" (the paper), "mean", "loo" or "batch".
+        zscore: divide the centred x by its group (or batch) std.
+        valid: optional [R] bool; False responses take no part in any statistic and get u = 0.
+
+    Returns:
+        u [R] in x's dtype, without gradient.
+    """
+    if baseline not in ("minmax", "mean", "loo", "batch"):
+        raise ValueError(f"baseline must be 'minmax', 'mean', 'loo' or 'batch', got {baseline!r}")
+    if not isinstance(zscore, bool):
+        raise TypeError(f"zscore must be a bool, got {type(zscore).__name__}")
+    uncertainty, response_group, num_groups, valid = _check_response_inputs(uncertainty, response_group,
+                                                                            num_groups, valid)
+    return _relative_uncertainty(uncertainty, response_group, num_groups, baseline, zscore, valid)
+
+
+def _relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tensor, num_groups: int,
+                          baseline: str, zscore: bool, valid: torch.Tensor) -> torch.Tensor:
     x = uncertainty.detach()
-    valid = torch.ones_like(x, dtype=torch.bool) if valid is None else valid
     bucket = _buckets(response_group, valid, num_groups)
     ones = torch.ones_like(x)
     count = _group_sum(ones, bucket, num_groups)[response_group]
@@ -102,12 +143,26 @@ def relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tensor
 def aem_weights(uncertainty: torch.Tensor, response_group: torch.Tensor, config: AEMConfig, *,
                 num_groups: int, valid: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weights w_r of eq. 7. Returns (w [R], u [R], clipped [R] bool), all without gradient."""
+    """Weights w_r of eq. 7.
+
+    Args: as `relative_uncertainty`, with `config` (an `AEMConfig`) giving baseline, zscore, beta, phi, sign,
+    normalize, w_min and w_max.
+
+    Returns:
+        (w [R], u [R], clipped [R] bool), all without gradient; invalid responses get w = 1, u = 0.
+    """
+    if not isinstance(config, AEMConfig):
+        raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+    uncertainty, response_group, num_groups, valid = _check_response_inputs(uncertainty, response_group,
+                                                                            num_groups, valid)
+    return _aem_weights(uncertainty, response_group, config, num_groups, valid)
+
+
+def _aem_weights(uncertainty: torch.Tensor, response_group: torch.Tensor, config: AEMConfig, num_groups: int,
+                 valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         x = uncertainty.detach()
-        valid = torch.ones_like(x, dtype=torch.bool) if valid is None else valid
-        u = relative_uncertainty(x, response_group, num_groups, baseline=config.baseline, zscore=config.zscore,
-                                 valid=valid)
+        u = _relative_uncertainty(x, response_group, num_groups, config.baseline, config.zscore, valid)
         arg = -config.sign * config.beta * u
         # phi = exp is the minimiser of sum w u + KL(w || uniform)/beta under mean(w) = 1 (section 4);
         # the linear variant is clamped at 0 so a weight never flips an advantage's sign.
@@ -191,7 +246,7 @@ def modulate_advantages(advantages: torch.Tensor, uncertainty: torch.Tensor, res
             raise ValueError(f"response_valid must be a bool tensor of shape ({n},), got "
                              f"{response_valid.dtype} {tuple(response_valid.shape)}")
     valid = torch.ones(n, dtype=torch.bool, device=device) if response_valid is None else response_valid
-    w, u, clipped = aem_weights(uncertainty, response_group, config, num_groups=groups, valid=valid)
+    w, u, clipped = _aem_weights(uncertainty, response_group, config, groups, valid)
     modulated = w.to(advantages.dtype) * advantages
     metrics = aem_metrics(uncertainty.detach(), u, w, clipped, advantages, modulated, response_group, groups, valid)
     metrics["aem/weights"] = w

@@ -47,7 +47,19 @@ class PackedBatch:
 
 
 def turn_ids_to_token_response(turn_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] turn ids (-1: none) -> (token_response [B, T] int64, turns per row [B] int64)."""
+    """[B, T] turn ids (-1: none) -> (token_response [B, T] int64, turns per row [B] int64).
+
+    Row b's turn k becomes response offset_b + k with offset_b = sum of the turns of the rows before it; a turn
+    id that never occurs below a row's largest (e.g. 0 and 2 but no 1) is an empty response.
+    """
+    turn_ids = V.check_tensor("turn_ids", turn_ids)
+    if turn_ids.dim() != 2:
+        raise ValueError(f"turn_ids must have shape [B, T], got {tuple(turn_ids.shape)}")
+    turn_ids = V.check_index_map("turn_ids", turn_ids, None, turn_ids.device, upper=None, allow_untrained=True)
+    return _turn_ids_to_token_response(turn_ids)
+
+
+def _turn_ids_to_token_response(turn_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     turns_per_row = (turn_ids.max(dim=1).values + 1).clamp(min=0) if turn_ids.shape[1] else \
         turn_ids.new_zeros(turn_ids.shape[0])
     offsets = torch.cumsum(turns_per_row, 0) - turns_per_row
@@ -110,7 +122,7 @@ def pack_inputs(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Te
         else:
             turn_ids = V.check_index_map("turn_ids", turn_ids, token_shape, device, upper=None,
                                          allow_untrained=True)
-            token_response, turns_per_row = turn_ids_to_token_response(turn_ids)
+            token_response, turns_per_row = _turn_ids_to_token_response(turn_ids)
             if advantages.dim() == 1 and advantages.shape[0] == rows:
                 # the trajectory's advantage is shared by its turns, its group likewise
                 advantages = V.check_float_tensor("advantages", advantages, (rows,), device)

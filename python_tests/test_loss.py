@@ -284,3 +284,20 @@ def test_packed_ambiguous_advantage_level_and_token_response_range():
     kwargs["token_response"] = torch.tensor([0, 3, -1])
     with pytest.raises(ValueError, match="token_response"):
         ak.aem_policy_loss(logits, labels, torch.ones(3, dtype=D), **kwargs)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (torch.tensor([0, 1, -1]), ValueError),               # not [B, T]
+    (torch.tensor([[0, -2, 1]]), ValueError),             # below -1
+    (torch.tensor([[0.0, 1.0]]), TypeError),              # not integer
+    ([[0, 1]], TypeError),                                # not a tensor
+])
+def test_turn_ids_to_token_response_rejects_bad_input(bad, error):
+    with pytest.raises(error, match="turn_ids"):
+        ak.turn_ids_to_token_response(bad)
+
+
+def test_turn_ids_with_a_missing_turn_give_an_empty_response():
+    token_response, turns = ak.turn_ids_to_token_response(torch.tensor([[0, -1, 2], [1, 1, -1]]))
+    assert turns.tolist() == [3, 2]
+    assert token_response.tolist() == [[0, -1, 2], [4, 4, -1]]  # responses 1 and 3 are empty

@@ -166,6 +166,55 @@ def test_modulate_advantages_rejects_bad_input(bad, error):
                                **extra)
 
 
+@pytest.mark.parametrize("bad, error, names", [
+    (dict(uncertainty=[0.5, 0.7]), TypeError, "uncertainty"),
+    (dict(uncertainty=_t([[0.5, 0.7]])), ValueError, "uncertainty"),
+    (dict(uncertainty=_t([0.5, float("nan")])), ValueError, "uncertainty"),
+    (dict(uncertainty=torch.tensor([1, 2])), TypeError, "uncertainty"),
+    (dict(response_group=torch.tensor([0])), ValueError, "response_group"),
+    (dict(response_group=torch.tensor([0, 2])), ValueError, "response_group"),  # G = 2
+    (dict(response_group=torch.tensor([0.0, 1.0])), TypeError, "response_group"),
+    (dict(num_groups=-1), ValueError, "num_groups"),
+    (dict(num_groups=2.0), TypeError, "num_groups"),
+    (dict(valid=torch.tensor([1, 1])), ValueError, "valid"),
+    (dict(valid=torch.tensor([True])), ValueError, "valid"),
+])
+@pytest.mark.parametrize("function", ["relative_uncertainty", "aem_weights"])
+def test_weight_functions_reject_bad_input(function, bad, error, names):
+    args = dict(uncertainty=_t([0.5, 0.7]), response_group=torch.tensor([0, 1]), num_groups=2, valid=None)
+    args.update(bad)
+    with pytest.raises(error, match=names):
+        if function == "relative_uncertainty":
+            ak.relative_uncertainty(args["uncertainty"], args["response_group"], args["num_groups"],
+                                    valid=args["valid"])
+        else:
+            ak.aem_weights(args["uncertainty"], args["response_group"], ak.AEMConfig(),
+                           num_groups=args["num_groups"], valid=args["valid"])
+
+
+def test_weight_functions_reject_bad_options():
+    x, groups = _t([0.5, 0.7]), torch.tensor([0, 0])
+    with pytest.raises(ValueError, match="baseline"):
+        ak.relative_uncertainty(x, groups, 1, baseline="median")
+    with pytest.raises(TypeError, match="zscore"):
+        ak.relative_uncertainty(x, groups, 1, zscore="yes")
+    with pytest.raises(TypeError, match="config"):
+        ak.aem_weights(x, groups, {"beta": 1.0}, num_groups=1)
+
+
+def test_public_weights_match_modulate_advantages():
+    x, groups = _t([0.2, 0.9, 0.4, 1.5, 1.1]), torch.tensor([0, 0, 0, 1, 1])
+    valid = torch.tensor([True, True, False, True, True])
+    cfg = ak.AEMConfig(beta=0.7)
+    w, u, _ = ak.aem_weights(x, groups, cfg, num_groups=2, valid=valid)
+    out, metrics = ak.modulate_advantages(torch.ones(5, dtype=D), x, groups, cfg, response_valid=valid)
+    torch.testing.assert_close(w, metrics["aem/weights"], rtol=0, atol=0)
+    torch.testing.assert_close(u, ak.relative_uncertainty(x, groups, 2, valid=valid), rtol=0, atol=0)
+    # the invalid response: u = 0, w = 1; group 0's min-max uses responses 0 and 1 only
+    assert u[2] == 0 and w[2] == 1
+    torch.testing.assert_close(u[:2], _t([0.0, 1.0]), rtol=0, atol=0)
+
+
 # --- properties over random groups (hypothesis) ------------------------------------------------------------
 
 from hypothesis import given, settings  # noqa: E402
