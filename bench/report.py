@@ -7,7 +7,7 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("schema_version", "profile", "created", "environment", "settings", "implementations", "cases",

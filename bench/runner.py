@@ -186,7 +186,7 @@ def _run_case(case, point, sweeps, make_inputs: Callable[[], Inputs], lines, ref
     try:
         state = case.prepare(reference, inputs, fresh=False)
         reference_outputs, reference_peak = measure.peak_memory(device, lambda: case.call(reference, state))
-        del state
+        state = None   # release the reference inputs before the lines run
     except Exception as exc:  # the reference failing makes every check impossible: record it everywhere
         reason = f"the reference line {reference.name} failed: {type(exc).__name__}: {exc}"
         log(f"[{point.key()}] {case.name}: {reason}")

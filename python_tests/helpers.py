@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from aem_kernels import reference as ref
+
 
 def oracle_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float = 1.0,
                             ignore_index: int = -100):
@@ -37,3 +39,19 @@ def adversarial_logits(kind: str, n: int, vocab: int, generator: torch.Generator
         x[:, vocab // 2] += 60.0
         return x
     raise ValueError(kind)
+
+
+def reference_forward(logits3d: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                      ignore_index: int = -100):
+    """(log-probs, entropy, lse) of our torch reference in fp64, the twin every fused kernel is checked against."""
+    return ref.logprobs_entropy_fwd_ref(logits3d.double(), labels, temperature, ignore_index)
+
+
+def reference_backward(logits3d: torch.Tensor, labels: torch.Tensor, temperature: float, grad_logprobs, grad_entropy,
+                       ignore_index: int = -100) -> torch.Tensor:
+    """fp64 gradient of sum a_t logprob_t + b_t entropy_t with respect to the logits (section 6)."""
+    _, entropy, lse = reference_forward(logits3d, labels, temperature, ignore_index)
+    out = torch.empty(logits3d.shape, dtype=torch.float64, device=logits3d.device)
+    as_double = (lambda g: g.double() if g is not None else None)  # noqa: E731
+    return ref.logprobs_entropy_bwd_ref(logits3d.double(), labels, lse, entropy, as_double(grad_logprobs),
+                                        as_double(grad_entropy), temperature, ignore_index, out)

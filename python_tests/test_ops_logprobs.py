@@ -14,6 +14,7 @@ import torch
 
 import aem_kernels as ak
 from aem_kernels import reference as ref
+from helpers import reference_backward, reference_forward
 from conftest import DEVICE
 
 triton = pytest.importorskip("triton")
@@ -41,23 +42,13 @@ def _batch(b=3, t=5, v=300, scale=3.0, dtype=torch.float32, ignore=(2, 9), neg_i
     return full.to(dtype)[:, :-1], labels
 
 
-def _ref_fwd(logits3d, labels, temperature):
-    return ref.logprobs_entropy_fwd_ref(logits3d.double(), labels, temperature, IGNORE)
-
-
-def _ref_bwd(logits3d, labels, temperature, grad_lp, grad_h):
-    lp, h, lse = _ref_fwd(logits3d, labels, temperature)
-    out = torch.empty(logits3d.shape, dtype=torch.float64, device=logits3d.device)
-    dbl = (lambda g: g.double() if g is not None else None)  # noqa: E731
-    return ref.logprobs_entropy_bwd_ref(logits3d.double(), labels, lse, h, dbl(grad_lp), dbl(grad_h), temperature,
-                                        IGNORE, out)
 
 
 def test_forward_matches_fp64_reference():
     logits3d, labels = _batch()
     assert not logits3d.is_contiguous()
     lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.7, IGNORE)
-    lp_ref, h_ref, lse_ref = _ref_fwd(logits3d, labels, 0.7)
+    lp_ref, h_ref, lse_ref = reference_forward(logits3d, labels, 0.7)
     assert lp.dtype == h.dtype == lse.dtype == torch.float32
     active = labels != IGNORE
     # fp32 math on O(10) values: a few ulps (measured ~2e-6); 1e-5 leaves margin for the 1/tau rounding.
@@ -74,7 +65,7 @@ def test_backward_matches_fp64_reference(grads, inplace):
     n = labels.numel()
     grad_lp = torch.randn(n, device=DEVICE) if grads != "entropy" else None
     grad_h = torch.randn(n, device=DEVICE) if grads != "logprobs" else None
-    expected = _ref_bwd(logits3d, labels, 0.7, grad_lp, grad_h)
+    expected = reference_backward(logits3d, labels, 0.7, grad_lp, grad_h)
     _, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.7, IGNORE)
     source = logits3d
     if inplace:  # a private copy with the same non-contiguous layout, overwritten by its own gradient
@@ -97,7 +88,7 @@ def test_large_magnitudes_keep_precision():
     logits3d[0, 3] = torch.randn(v, device=DEVICE) * 1e4  # spread 1e4: a near one-hot row
     labels = torch.randint(0, v, (4,), device=DEVICE)
     lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
-    lp_ref, h_ref, lse_ref = _ref_fwd(logits3d, labels, 1.0)
+    lp_ref, h_ref, lse_ref = reference_forward(logits3d, labels, 1.0)
     torch.testing.assert_close(h.double(), h_ref, rtol=0, atol=2e-6)
     torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-6, atol=2e-6)
     # lse itself is an fp32 number of size 1e4: its rounding (half an ulp, 4.9e-4) is the error.
@@ -105,7 +96,7 @@ def test_large_magnitudes_keep_precision():
     grad = torch.empty_like(logits3d)
     a, b = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
     tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, a, b, 1.0, IGNORE, grad)
-    expected = _ref_bwd(logits3d, labels, 1.0, a, b)
+    expected = reference_backward(logits3d, labels, 1.0, a, b)
     # p = exp(z - lse) inherits the lse rounding as a relative error exp(4.9e-4) - 1 on every entry; the
     # fp32 torch reference saves the same lse and has the same bound. Entries are <= |a| + |b| (log V + 1).
     assert torch.isfinite(grad).all()
@@ -123,7 +114,7 @@ def test_neg_inf_rows_and_targets():
     assert lp[0] == 0 and h[0] == 0
     assert lp[1] == float("-inf") and torch.isfinite(h[1])
     assert torch.isnan(lp[2]) and torch.isnan(h[2])
-    _, h_ref, _ = _ref_fwd(logits3d, labels, 1.0)
+    _, h_ref, _ = reference_forward(logits3d, labels, 1.0)
     torch.testing.assert_close(h[:2].double(), h_ref[:2], rtol=1e-5, atol=1e-6)
     grad = torch.empty_like(logits3d)
     tl_ops.logprobs_entropy_bwd(logits3d[:, :1], labels[:1], lse[:1], h[:1], torch.ones(1), torch.ones(1), 1.0,
@@ -145,7 +136,7 @@ def test_one_token_tiny_and_exact_tile_vocabularies(rows, vocab):
     logits3d = torch.randn(1, rows, vocab, device=DEVICE)
     labels = torch.randint(0, vocab, (rows,), device=DEVICE)
     lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.3, IGNORE)
-    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 1.3)
+    lp_ref, h_ref, _ = reference_forward(logits3d, labels, 1.3)
     torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-6)
 
@@ -158,14 +149,14 @@ def test_half_precision_inputs(dtype):
     errors: 3.2e-3 bf16 and 2.4e-4 fp16 on entries of size ~1-2)."""
     logits3d, labels = _batch(b=2, t=4, dtype=dtype, ignore=(3,), neg_inf=False)
     lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.9, IGNORE)
-    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 0.9)
+    lp_ref, h_ref, _ = reference_forward(logits3d, labels, 0.9)
     torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
     a, b = torch.randn(8, device=DEVICE), torch.randn(8, device=DEVICE)
     grad = torch.empty_like(logits3d)
     tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, a, b, 0.9, IGNORE, grad)
     assert grad.dtype == dtype
-    expected = _ref_bwd(logits3d, labels, 0.9, a, b)
+    expected = reference_backward(logits3d, labels, 0.9, a, b)
     half_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     err = (grad.double() - expected).abs()
     assert (err <= half_ulp * expected.abs() + 1e-6).all(), f"max error {err.max().item():.3g}"
@@ -175,12 +166,12 @@ def test_fp64_logits_use_the_reference():
     logits3d, labels = _batch(b=1, t=3, v=50, dtype=torch.float64, ignore=(1,), neg_inf=False)
     lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
     assert lp.dtype == torch.float64
-    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 1.0)
+    lp_ref, h_ref, _ = reference_forward(logits3d, labels, 1.0)
     assert torch.equal(lp, lp_ref) and torch.equal(h, h_ref)
     grad = torch.empty_like(logits3d)
     tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, torch.ones(3, dtype=torch.float64), None, 1.0, IGNORE,
                                 grad)
-    assert torch.equal(grad, _ref_bwd(logits3d, labels, 1.0, torch.ones(3), None))
+    assert torch.equal(grad, reference_backward(logits3d, labels, 1.0, torch.ones(3), None))
 
 
 def test_public_api_autograd_on_triton():
@@ -221,7 +212,7 @@ def test_response_sums(deterministic):
     out = tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, token_response, 5,
                                                          deterministic=deterministic)
     lp, h, _, sums_lp, sums_h = out
-    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 1.0)
+    lp_ref, h_ref, _ = reference_forward(logits3d, labels, 1.0)
     torch.testing.assert_close(sums_lp.double(), ref.segment_sum(lp_ref, token_response, 5), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sums_h.double(), ref.segment_sum(h_ref, token_response, 5), rtol=1e-5, atol=1e-5)
     assert sums_lp[4] == 0 and sums_h[4] == 0  # empty response

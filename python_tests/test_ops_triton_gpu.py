@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import aem_kernels as ak
-from aem_kernels import reference as ref
+from helpers import reference_backward, reference_forward
 
 pytestmark = pytest.mark.gpu
 IGNORE = -100
@@ -18,16 +18,6 @@ def _ops():
     return logprobs
 
 
-def _ref_fwd(logits3d, labels, temperature=1.0):
-    return ref.logprobs_entropy_fwd_ref(logits3d.double(), labels, temperature, IGNORE)
-
-
-def _ref_bwd(logits3d, labels, temperature, grad_lp, grad_h):
-    _, h, lse = _ref_fwd(logits3d, labels, temperature)
-    out = torch.empty(logits3d.shape, dtype=torch.float64, device=logits3d.device)
-    dbl = (lambda g: g.double() if g is not None else None)  # noqa: E731
-    return ref.logprobs_entropy_bwd_ref(logits3d.double(), labels, lse, h, dbl(grad_lp), dbl(grad_h), temperature,
-                                        IGNORE, out)
 
 
 def _within_half_ulp(got, expected, dtype):
@@ -43,14 +33,14 @@ def test_large_vocab_non_contiguous_matches_reference():
     labels = torch.randint(0, vocab, (b * t,), device="cuda")
     labels[[5, 700]] = IGNORE
     lp, h, lse = _ops().logprobs_entropy_fwd(logits3d, labels, 0.8, IGNORE)
-    lp_ref, h_ref, _ = _ref_fwd(logits3d, labels, 0.8)
+    lp_ref, h_ref, _ = reference_forward(logits3d, labels, 0.8)
     # fp32 sums over 151936 terms: ~1e-6 relative; 1e-4 absolute covers log-probs of size ~10-20.
     torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-4)
     a, g = torch.randn_like(lp), torch.randn_like(lp)
     grad = torch.empty(logits3d.shape, dtype=logits3d.dtype, device="cuda")
     _ops().logprobs_entropy_bwd(logits3d, labels, lse, h, a, g, 0.8, IGNORE, grad)
-    assert _within_half_ulp(grad, _ref_bwd(logits3d, labels, 0.8, a, g), torch.bfloat16)
+    assert _within_half_ulp(grad, reference_backward(logits3d, labels, 0.8, a, g), torch.bfloat16)
 
 
 def test_more_than_2_31_elements():
@@ -63,12 +53,12 @@ def test_more_than_2_31_elements():
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device="cuda")
     sub = logits3d[:, rows].clone()  # the reference of 2e9 elements would not fit: check a few rows
     lp, h, lse = _ops().logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
-    lp_ref, h_ref, _ = _ref_fwd(sub, labels[rows])
+    lp_ref, h_ref, _ = reference_forward(sub, labels[rows])
     torch.testing.assert_close(lp[rows].double(), lp_ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(h[rows].double(), h_ref, rtol=1e-5, atol=1e-4)
     ones = torch.ones(n, device="cuda")
     _ops().logprobs_entropy_bwd(logits3d, labels, lse, h, ones, None, 1.0, IGNORE, logits3d)
-    expected = _ref_bwd(sub, labels[rows], 1.0, ones[:5], None)
+    expected = reference_backward(sub, labels[rows], 1.0, ones[:5], None)
     assert _within_half_ulp(logits3d[:, rows], expected, torch.bfloat16)
 
 
