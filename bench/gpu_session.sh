@@ -10,6 +10,6 @@ $PY -m pip install --quiet liger-kernel 2>&1 | tail -1 || echo "liger-kernel not
 $PY -m pytest python_tests/test_ops_triton_gpu.py python_tests/test_ops_logprobs.py python_tests/test_ops_aem_loss.py \
     -q -x 2>&1 | tail -15
 $PY -m bench --profile gpu-short
-gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo gpu)
+gpu=$($PY -c "import torch; from bench.report import slug; print(slug(torch.cuda.get_device_name()))" 2>/dev/null || echo gpu)
 $PY bench/precision.py --rows 4096 --vocab 151936 --out "bench/results/$gpu/precision.json"
 if [ -n "${OUT:-}" ]; then cp -r bench/results "$OUT/"; fi
