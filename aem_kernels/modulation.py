@@ -57,20 +57,26 @@ def _masked_mean_std(values: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.T
 
 
 def _check_response_inputs(uncertainty: object, response_group: object, num_groups: object,
-                           valid: Optional[object]) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+                           valid: Optional[object], *, size: Optional[int] = None,
+                           device: Optional[torch.device] = None, valid_name: str = "valid"
+                           ) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Checked (uncertainty [R], response_group [R] int64, G, valid [R] bool); num_groups None: max id + 1."""
     uncertainty = V.check_tensor("uncertainty", uncertainty)
-    if uncertainty.dim() != 1:
-        raise ValueError(f"uncertainty must have shape [R], got {tuple(uncertainty.shape)}")
-    n, device = uncertainty.shape[0], uncertainty.device
-    uncertainty = V.check_float_tensor("uncertainty", uncertainty, (n,), device)
-    groups = V.check_count("num_groups", num_groups)
-    response_group = V.check_index_map("response_group", response_group, (n,), device, upper=groups,
+    if size is None:
+        if uncertainty.dim() != 1:
+            raise ValueError(f"uncertainty must have shape [R], got {tuple(uncertainty.shape)}")
+        size = uncertainty.shape[0]
+    device = uncertainty.device if device is None else device
+    uncertainty = V.check_float_tensor("uncertainty", uncertainty, (size,), device)
+    upper = None if num_groups is None else V.check_count("num_groups", num_groups)
+    response_group = V.check_index_map("response_group", response_group, (size,), device, upper=upper,
                                        allow_untrained=False)
+    groups = upper if upper is not None else (int(response_group.max()) + 1 if size else 0)  # host sync
     if valid is None:
-        return uncertainty, response_group, groups, torch.ones(n, dtype=torch.bool, device=device)
-    valid = V.check_tensor("valid", valid)
-    if valid.dtype != torch.bool or tuple(valid.shape) != (n,) or valid.device != device:
-        raise ValueError(f"valid must be a bool tensor of shape ({n},) on {device}, got {valid.dtype} "
+        return uncertainty, response_group, groups, torch.ones(size, dtype=torch.bool, device=device)
+    valid = V.check_tensor(valid_name, valid)
+    if valid.dtype != torch.bool or tuple(valid.shape) != (size,) or valid.device != device:
+        raise ValueError(f"{valid_name} must be a bool tensor of shape ({size},) on {device}, got {valid.dtype} "
                          f"{tuple(valid.shape)} on {valid.device}")
     return uncertainty, response_group, groups, valid
 
@@ -205,12 +211,6 @@ def aem_metrics(x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, clipped: torc
     return out
 
 
-def _num_groups(response_group: torch.Tensor, num_groups: Optional[int]) -> int:
-    if num_groups is not None:
-        return V.check_count("num_groups", num_groups)
-    return int(response_group.max()) + 1 if response_group.numel() else 0
-
-
 def modulate_advantages(advantages: torch.Tensor, uncertainty: torch.Tensor, response_group: torch.Tensor,
                         config: AEMConfig = AEMConfig(), *, response_valid: Optional[torch.Tensor] = None,
                         num_groups: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -233,19 +233,10 @@ def modulate_advantages(advantages: torch.Tensor, uncertainty: torch.Tensor, res
     advantages = V.check_tensor("advantages", advantages)
     if advantages.dim() != 1:
         raise ValueError(f"advantages must have shape [R], got {tuple(advantages.shape)}")
-    n = advantages.shape[0]
-    device = advantages.device
-    advantages = V.check_float_tensor("advantages", advantages, (n,), device)
-    uncertainty = V.check_float_tensor("uncertainty", uncertainty, (n,), device)
-    response_group = V.check_index_map("response_group", response_group, (n,), device,
-                                       upper=num_groups, allow_untrained=False)
-    groups = _num_groups(response_group, num_groups)
-    if response_valid is not None:
-        response_valid = V.check_tensor("response_valid", response_valid)
-        if response_valid.dtype != torch.bool or tuple(response_valid.shape) != (n,):
-            raise ValueError(f"response_valid must be a bool tensor of shape ({n},), got "
-                             f"{response_valid.dtype} {tuple(response_valid.shape)}")
-    valid = torch.ones(n, dtype=torch.bool, device=device) if response_valid is None else response_valid
+    advantages = V.check_float_tensor("advantages", advantages, (advantages.shape[0],), advantages.device)
+    uncertainty, response_group, groups, valid = _check_response_inputs(
+        uncertainty, response_group, num_groups, response_valid, size=advantages.shape[0],
+        device=advantages.device, valid_name="response_valid")
     w, u, clipped = _aem_weights(uncertainty, response_group, config, groups, valid)
     modulated = w.to(advantages.dtype) * advantages
     metrics = aem_metrics(uncertainty.detach(), u, w, clipped, advantages, modulated, response_group, groups, valid)
