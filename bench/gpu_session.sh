@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# One script for a short GPU loan (minutes): the GPU tests, then the short GPU benchmark profile.
+# One script for a short GPU loan (minutes): the GPU tests, the short GPU benchmark profile, the precision check.
 # Run from the repository root on the GPU machine:  bash bench/gpu_session.sh
-# Results land in bench/results/<gpu>/ and, when $OUT is set (the device tool), are copied there too.
+# Results land in bench/results/<gpu>/; when $OUT is set (the device tool, which returns at most 8 files) they
+# come back as one archive, $OUT/gpu_results.tgz (unpack it into bench/results/).
+#
+# The machine may have no network: nothing is installed from an index. The package runs from the checkout
+# (PYTHONPATH; the Triton path needs no build). Optional competitors travel as wheels in ./.whl/ (ignored by
+# git), fetched beforehand where pip works:
+#   pip download --no-deps --only-binary=:all: -d .whl liger-kernel cut-cross-entropy
 set -uo pipefail
 PY=${PY:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ls .whl/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/aem_site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/aem_site"
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
-$PY -m pip install --quiet --no-build-isolation -e ".[test,bench]" 2>&1 | tail -2
-$PY -m pip install --quiet liger-kernel 2>&1 | tail -1 || echo "liger-kernel not installed: its line is skipped"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 $PY -m pytest python_tests/test_ops_triton_gpu.py python_tests/test_ops_logprobs.py python_tests/test_ops_aem_loss.py \
     -q -x 2>&1 | tail -15
 $PY -m bench --profile gpu-short
 gpu=$($PY -c "import torch; from bench.report import slug; print(slug(torch.cuda.get_device_name()))" 2>/dev/null || echo gpu)
 $PY bench/precision.py --rows 4096 --vocab 151936 --out "bench/results/$gpu/precision.json"
-if [ -n "${OUT:-}" ]; then cp -r bench/results "$OUT/"; fi
+if [ -n "${OUT:-}" ]; then tar -czf "$OUT/gpu_results.tgz" -C bench/results "$gpu"; fi
