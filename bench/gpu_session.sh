@@ -17,9 +17,9 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-$PY -m pytest python_tests/test_ops_triton_gpu.py python_tests/test_ops_logprobs.py python_tests/test_ops_aem_loss.py \
+timeout 200 $PY -m pytest python_tests/test_ops_triton_gpu.py python_tests/test_ops_logprobs.py python_tests/test_ops_aem_loss.py \
     -q -x 2>&1 | tail -15
-$PY -m bench --profile gpu-short
+timeout 330 $PY -m bench --profile gpu-short   # its own budget is 5 min; the tests above <= 200 s
 gpu=$($PY -c "import torch; from bench.report import slug; print(slug(torch.cuda.get_device_name()))" 2>/dev/null || echo gpu)
-$PY bench/precision.py --rows 4096 --vocab 151936 --out "bench/results/$gpu/precision.json"
+timeout 60 $PY bench/precision.py --rows 4096 --vocab 151936 --out "bench/results/$gpu/precision.json"
 if [ -n "${OUT:-}" ]; then tar -czf "$OUT/gpu_results.tgz" -C bench/results "$gpu"; fi
