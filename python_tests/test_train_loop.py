@@ -125,3 +125,17 @@ def test_cli_run_writes_jsonl_plots_and_summary(tmp_path):
         text = f.read()
     assert "| GRPO | 2 |" in text and "token entropy" in text
     assert len(os.listdir(tmp_path / "cache")) == 1  # the warm start was trained once and cached
+
+
+def test_configs_json_keeps_earlier_runs_of_the_folder(tmp_path):
+    from aem_kernels.train.runner import _record_configs
+    path = str(tmp_path / "configs.json")
+    first = [preset("test", env="household", method=m, seed=0) for m in ("grpo", "aem")]
+    _record_configs(path, first)
+    later = [preset("test", env="household", method="aem", seed=0, lr=1e-3),   # the same run again
+             preset("test", env="household", method="aem", seed=1)]             # a new seed
+    _record_configs(path, later)
+    with open(path) as f:
+        entries = json.load(f)
+    assert [(e["method"], e["seed"]) for e in entries] == [("aem", 0), ("aem", 1), ("grpo", 0)]
+    assert entries[0]["lr"] == 1e-3 and entries[2] == first[0].to_dict()

@@ -17,7 +17,7 @@ from .model import ModelSpec
 __all__ = ["TrainConfig", "PRESETS", "preset", "TUNE_SEEDS", "COMPARE_SEEDS", "AEM_BETA"]
 
 TUNE_SEEDS = (100,)
-COMPARE_SEEDS = (0, 1, 2, 3, 4)
+COMPARE_SEEDS = tuple(range(10))
 # Supervised steps to a weak but non-trivial policy (about 10-40 % success; see summary.md)
 WARMSTART_STEPS = {"household": 600, "shop": 400}
 # AEM strength of method "aem", chosen on tuning seed 100 among {0.5, 1, 2} at turn level (1 and 2 made the

@@ -28,13 +28,26 @@ def _run_one(job: Tuple[TrainConfig, str, Optional[str], bool]) -> Tuple[str, fl
     return os.path.basename(path), time.perf_counter() - started
 
 
+def _record_configs(path: str, configs: Sequence[TrainConfig]) -> None:
+    """configs.json lists every run of the folder: runs added later (more seeds) join the earlier ones, and a
+    run done again replaces its old entry."""
+    entries = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for entry in json.load(f):
+                entries[(entry["env"], entry["method"], entry["seed"])] = entry
+    for cfg in configs:
+        entries[(cfg.env, cfg.method, cfg.seed)] = cfg.to_dict()
+    with open(path, "w") as f:
+        json.dump([entries[key] for key in sorted(entries)], f, indent=1)
+
+
 def run_many(configs: Sequence[TrainConfig], out_dir: str, *, cache_dir: Optional[str], workers: int = 1,
              progress: bool = True) -> List[str]:
     """Run every configuration, writing `out_dir/runs/<env>-<method>-seed<seed>.jsonl`; returns the paths."""
     runs_dir = os.path.join(out_dir, "runs")
     os.makedirs(runs_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "configs.json"), "w") as f:
-        json.dump([c.to_dict() for c in configs], f, indent=1)
+    _record_configs(os.path.join(out_dir, "configs.json"), configs)
     # one warm start per distinct key, here, so that parallel workers never train the same one twice
     done = set()
     for cfg in configs:
