@@ -1,6 +1,7 @@
 """aem_kernels: fused log-prob / entropy kernels and Adaptive Entropy Modulation (AEM) for LLM RL losses.
 
-The math is in AEM_SPEC.md; every op has a plain-PyTorch reference twin in `aem_kernels.reference`.
+The math is in AEM_SPEC.md; every op has a plain-PyTorch twin in `aem_kernels.reference`, the test oracle
+(which production code never imports). The layout is described in the README ("Layout").
 """
 
 from .api import (
@@ -14,7 +15,8 @@ from .api import (
 )
 from ._validation import skip_value_checks
 from .config import AEMConfig
-from .dispatch import BackendUnavailableError, available_backends
+from .dispatch import available_backends
+from .errors import BackendUnavailableError
 from .loss import AEMLoss, aem_policy_loss
 from .modulation import aem_weights, modulate_advantages, relative_uncertainty
 from .packing import turn_ids_to_token_response

@@ -8,15 +8,14 @@ once in the forward and once (plus one write, optionally in place) in the backwa
 csrc/row_kernels_impl.h for the math and the vectorisation.
 
 The package never compiles anything at import time: when the extension is missing (or disabled with
-AEM_KERNELS_DISABLE_CPU_EXT=1), "auto" falls back to the torch reference with a one-time warning and
-backend="cpu" raises with the reason.
+AEM_KERNELS_DISABLE_CPU_EXT=1), "auto" falls back to the torch backend (`dispatch.py` warns once, when a
+CPU tensor actually takes that fallback) and backend="cpu" raises with the reason.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -39,15 +38,12 @@ else:
         else:  # built, but for another torch or platform
             _IMPORT_ERROR = f"the C++ extension aem_kernels._C failed to load ({exc}); rebuild it for this torch"
 
-_warned = False
+# Capabilities declared to `dispatch.py`: CPU tensors of every logits dtype (fp64 computed in fp64).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason() -> Optional[str]:
-    global _warned
-    if _IMPORT_ERROR is not None and not _warned:
-        _warned = True
-        warnings.warn(f"aem_kernels: CPU tensors use the torch reference: {_IMPORT_ERROR}", RuntimeWarning,
-                      stacklevel=3)
+    """Why the extension cannot be used (None when it is loaded); never warns."""
     return _IMPORT_ERROR
 
 
@@ -85,7 +81,7 @@ def logprobs_entropy_bwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor],
 
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
     """out[r] = sum of values[t] over segment_ids[t] == r (-1 dropped); deterministic, fp64 accumulation,
-    differentiable. Same contract as `reference.segment_sum`."""
+    differentiable. Same contract as `reference.segment_sum`; the CPU backend of `aem_kernels.reductions`."""
     return torch.ops.aem_kernels.segment_sum(values, segment_ids, int(num_segments))
 
 

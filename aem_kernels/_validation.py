@@ -16,6 +16,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .config import AEMConfig
+
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_DTYPES = _LOGIT_DTYPES
 _state = threading.local()
@@ -144,4 +146,53 @@ def check_count(name: str, value: object) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
+    """`value` must be one of `choices` (e.g. backend names)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_config(config: object) -> AEMConfig:
+    """An `AEMConfig` (every field was validated when it was built)."""
+    if not isinstance(config, AEMConfig):
+        raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+    return config
+
+
+def check_optional_bool(name: str, value: object) -> Optional[bool]:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be None or a bool, got {type(value).__name__}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_mask(name: str, mask: object, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A bool mask of `shape` on `device`; 0/1 integer or float masks (as verl passes them) become bool."""
+    mask = check_tensor(name, mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the logits are on {device}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() and value_checks_enabled(mask) and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name} must hold only 0 and 1")
+        mask = mask != 0
+    return mask
+
+
+def check_bool_tensor(name: str, value: object, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A bool tensor of exactly `shape` on `device` (no conversion)."""
+    value = check_tensor(name, value)
+    if value.dtype != torch.bool or tuple(value.shape) != tuple(shape) or value.device != device:
+        raise ValueError(f"{name} must be a bool tensor of shape {tuple(shape)} on {device}, got {value.dtype} "
+                         f"{tuple(value.shape)} on {value.device}")
     return value

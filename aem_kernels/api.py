@@ -12,11 +12,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _cpu
 from . import _validation as V
 from ._layout import as_rows3d
 from .dispatch import Backend, resolve_backend
-from .reference import segment_count, segment_sum
+from .reductions import segment_count, segment_sum
 
 __all__ = [
     "LogprobsEntropyFunction",
@@ -76,7 +75,7 @@ def _prepare(logits, labels, temperature, ignore_index, backend):
     ignore_index = V.check_ignore_index(ignore_index)
     if labels is not None:
         labels = V.check_labels(labels, logits, ignore_index)
-    return logits, labels, temperature, ignore_index, resolve_backend(backend, logits.device)
+    return logits, labels, temperature, ignore_index, resolve_backend(backend, logits.device, logits.dtype)
 
 
 def logprobs_and_entropy(
@@ -167,19 +166,13 @@ def _segment_inputs(name: str, values, token_response, num_responses):
     return values, token_response, num_responses
 
 
-def _segment_sum(values, token_response, num_responses):
-    """The C++ reduction (deterministic, fp64 accumulation) for CPU tensors when built, else the reference."""
-    if values.device.type == "cpu" and _cpu.is_available():
-        return _cpu.segment_sum(values, token_response, num_responses)
-    return segment_sum(values, token_response, num_responses)
-
-
 def _reduce(values, token_response, num_responses, reduction):
+    # the reductions module picks the implementation for the device (see dispatch.resolve_segment_sum)
     if reduction == "sum":
-        return _segment_sum(values, token_response, num_responses)
-    if reduction == "mean":  # an empty response has mean 0 (see reference.segment_mean)
+        return segment_sum(values, token_response, num_responses)
+    if reduction == "mean":  # an empty response has mean 0
         counts = segment_count(token_response, num_responses).clamp(min=1).to(values.dtype)
-        return _segment_sum(values, token_response, num_responses) / counts
+        return segment_sum(values, token_response, num_responses) / counts
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 

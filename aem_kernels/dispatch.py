@@ -1,33 +1,54 @@
-"""Backend selection for the token ops: "auto", "triton", "cpu" (the C++ extension) or "torch".
+"""Every backend decision of the package, made here from the capabilities the backends declare.
 
-Every backend implements the same two functions on the canonical layout (see `_layout.py`):
+Token ops: backend "auto", "triton", "cpu" (the C++ extension) or "torch". Every backend implements the same
+two functions on the canonical layout (see `_layout.py`):
 
     forward(logits3d [B,T,V], labels [B*T] | None, temperature, ignore_index)
-        -> (logprobs [B*T] | None, entropy [B*T], lse [B*T])        fp32 (fp64 for fp64 logits)
-    backward(logits3d, labels | None, lse, entropy, grad_logprobs | None, grad_entropy | None,
+        -> (logprobs [B*T] | None, entropy [B*T], state)     fp32 (fp64 for fp64 logits); state is opaque
+    backward(logits3d, labels | None, state, entropy, grad_logprobs | None, grad_entropy | None,
              temperature, ignore_index, grad_out3d) -> grad_out3d   (grad_out3d may alias logits3d)
 
-"auto" picks Triton for CUDA tensors, the C++ kernels for CPU tensors when the extension is built, and the
-torch reference otherwise. Naming a backend that cannot serve the tensor raises `BackendUnavailableError`
-with the reason (never a silent fallback).
+What each backend serves (declared by the backend modules, read here):
+    triton  CUDA tensors (CPU tensors under TRITON_INTERPRET=1); fp16/bf16/fp32 (fp32 math, so not fp64);
+            also the single-pass AEM loss (`ops/aem_loss.py`)                       (`ops/__init__.py`)
+    cpu     CPU tensors, when the extension is built; every dtype, fp64 computed in fp64        (`_cpu.py`)
+    torch   every device and dtype                                                           (`_torch.py`)
+"auto" picks Triton for CUDA tensors it serves, the C++ kernels for CPU tensors when built, and the torch
+backend otherwise. Where "auto" takes the torch backend because something is missing (extension not built,
+Triton not installed) it warns once per reason; fp64 logits on CUDA go to the torch backend by design.
+Naming a backend that cannot serve the tensor raises `BackendUnavailableError` with the reason (never a
+silent fallback).
+
+Segment sums (the production reductions of `reductions.py`): `resolve_segment_sum(device)` gives the C++
+reduction (deterministic, fp64 accumulation) for CPU tensors when built, the deterministic Triton kernel of
+`ops/segment.py` for CUDA tensors when Triton is installed, and torch's index_add otherwise.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "resolve_backend"]
+from . import _validation as V
+from .errors import BackendUnavailableError
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "SinglePassLoss", "available_backends",
+           "resolve_backend", "resolve_segment_sum"]
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 
 
-class BackendUnavailableError(RuntimeError):
-    """Raised when the requested backend cannot run on this machine or for this tensor."""
+@dataclass(frozen=True)
+class SinglePassLoss:
+    """A backend's single-pass AEM loss: `terms(...) -> (logprobs, entropy, grad | None)` from one launch
+    (see `ops.aem_loss.aem_loss_single_pass`) and `attach_gradient(loss_value, logits, grad) -> loss`."""
+    terms: Callable
+    attach_gradient: Callable
 
 
 @dataclass(frozen=True)
@@ -35,41 +56,47 @@ class Backend:
     name: str
     forward: Callable
     backward: Callable
-
-
-def _torch_backend() -> Backend:
-    from . import reference
-
-    return Backend("torch", reference.logprobs_entropy_fwd_ref, reference.logprobs_entropy_bwd_ref)
+    single_pass_loss: Optional[SinglePassLoss] = None
 
 
 # Looked up once without importing Triton (cheap at import, and a plain constant for torch.compile to trace).
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
-def _triton_reason(device: torch.device) -> Optional[str]:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _triton_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    from . import ops
+
     if not _TRITON_FOUND:
         return "Triton is not installed (pip install triton, or a CUDA build of torch that ships it)"
-    if device.type == "cuda":
-        return None
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return None
-    return (f"the Triton kernels need CUDA tensors; got a tensor on {device}. Set TRITON_INTERPRET=1 "
-            "before importing aem_kernels to run them in Triton's (slow) interpreter on CPU tensors")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return (f"the Triton kernels need CUDA tensors; got a tensor on {device}. Set TRITON_INTERPRET=1 "
+                "before importing aem_kernels to run them in Triton's (slow) interpreter on CPU tensors")
+    if dtype is not None and dtype not in ops.DTYPES:
+        return ops.FP64_REASON if dtype == torch.float64 else f"no Triton kernel for {_dtype_name(dtype)} logits"
+    return None
 
 
 def _triton_backend() -> Backend:
-    from .ops import logprobs as triton_ops
+    from .ops import aem_loss, logprobs
 
-    return Backend("triton", triton_ops.logprobs_entropy_fwd, triton_ops.logprobs_entropy_bwd)
+    return Backend("triton", logprobs.logprobs_entropy_fwd, logprobs.logprobs_entropy_bwd,
+                   SinglePassLoss(aem_loss.aem_loss_single_pass, aem_loss.FusedGradientFunction.apply))
 
 
-def _cpu_reason(device: torch.device) -> Optional[str]:
+def _cpu_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     from . import _cpu
 
     if device.type != "cpu":
         return f"the C++ kernels run on CPU tensors; got a tensor on {device}"
-    return _cpu.unavailable_reason()
+    if _cpu.unavailable_reason() is not None:
+        return _cpu.unavailable_reason()
+    if dtype is not None and dtype not in _cpu.DTYPES:
+        return f"no C++ kernel for {_dtype_name(dtype)} logits"
+    return None
 
 
 def _cpu_backend() -> Backend:
@@ -78,10 +105,24 @@ def _cpu_backend() -> Backend:
     return Backend("cpu", _cpu.logprobs_entropy_fwd, _cpu.logprobs_entropy_bwd)
 
 
-_REASONS: Dict[str, Callable[[torch.device], Optional[str]]] = {
+def _torch_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    from . import _torch
+
+    if dtype is not None and dtype not in _torch.DTYPES:
+        return f"no torch implementation for {_dtype_name(dtype)} logits"
+    return None
+
+
+def _torch_backend() -> Backend:
+    from . import _torch
+
+    return Backend("torch", _torch.logprobs_entropy_fwd, _torch.logprobs_entropy_bwd)
+
+
+_REASONS: Dict[str, Callable[..., Optional[str]]] = {
     "triton": _triton_reason,
     "cpu": _cpu_reason,
-    "torch": lambda device: None,
+    "torch": _torch_reason,
 }
 _FACTORIES: Dict[str, Callable[[], Backend]] = {
     "triton": _triton_backend,
@@ -89,6 +130,7 @@ _FACTORIES: Dict[str, Callable[[], Backend]] = {
     "torch": _torch_backend,
 }
 _CACHE: Dict[str, Backend] = {}
+_WARNED: set = set()
 
 
 def _get(name: str) -> Backend:
@@ -97,22 +139,67 @@ def _get(name: str) -> Backend:
     return _CACHE[name]
 
 
-def resolve_backend(backend: str, device: torch.device) -> Backend:
-    """The backend that will run for tensors on `device`."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _warn_fallback_once(device: torch.device, reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f'aem_kernels: backend="auto" uses the torch backend for {device.type} tensors: {reason}',
+                      RuntimeWarning, stacklevel=4)
+
+
+def _auto(device: torch.device, dtype: Optional[torch.dtype]) -> Backend:
+    if device.type == "cuda":
+        from . import ops
+
+        if dtype is not None and dtype not in ops.DTYPES:
+            return _get("torch")  # e.g. fp64 logits: a checking path the Triton kernels (fp32 math) do not serve
+        preferred = "triton"
+    elif device.type == "cpu":
+        preferred = "cpu"
+    else:
+        return _get("torch")  # no other backend runs on this device type
+    reason = _REASONS[preferred](device, dtype)
+    if reason is None:
+        return _get(preferred)
+    _warn_fallback_once(device, reason)
+    return _get("torch")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Backend:
+    """The backend that will run for logits on `device` with `dtype` (None: decide on the device alone).
+
+    Raises:
+        ValueError: `backend` is not one of BACKENDS.
+        BackendUnavailableError: the named backend cannot serve this device or dtype (with the reason).
+    """
+    V.check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        preferred = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
-        if preferred is not None and _REASONS[preferred](device) is None:
-            return _get(preferred)
-        return _get("torch")
-    reason = _REASONS[backend](device)
+        return _auto(device, dtype)
+    reason = _REASONS[backend](device, dtype)
     if reason is not None:
         raise BackendUnavailableError(f'backend="{backend}" is not available: {reason}')
     return _get(backend)
 
 
-def available_backends(device: torch.device | str = "cpu") -> Dict[str, Optional[str]]:
-    """Each named backend mapped to None when it can serve tensors on `device`, else to the reason."""
+def available_backends(device: torch.device | str = "cpu",
+                       dtype: Optional[torch.dtype] = None) -> Dict[str, Optional[str]]:
+    """Each named backend mapped to None when it can serve logits on `device` (of `dtype`, when given), else
+    to the reason. Never warns."""
     device = torch.device(device)
-    return {name: _REASONS[name](device) for name in ("triton", "cpu", "torch")}
+    return {name: _REASONS[name](device, dtype) for name in ("triton", "cpu", "torch")}
+
+
+def resolve_segment_sum(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """The segment-sum implementation for values on `device`: `fn(values, segment_ids, num_segments) -> [R]`
+    (same contract as `reference.segment_sum`, differentiable)."""
+    if device.type == "cpu":
+        from . import _cpu
+
+        if _cpu.is_available():
+            return _cpu.segment_sum
+    elif device.type == "cuda" and _TRITON_FOUND:
+        from .ops import segment
+
+        return segment.segment_sum
+    from . import _torch
+
+    return _torch.segment_sum

@@ -11,6 +11,11 @@ exactly as verl's `compute_policy_loss_vanilla` + `agg_loss` + `kl_penalty` comp
 log-ratio and the k3 clamps included), so beta = 0 reproduces verl's actor loss. The log-probs and entropies
 come from `LogprobsEntropyFunction`, so the backward is one section-6 pass over the logits whatever the
 aggregation: autograd only carries O(N) per-token scalars down to it.
+
+Single pass: when the backend has a single-pass kernel (`Backend.single_pass_loss`, decided in dispatch.py)
+and the weights w_r do not depend on this forward, `_single_pass_loss` prepares the per-token A~_t and c_t
+here, lets the kernel return l_t, h_t and the logits' gradient from one launch (`ops/aem_loss.py`), and
+computes the loss value and metrics with the same functions as the two-pass path.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import _validation as V
+from ._constants import KL_VALUE_CLAMP, LOG_RATIO_CLAMP
 from .api import LogprobsEntropyFunction
 from .config import AEMConfig
-from .dispatch import BACKENDS, resolve_backend
+from .dispatch import BACKENDS, Backend, resolve_backend
 from .modulation import _aem_weights, aem_metrics
 from .packing import PackedBatch, pack_inputs
-from .reference import segment_count, segment_mean, segment_sum
+from .reductions import segment_count, segment_mean, segment_sum
 
 __all__ = ["aem_policy_loss", "AEMLoss", "aggregate", "aggregation_weights", "kl_penalty", "ppo_token_loss"]
 
@@ -75,15 +81,15 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str)
     if kl_type == "k2":
         return 0.5 * (logprobs - ref_logprobs).square()
     if kl_type == "k3":
-        log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
-        return (log_ratio.exp() - log_ratio - 1.0).clamp(-10.0, 10.0)
+        log_ratio = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return (log_ratio.exp() - log_ratio - 1.0).clamp(-KL_VALUE_CLAMP, KL_VALUE_CLAMP)
     raise ValueError(f"kl_type must be 'k1', 'k2' or 'k3', got {kl_type!r}")
 
 
 def ppo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    config: AEMConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-token clipped surrogate L_t of eq. 8 and the per-token clip indicators (float 0/1)."""
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high)
@@ -165,8 +171,7 @@ def aem_policy_loss(
         actor/ppo_kl, actor/pg_clipfrac_lower, actor/entropy, actor/kl_loss (when kl_coef > 0), the aem/* stats
         of `modulate_advantages`, and "aem/weights" [R].
     """
-    if not isinstance(config, AEMConfig):
-        raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+    config = V.check_config(config)
     logits = V.check_logits(logits)
     batch = pack_inputs(logits, labels, advantages, token_response=token_response, response_group=response_group,
                         response_mask=response_mask, turn_ids=turn_ids, old_logprobs=old_logprobs,
@@ -174,15 +179,12 @@ def aem_policy_loss(
                         advantage_level=advantage_level, num_groups=num_groups)
     if config.kl_coef > 0 and batch.ref_logprobs is None:
         raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
-    be = resolve_backend(backend, logits.device)
-    if single_pass is not None and not isinstance(single_pass, bool):
-        raise TypeError(f"single_pass must be None or a bool, got {type(single_pass).__name__}")
+    be = resolve_backend(backend, logits.device, logits.dtype)
+    single_pass = V.check_optional_bool("single_pass", single_pass)
     if single_pass is not False:
-        reason = _single_pass_unavailable(config, be.name, logits, batch)
+        reason = _single_pass_unavailable(config, be, batch)
         if reason is None:
-            from .ops.aem_loss import fused_aem_policy_loss
-
-            return fused_aem_policy_loss(logits, batch, config, inplace_backward)
+            return _single_pass_loss(logits, batch, config, be, inplace_backward)
         if single_pass:
             raise ValueError(f"single_pass=True cannot apply: {reason}")
     logprobs, entropy = LogprobsEntropyFunction.apply(logits, batch.labels, config.temperature, config.ignore_index,
@@ -209,13 +211,12 @@ def _modulated_token_advantages(batch: PackedBatch, x: torch.Tensor, config: AEM
     return token_adv, response_adv, weights, u, clipped, valid
 
 
-def _single_pass_unavailable(config: AEMConfig, backend_name: str, logits: torch.Tensor,
-                             batch: PackedBatch) -> Optional[str]:
-    """Why the single-pass kernel cannot serve this call (None when it can)."""
-    if backend_name != "triton":
-        return f'it is a Triton kernel and the backend resolved to "{backend_name}"'
-    if logits.dtype == torch.float64:
-        return "it computes in fp32; fp64 logits (a checking path) use the two-pass path"
+def _single_pass_unavailable(config: AEMConfig, backend: Backend, batch: PackedBatch) -> Optional[str]:
+    """Why the single-pass kernel cannot serve this call (None when it can). Whether the backend has one (for
+    this device and dtype) was decided by dispatch.py; what is checked here is the loss's own condition."""
+    if backend.single_pass_loss is None:
+        return (f'the backend resolved to "{backend.name}", which has no single-pass kernel (it is a Triton '
+                'kernel; fp64 logits, which the Triton kernels do not serve, use the two-pass path)')
     if config.surprisal_source == "current" and config.beta != 0:
         return ("the modulation weights depend on this forward's own entropies/log-probs "
                 '(surprisal_source="current" with beta != 0), known only after every row is reduced; use '
@@ -225,6 +226,30 @@ def _single_pass_unavailable(config: AEMConfig, backend_name: str, logits: torch
         if getattr(batch, needed) is None:
             return f'surprisal_source="old" with uncertainty="{config.uncertainty}" needs `{needed}`'
     return None
+
+
+def _single_pass_loss(logits: torch.Tensor, batch: PackedBatch, config: AEMConfig, backend: Backend,
+                      inplace_backward: bool) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The single-pass path for a packed batch (see the module docstring). The token scalars, the loss value
+    and the metrics come from this module's own functions, so they match the two-pass path by construction;
+    only the kernel is different."""
+    tr = batch.token_response
+    placeholder = torch.zeros(tr.shape[0], dtype=torch.float32, device=logits.device)
+    # With surprisal_source="old" x_r comes from the batch; with beta = 0 the weights ignore x entirely.
+    x = _uncertainty(batch, placeholder, placeholder, config)
+    token_adv = _modulated_token_advantages(batch, x, config, torch.float32)[0]
+    token_weights = aggregation_weights(tr, batch.num_responses, config.loss_agg_mode, batch.horizon, torch.float32)
+    kernel = backend.single_pass_loss
+    logprobs, entropy, grad = kernel.terms(
+        logits, batch.labels, token_adv, token_weights, batch.old_logprobs, batch.ref_logprobs,
+        temperature=config.temperature, ignore_index=config.ignore_index, clip_low=config.clip_low,
+        clip_high=config.clip_high, dual_clip=config.dual_clip, entropy_coef=config.entropy_coef,
+        kl_coef=config.kl_coef, kl_type=config.kl_type, inplace_backward=inplace_backward)
+    with torch.no_grad():
+        loss, metrics = _loss_from_token_terms(batch, logprobs, entropy, config)
+    if grad is not None:
+        loss = kernel.attach_gradient(loss, logits, grad)
+    return loss, metrics
 
 
 def _loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tensor,
@@ -267,12 +292,8 @@ class AEMLoss(torch.nn.Module):
 
     def __init__(self, config: AEMConfig = AEMConfig(), backend: str = "auto") -> None:
         super().__init__()
-        if not isinstance(config, AEMConfig):
-            raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.config = config
-        self.backend = backend
+        self.config = V.check_config(config)
+        self.backend = V.check_choice("backend", backend, BACKENDS)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
                 **kwargs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

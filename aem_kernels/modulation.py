@@ -74,10 +74,7 @@ def _check_response_inputs(uncertainty: object, response_group: object, num_grou
     groups = upper if upper is not None else (int(response_group.max()) + 1 if size else 0)  # host sync
     if valid is None:
         return uncertainty, response_group, groups, torch.ones(size, dtype=torch.bool, device=device)
-    valid = V.check_tensor(valid_name, valid)
-    if valid.dtype != torch.bool or tuple(valid.shape) != (size,) or valid.device != device:
-        raise ValueError(f"{valid_name} must be a bool tensor of shape ({size},) on {device}, got {valid.dtype} "
-                         f"{tuple(valid.shape)} on {valid.device}")
+    valid = V.check_bool_tensor(valid_name, valid, (size,), device)
     return uncertainty, response_group, groups, valid
 
 
@@ -97,10 +94,8 @@ def relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tensor
     Returns:
         u [R] in x's dtype, without gradient.
     """
-    if baseline not in ("minmax", "mean", "loo", "batch"):
-        raise ValueError(f"baseline must be 'minmax', 'mean', 'loo' or 'batch', got {baseline!r}")
-    if not isinstance(zscore, bool):
-        raise TypeError(f"zscore must be a bool, got {type(zscore).__name__}")
+    V.check_choice("baseline", baseline, ("minmax", "mean", "loo", "batch"))
+    V.check_bool("zscore", zscore)
     uncertainty, response_group, num_groups, valid = _check_response_inputs(uncertainty, response_group,
                                                                             num_groups, valid)
     return _relative_uncertainty(uncertainty, response_group, num_groups, baseline, zscore, valid)
@@ -157,8 +152,7 @@ def aem_weights(uncertainty: torch.Tensor, response_group: torch.Tensor, config:
     Returns:
         (w [R], u [R], clipped [R] bool), all without gradient; invalid responses get w = 1, u = 0.
     """
-    if not isinstance(config, AEMConfig):
-        raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+    config = V.check_config(config)
     uncertainty, response_group, num_groups, valid = _check_response_inputs(uncertainty, response_group,
                                                                             num_groups, valid)
     return _aem_weights(uncertainty, response_group, config, num_groups, valid)
@@ -228,8 +222,7 @@ def modulate_advantages(advantages: torch.Tensor, uncertainty: torch.Tensor, res
         (modulated advantages [R], metrics dict of 0-d tensors: aem/x_mean, aem/x_std, aem/u_mean, aem/u_std,
         aem/w_mean, aem/w_std, aem/clip_frac, aem/drift, aem/drift_unmodulated, and "aem/weights" [R]).
     """
-    if not isinstance(config, AEMConfig):
-        raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+    config = V.check_config(config)
     advantages = V.check_tensor("advantages", advantages)
     if advantages.dim() != 1:
         raise ValueError(f"advantages must have shape [R], got {tuple(advantages.shape)}")

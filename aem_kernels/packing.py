@@ -88,8 +88,7 @@ def pack_inputs(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Te
     if len(forms) != 1:
         raise ValueError("pass exactly one of token_response (packed form), response_mask or turn_ids "
                          f"(padded forms); got {forms or 'none'}")
-    if advantage_level not in ("auto", "response", "token"):
-        raise ValueError(f"advantage_level must be 'auto', 'response' or 'token', got {advantage_level!r}")
+    V.check_choice("advantage_level", advantage_level, ("auto", "response", "token"))
     advantages = V.check_tensor("advantages", advantages)
     horizon = None
     if token_response is not None:
@@ -106,17 +105,7 @@ def pack_inputs(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Te
         response_group = V.check_integer_tensor("response_group", response_group, (rows,), device,
                                                 "[B], the group of each row")
         if response_mask is not None:
-            response_mask = V.check_tensor("response_mask", response_mask)
-            if tuple(response_mask.shape) != tuple(token_shape):
-                raise ValueError(f"response_mask must have shape {tuple(token_shape)}, got "
-                                 f"{tuple(response_mask.shape)}")
-            if response_mask.device != device:
-                raise ValueError(f"response_mask is on {response_mask.device} but the logits are on {device}")
-            if response_mask.dtype != torch.bool:
-                if response_mask.is_floating_point() and V.value_checks_enabled(response_mask) and \
-                        bool(((response_mask != 0) & (response_mask != 1)).any()):
-                    raise ValueError("response_mask must hold only 0 and 1")
-                response_mask = response_mask != 0
+            response_mask = V.check_mask("response_mask", response_mask, token_shape, device)
             row_ids = torch.arange(rows, device=device).unsqueeze(1).expand(rows, horizon)
             token_response = torch.where(response_mask, row_ids, -1)
         else:

@@ -1,21 +1,16 @@
-"""Plain-PyTorch reference of the token ops and the segment reductions (the oracle of every fused path).
+"""The test oracle: plain-PyTorch formulas of the token ops and the segment reductions, written for clarity.
 
-Token log-prob and entropy (AEM_SPEC.md eq. 1-2) with temperature tau, computed in a numerically careful
-form. With z = logits / tau, m = max_v z_v, s = z - m (exact near the max by Sterbenz's lemma) and
-d = sum_v exp(s_v):
+Production code never imports this module (a test checks it): the "torch" backend is `_torch.py`, the
+production segment reductions are `reductions.py`. Here everything is the textbook form, computed in the
+input's compute dtype (fp64 for fp64 logits, the intended use; fp32 otherwise, where it is eager torch's
+own arithmetic), without chunking (an oracle may hold N x V temporaries):
 
-    lse = m + log d,    l_t = s[y_t] - log d,    h_t = log d - (sum_v exp(s_v) s_v) / d        (1, 2)
+    log p = log_softmax(logits / tau),   l_t = log p[y_t],   h_t = -sum_v p_v log p_v           (1, 2)
+    dL/dlogits_t = [ a_t (onehot(y_t) - p_t) - b_t p_t (log p_t + h_t) ] / tau                    (section 6)
 
-The entropy never subtracts two O(|z|) numbers, so logits of magnitude 1e4 keep full relative accuracy in
-fp32. Entries equal to -inf have p_v = 0 and contribute 0 to the entropy (p log p -> 0).
-
-Gradients (section 6), with p = softmax(z), for upstream scalars a_t = dL/dl_t and b_t = dL/dh_t:
-
-    dL/dlogits_t = [ a_t (onehot(y_t) - p_t) - b_t p_t * (log p_t + h_t) ] / tau
-
-Both directions walk the rows in chunks, so the fp32 working set is a few chunk-sized buffers, never an
-fp32 copy of the whole logits. Rows whose label is ignore_index produce 0 (both outputs) and a zero
-gradient. A row whose logits are all -inf has no distribution: its outputs are NaN (not silently 0).
+for upstream scalars a_t = dL/dl_t and b_t = dL/dh_t. Entries equal to -inf have p_v = 0 and contribute 0
+(p log p -> 0). Rows whose label is ignore_index produce 0 (both outputs) and a zero gradient; a row whose
+logits are all -inf has no distribution: its outputs are NaN.
 
 Segment reductions (eq. 3, 3'): per-response sums and means of a per-token quantity over the packed
 token->response map (-1: untrained). An empty response (L_r = 0) has sum 0 and, by definition, mean 0;
@@ -24,7 +19,7 @@ the modulation excludes such responses from every group statistic (see `modulati
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -39,16 +34,17 @@ __all__ = [
     "segment_mean",
 ]
 
-# fp32 working set per chunk: a handful of [rows, V] buffers of this many bytes each.
-_CHUNK_BYTES = 1 << 25
+
+def _log_softmax_rows(logits3d: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(z [N, V], log p [N, V]) in the compute dtype."""
+    z = logits3d.reshape(-1, logits3d.shape[-1]).to(compute_dtype(logits3d.dtype)) / temperature
+    return z, torch.log_softmax(z, dim=-1)
 
 
-def _row_chunks(logits3d: torch.Tensor, chunk_rows: Optional[int]) -> Iterator[Tuple[int, torch.Tensor]]:
-    batch, rows, vocab = logits3d.shape
-    step = chunk_rows or max(1, _CHUNK_BYTES // (8 * max(vocab, 1)))
-    for b in range(batch):
-        for start in range(0, rows, step):
-            yield b * rows + start, logits3d[b, start:start + step]
+def _entropy_rows(log_p: torch.Tensor) -> torch.Tensor:
+    p = log_p.exp()
+    entropy = -torch.where(p > 0, p * log_p, 0.0).sum(dim=-1)
+    return torch.where(log_p[:, 0].isnan(), float("nan"), entropy)  # an all -inf row has no distribution
 
 
 def logprobs_entropy_fwd_ref(
@@ -56,34 +52,17 @@ def logprobs_entropy_fwd_ref(
     labels: Optional[torch.Tensor],
     temperature: float,
     ignore_index: int,
-    chunk_rows: Optional[int] = None,
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Forward over [B, T, V] logits; `labels` is [B*T] or None. Returns (logprobs|None, entropy, lse),
-    each [B*T] in fp32 (fp64 for fp64 logits); lse is of logits / temperature."""
-    batch, rows, _ = logits3d.shape
-    n_rows = batch * rows
-    dtype = compute_dtype(logits3d.dtype)
-    lse = torch.empty(n_rows, dtype=dtype, device=logits3d.device)
-    entropy = torch.empty_like(lse)
-    logprobs = torch.zeros_like(lse) if labels is not None else None
-    for start, block in _row_chunks(logits3d, chunk_rows):
-        stop = start + block.shape[0]
-        z = block.to(dtype) / temperature
-        row_max = z.amax(dim=-1, keepdim=True)
-        shifted = z - row_max
-        expv = shifted.exp()
-        denom = expv.sum(dim=-1)
-        log_denom = denom.log()
-        weighted = torch.where(expv > 0, expv * shifted, torch.zeros((), dtype=dtype, device=z.device))
-        lse[start:stop] = row_max.squeeze(-1) + log_denom
-        entropy[start:stop] = log_denom - weighted.sum(dim=-1) / denom
-        if labels is not None:
-            rows_labels = labels[start:stop]
-            active = rows_labels != ignore_index
-            target = shifted.gather(1, torch.where(active, rows_labels, 0).unsqueeze(1)).squeeze(1)
-            logprobs[start:stop] = torch.where(active, target - log_denom, 0.0)
-            entropy[start:stop] = torch.where(active, entropy[start:stop], 0.0)
-    return logprobs, entropy, lse
+    each [B*T] in fp32 (fp64 for fp64 logits); lse is of logits / temperature (computed on every row)."""
+    z, log_p = _log_softmax_rows(logits3d, temperature)
+    lse = torch.logsumexp(z, dim=-1)
+    entropy = _entropy_rows(log_p)
+    if labels is None:
+        return None, entropy, lse
+    active = labels != ignore_index
+    target = log_p.gather(1, torch.where(active, labels, 0).long().unsqueeze(1)).squeeze(1)
+    return torch.where(active, target, 0.0), torch.where(active, entropy, 0.0), lse
 
 
 def logprobs_entropy_bwd_ref(
@@ -96,31 +75,25 @@ def logprobs_entropy_bwd_ref(
     temperature: float,
     ignore_index: int,
     grad_out3d: torch.Tensor,
-    chunk_rows: Optional[int] = None,
 ) -> torch.Tensor:
-    """Writes dL/dlogits (section 6) into `grad_out3d` ([B, T, V], may alias `logits3d`) and returns it."""
-    dtype = compute_dtype(logits3d.dtype)
-    batch, rows, _ = logits3d.shape
-    for start, block in _row_chunks(logits3d, chunk_rows):
-        stop = start + block.shape[0]
-        z = block.to(dtype) / temperature
-        log_p = z - lse[start:stop].to(dtype).unsqueeze(1)
-        prob = log_p.exp()
-        grad = torch.zeros_like(z)
-        if grad_entropy is not None:
-            h = entropy[start:stop].to(dtype).unsqueeze(1)
-            b_t = grad_entropy[start:stop].to(dtype).unsqueeze(1)
-            grad = -b_t * torch.where(prob > 0, prob * (log_p + h), torch.zeros((), dtype=dtype, device=z.device))
-        if labels is not None:
-            rows_labels = labels[start:stop]
-            active = rows_labels != ignore_index
-            if grad_logprobs is not None:
-                a_t = torch.where(active, grad_logprobs[start:stop].to(dtype), 0.0)
-                grad = grad - a_t.unsqueeze(1) * prob
-                grad.scatter_add_(1, torch.where(active, rows_labels, 0).unsqueeze(1), a_t.unsqueeze(1))
-            grad = torch.where(active.unsqueeze(1), grad, torch.zeros((), dtype=dtype, device=z.device))
-        b, row = divmod(start, rows)
-        grad_out3d[b, row:row + (stop - start)] = (grad / temperature).to(grad_out3d.dtype)
+    """Writes dL/dlogits (section 6) into `grad_out3d` ([B, T, V], may alias `logits3d`) and returns it.
+    The per-row state (`lse`, `entropy`) is accepted for the backend signature and recomputed from the
+    logits, so the oracle does not depend on what a backend saves."""
+    _, log_p = _log_softmax_rows(logits3d, temperature)
+    p = log_p.exp()
+    grad = torch.zeros_like(log_p)
+    if grad_entropy is not None:
+        h = _entropy_rows(log_p).unsqueeze(1)
+        b_t = grad_entropy.reshape(-1, 1).to(log_p.dtype)
+        grad = grad - b_t * torch.where(p > 0, p * (log_p + h), 0.0)
+    if labels is not None:
+        active = labels != ignore_index
+        if grad_logprobs is not None:
+            a_t = torch.where(active, grad_logprobs.reshape(-1).to(log_p.dtype), 0.0).unsqueeze(1)
+            onehot = torch.nn.functional.one_hot(torch.where(active, labels, 0).long(), log_p.shape[-1])
+            grad = grad + a_t * (onehot.to(log_p.dtype) - p)
+        grad = torch.where(active.unsqueeze(1), grad, 0.0)
+    grad_out3d.copy_((grad / temperature).view(logits3d.shape))
     return grad_out3d
 
 

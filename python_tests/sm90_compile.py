@@ -71,7 +71,8 @@ def variants():
         HAS_OLD=True, DUAL_CLIP=True, KL_TYPE=3, HAS_ENTROPY_BONUS=True, WRITE_GRAD=False, BLOCK_V=8192,
         GRAD_BLOCK_V=4096)
     yield aem_loss._scale_rows_kernel, "*bf16", dict(BLOCK_V=4096)
-    yield segment._segment_sum_kernel, "*fp32", dict(BLOCK_N=128)
+    for has_second in (True, False):
+        yield segment._segment_sum_kernel, "*fp32", dict(HAS_SECOND=has_second, BLOCK_N=128)
 
 
 if __name__ == "__main__":

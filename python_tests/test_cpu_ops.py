@@ -182,15 +182,18 @@ def test_kernel_isa_follows_torch_cpu_capability():
 def test_fallback_when_extension_disabled():
     proc = _python("""
         import warnings, torch, aem_kernels as ak
-        from aem_kernels.reference import logprobs_and_entropy_ref
         x = torch.randn(3, 5, 40); y = torch.randint(0, 40, (3, 5))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            lp, h = ak.logprobs_and_entropy(x, y)          # auto: falls back to the torch reference
+            reasons = ak.available_backends("cpu")         # asking never warns
+            assert caught == [], [str(w.message) for w in caught]
+            assert "AEM_KERNELS_DISABLE_CPU_EXT=1" in reasons["cpu"] and reasons["torch"] is None
+            lp, h = ak.logprobs_and_entropy(x, y)          # auto: falls back to the torch backend, warns
             ak.entropy_from_logits(x)                      # warned once only
+            ak.available_backends("cpu")
         messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
         assert len(messages) == 1 and "AEM_KERNELS_DISABLE_CPU_EXT=1" in messages[0], messages
-        lp_ref, h_ref = logprobs_and_entropy_ref(x, y)
+        lp_ref, h_ref = ak.logprobs_and_entropy(x, y, backend="torch")
         assert torch.equal(lp, lp_ref) and torch.equal(h, h_ref)
         assert not hasattr(torch.ops.aem_kernels, "logprobs_entropy_fwd")
         try:

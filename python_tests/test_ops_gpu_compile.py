@@ -36,7 +36,7 @@ def compiled():
 
 
 def test_every_kernel_compiles_without_spills(compiled):
-    assert len(compiled) == 22
+    assert len(compiled) == 23  # 22 + the one-value segment sum
     for result in compiled:
         assert result["local_bytes"] == 0, result  # no register spills
         if result["kernel"] != "_segment_sum_kernel":  # (gathers by token index: nothing to vectorise)

@@ -162,16 +162,24 @@ def test_half_precision_inputs(dtype):
     assert (err <= half_ulp * expected.abs() + 1e-6).all(), f"max error {err.max().item():.3g}"
 
 
-def test_fp64_logits_use_the_reference():
+def test_fp64_logits_are_refused_and_auto_routes_them():
+    """The kernels compute in fp32, so fp64 logits are not theirs: the launchers and backend="triton" refuse
+    them with the reason, and "auto" sends them to a backend that computes in fp64 (no silent fallback)."""
     logits3d, labels = _batch(b=1, t=3, v=50, dtype=torch.float64, ignore=(1,), neg_inf=False)
-    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    with pytest.raises(ak.BackendUnavailableError, match="compute in fp32.*backend=\"auto\""):
+        tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    lse = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ak.BackendUnavailableError, match="fp64"):
+        tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, lse, lse, None, 1.0, IGNORE, torch.empty_like(logits3d))
+    with pytest.raises(ak.BackendUnavailableError, match='backend="triton".*fp64'):
+        ak.logprobs_and_entropy(logits3d, labels.view(1, 3), backend="triton")
+    assert "fp64" in ak.available_backends(DEVICE, torch.float64)["triton"]
+    assert ak.available_backends(DEVICE, torch.float32)["triton"] is None
+    lp, h = ak.logprobs_and_entropy(logits3d, labels.view(1, 3))  # auto: C++ (CPU tensors) or torch (CUDA)
     assert lp.dtype == torch.float64
     lp_ref, h_ref, _ = reference_forward(logits3d, labels, 1.0)
-    assert torch.equal(lp, lp_ref) and torch.equal(h, h_ref)
-    grad = torch.empty_like(logits3d)
-    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, torch.ones(3, dtype=torch.float64), None, 1.0, IGNORE,
-                                grad)
-    assert torch.equal(grad, reference_backward(logits3d, labels, 1.0, torch.ones(3), None))
+    torch.testing.assert_close(lp.view(-1), lp_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h.view(-1), h_ref, rtol=0, atol=1e-12)
 
 
 def test_public_api_autograd_on_triton():

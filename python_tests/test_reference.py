@@ -1,10 +1,11 @@
-"""The torch reference of the token ops and segment reductions against independent fp64 formulations."""
+"""The torch backend (`_torch.py`) of the token ops and the segment reductions against independent fp64
+formulations; the oracle of `reference.py` against the same formulations."""
 
 import pytest
 import torch
 
 import aem_kernels as ak
-from aem_kernels import reference
+from aem_kernels import _torch, reference
 from aem_kernels._layout import as_rows3d
 
 from helpers import adversarial_logits, oracle_logprobs_entropy
@@ -185,7 +186,7 @@ def test_chunked_walk_matches_single_chunk(monkeypatch):
     logits = torch.randn(2, 13, 50, generator=g, dtype=torch.float64)[:, 1:]
     labels = torch.randint(0, 50, (2, 12), generator=g)
     whole = ak.logprobs_and_entropy(logits, labels, backend="torch")
-    monkeypatch.setattr(reference, "_CHUNK_BYTES", 50 * 8 * 5)  # 5 rows per chunk: uneven last chunk
+    monkeypatch.setattr(_torch, "_CHUNK_BYTES", 50 * 8 * 5)  # 5 rows per chunk: uneven last chunk
     chunked = ak.logprobs_and_entropy(logits, labels, backend="torch")
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 

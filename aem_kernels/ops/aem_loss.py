@@ -1,6 +1,8 @@
 """Single-pass AEM policy loss: the loss terms and the logits' gradient from one launch over the logits.
 
-`loss.py` aggregates with per-token weights c_t (`aggregation_weights`), so
+The kernel takes per-token tensors and scalars only; `loss.py` prepares them (the modulated advantages A~_t
+and the aggregation weights c_t) and computes the loss value and metrics from the kernel's l_t and h_t. With
+per-token weights c_t,
 
     loss = sum_t c_t (L_t - entropy_coef h_t + kl_coef KL_t)                          (sections 5-6)
     dloss/dz_t = a_t (onehot(y_t) - p_t) / tau - b_t p_t (log p_t + h_t) / tau
@@ -18,7 +20,7 @@ autograd round trip, and with `inplace_backward` it writes the gradient over the
 so the logits and their gradient never coexist (Liger-Kernel's cross-entropy does the same for CE).
 
 dL_t/dl_t follows torch's autograd of `ppo_token_loss` exactly, ties included: the log-ratio clamp to
-[-20, 20] and the ratio clamp pass gradient on their closed intervals; torch.maximum / torch.minimum split
+[-20, 20] (the constants of `_constants.py`, shared with loss.py) and the ratio clamp pass gradient on their closed intervals; torch.maximum / torch.minimum split
 the gradient in half on a tie. With rho = exp(clamp(l - l_old)), u = -A~ rho, v = -A~ clip(rho):
 
     dL/drho = -A~ [u > v] + (-A~ [rho in clip range]) [v > u] + tie halves,   dL/dl = dL/drho * rho
@@ -34,28 +36,30 @@ so they are identical to the two-pass path by construction.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import loss as _loss
+from .._constants import KL_VALUE_CLAMP, LOG_RATIO_CLAMP
 from .._layout import as_rows3d
-from ..config import AEMConfig
 from .utils import (BWD_TILE_BYTES, FWD_TILE_BYTES, check_triton_device, launch_config, row_offset,
                     store_row_grad, streaming_softmax_stats, to_storage)
 
-__all__ = ["fused_aem_policy_loss", "aem_loss_fused_fwd"]
+__all__ = ["aem_loss_fused_fwd", "aem_loss_single_pass", "FusedGradientFunction"]
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+# module-level constexprs: the jit functions read them as compile-time constants
+_LOG_RATIO_CLAMP: tl.constexpr = tl.constexpr(LOG_RATIO_CLAMP)
+_KL_VALUE_CLAMP: tl.constexpr = tl.constexpr(KL_VALUE_CLAMP)
 
 
 @triton.jit
 def _policy_grad(logprob, old, adv, clip_low, clip_high, dual_clip, DUAL_CLIP: tl.constexpr):
     """dL_t/dl_t of the clipped surrogate (eq. 8), mirroring torch's autograd of `ppo_token_loss`."""
     raw = logprob - old
-    log_ratio = tl.minimum(tl.maximum(raw, -20.0), 20.0)
+    log_ratio = tl.minimum(tl.maximum(raw, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP)
     ratio = tl.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
@@ -67,7 +71,7 @@ def _policy_grad(logprob, old, adv, clip_low, clip_high, dual_clip, DUAL_CLIP: t
         floor = -adv * dual_clip
         below = tl.where(surrogate < floor, 1.0, tl.where(surrogate == floor, 0.5, 0.0))
         grad_ratio = tl.where(adv < 0, grad_ratio * below, grad_ratio)
-    return tl.where((raw >= -20.0) & (raw <= 20.0), grad_ratio * ratio, 0.0)
+    return tl.where((raw >= -_LOG_RATIO_CLAMP) & (raw <= _LOG_RATIO_CLAMP), grad_ratio * ratio, 0.0)
 
 
 @triton.jit
@@ -79,9 +83,10 @@ def _kl_grad(logprob, ref, KL_TYPE: tl.constexpr):
         grad = logprob - ref
     else:
         raw = ref - logprob
-        log_ratio = tl.minimum(tl.maximum(raw, -20.0), 20.0)
+        log_ratio = tl.minimum(tl.maximum(raw, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP)
         value = tl.exp(log_ratio) - log_ratio - 1.0
-        passes = (raw >= -20.0) & (raw <= 20.0) & (value >= -10.0) & (value <= 10.0)
+        passes = (raw >= -_LOG_RATIO_CLAMP) & (raw <= _LOG_RATIO_CLAMP) & (value >= -_KL_VALUE_CLAMP) & \
+            (value <= _KL_VALUE_CLAMP)
         grad = tl.where(passes, 1.0 - tl.exp(log_ratio), 0.0)
     return grad
 
@@ -216,19 +221,17 @@ class FusedGradientFunction(torch.autograd.Function):
         return None, grad, None
 
 
-def fused_aem_policy_loss(logits: torch.Tensor, batch: "_loss.PackedBatch", config: AEMConfig,
-                          inplace_backward: bool) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The single-pass path of `aem_policy_loss` for a packed batch (see the module docstring). The token
-    scalars, the loss value and the metrics come from loss.py's own functions, so they match the two-pass
-    path by construction; only the kernel is different."""
+def aem_loss_single_pass(
+    logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, token_weights: torch.Tensor,
+    old_logprobs: Optional[torch.Tensor], ref_logprobs: Optional[torch.Tensor], *, temperature: float,
+    ignore_index: int, clip_low: float, clip_high: float, dual_clip: Optional[float], entropy_coef: float,
+    kl_coef: float, kl_type: str, inplace_backward: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One launch over [..., V] logits: (logprobs [N] fp32, entropy [N] fp32, grad) where grad is dloss/dlogits
+    in the logits' shape (the logits' own storage with `inplace_backward`), or None when no gradient is needed.
+    Per-token inputs have N entries: labels, advantages A~_t, token_weights c_t, old/ref log-probs (None:
+    on-policy / no KL term). Pass grad to `FusedGradientFunction.apply(loss_value, logits, grad)`."""
     check_triton_device(logits)
-    tr = batch.token_response
-    placeholder = torch.zeros(tr.shape[0], dtype=torch.float32, device=logits.device)
-    # With surprisal_source="old" x_r comes from the batch; with beta = 0 the weights ignore x entirely.
-    x = _loss._uncertainty(batch, placeholder, placeholder, config)
-    token_adv = _loss._modulated_token_advantages(batch, x, config, torch.float32)[0]
-    token_weights = _loss.aggregation_weights(tr, batch.num_responses, config.loss_agg_mode, batch.horizon,
-                                              torch.float32)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     logits3d = as_rows3d(logits.detach())
     grad = grad3d = None
@@ -239,15 +242,10 @@ def fused_aem_policy_loss(logits: torch.Tensor, batch: "_loss.PackedBatch", conf
         grad = grad3d.view(logits.shape)
     per_token = (lambda v: v.reshape(-1).to(torch.float32).contiguous() if v is not None else None)  # noqa: E731
     logprobs, entropy = torch.ops.aem_kernels.triton_aem_loss_fused_fwd(
-        logits3d, batch.labels.reshape(-1).contiguous(), per_token(token_adv), per_token(token_weights),
-        per_token(batch.old_logprobs), per_token(batch.ref_logprobs), float(config.temperature), config.ignore_index,
-        float(config.clip_low), float(config.clip_high),
-        float(config.dual_clip) if config.dual_clip is not None else None, float(config.entropy_coef),
-        float(config.kl_coef), config.kl_type, grad3d)
+        logits3d, labels.reshape(-1).contiguous(), per_token(advantages), per_token(token_weights),
+        per_token(old_logprobs), per_token(ref_logprobs), float(temperature), int(ignore_index),
+        float(clip_low), float(clip_high), float(dual_clip) if dual_clip is not None else None,
+        float(entropy_coef), float(kl_coef), kl_type, grad3d)
     if grad is not None and grad3d.data_ptr() != grad.data_ptr():  # as_rows3d had to copy
         grad.copy_(grad3d.view(grad.shape))
-    with torch.no_grad():
-        loss, metrics = _loss._loss_from_token_terms(batch, logprobs, entropy, config)
-    if write_grad:
-        loss = FusedGradientFunction.apply(loss, logits, grad)
-    return loss, metrics
+    return logprobs, entropy, grad

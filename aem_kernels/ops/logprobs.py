@@ -23,8 +23,8 @@ fp32 atomic add per token and response (fast, the last bits depend on scheduling
 `deterministic=True`, by the fixed-order reduction of `segment.py` over the per-row outputs (bit-identical
 run to run, one extra O(N) pass).
 
-fp64 logits (used for reference checks, never a fast path) are served by the chunked torch reference, since
-Triton's exp/log lower to fp32 approximations; the result is fp64 as the dispatch contract requires.
+fp64 logits are not served here (Triton's exp/log lower to fp32 approximations, so the result would not be
+fp64-accurate): `dispatch.py` sends them to a backend that computes in fp64, and the launchers refuse them.
 
 Every launcher is a `torch.library.custom_op` with a fake implementation, so `torch.compile` sees an opaque
 op with known output shapes instead of a graph break, and nothing on the host reads device memory (no sync:
@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from .._layout import compute_dtype
-from ..reference import logprobs_entropy_bwd_ref, logprobs_entropy_fwd_ref, segment_sum
+from ..errors import BackendUnavailableError
+from . import FP64_REASON
 from .segment import segment_sums_deterministic
 from .utils import (BWD_TILE_BYTES, check_triton_device, launch_config, row_offset, store_row_grad,
                     streaming_softmax_stats)
@@ -134,9 +135,6 @@ def _launch_fwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], temperat
 @torch.library.custom_op("aem_kernels::triton_logprobs_entropy_fwd", mutates_args=())
 def _fwd_op(logits3d: torch.Tensor, labels: Optional[torch.Tensor], temperature: float,
             ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if logits3d.dtype == torch.float64:
-        logprobs, entropy, lse = logprobs_entropy_fwd_ref(logits3d, labels, temperature, ignore_index)
-        return (logprobs if logprobs is not None else entropy.new_empty(0)), entropy, lse
     return _launch_fwd(logits3d, labels, temperature, ignore_index, None, 0)[:3]
 
 
@@ -153,14 +151,10 @@ def _fwd_segmented_op(logits3d: torch.Tensor, labels: Optional[torch.Tensor], te
                       ignore_index: int, token_response: torch.Tensor, num_responses: int, deterministic: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     token_response = token_response.reshape(-1).long()
-    if logits3d.dtype == torch.float64 or deterministic:
+    if deterministic:
         logprobs, entropy, lse = _fwd_op(logits3d, labels, temperature, ignore_index)
         values = logprobs if labels is not None else torch.zeros_like(entropy)
-        if deterministic:
-            sums_lp, sums_h = segment_sums_deterministic((values, entropy), token_response, num_responses)
-        else:  # fp64 fallback: the reference's index_add (fp64 is a checking path, not a fast one)
-            sums_lp = segment_sum(values, token_response, num_responses)
-            sums_h = segment_sum(entropy, token_response, num_responses)
+        sums_lp, sums_h = segment_sums_deterministic((values, entropy), token_response, num_responses)
         return logprobs, entropy, lse, sums_lp, sums_h
     return _launch_fwd(logits3d, labels, temperature, ignore_index, token_response, num_responses)
 
@@ -176,10 +170,6 @@ def _(logits3d, labels, temperature, ignore_index, token_response, num_responses
 def _bwd_op(logits3d: torch.Tensor, labels: Optional[torch.Tensor], lse: torch.Tensor, entropy: torch.Tensor,
             grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], temperature: float,
             ignore_index: int, grad_out3d: torch.Tensor) -> None:
-    if logits3d.dtype == torch.float64:
-        logprobs_entropy_bwd_ref(logits3d, labels, lse, entropy, grad_logprobs, grad_entropy, temperature,
-                                 ignore_index, grad_out3d)
-        return
     batch, rows, vocab = logits3d.shape
     if batch * rows == 0:
         return
@@ -203,6 +193,8 @@ def _(logits3d, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, 
 def _check_inputs(logits3d: torch.Tensor, **per_row: Optional[torch.Tensor]) -> None:
     """Metadata checks (no sync) that keep every kernel access in bounds, naming the offending argument."""
     check_triton_device(logits3d)
+    if logits3d.dtype == torch.float64:
+        raise BackendUnavailableError(FP64_REASON)
     if logits3d.dim() != 3 or (logits3d.shape[-1] > 1 and logits3d.stride(-1) != 1):
         raise ValueError(f"logits3d must be a [B, T, V] view with a unit vocab stride, got shape "
                          f"{tuple(logits3d.shape)} strides {logits3d.stride()}")

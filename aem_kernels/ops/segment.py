@@ -7,6 +7,11 @@ sort; the permutation of a stable sort is unique) groups each response's tokens 
 span in fixed BLOCK_N chunks followed by a fixed-shape `tl.sum`. Every step is deterministic, nothing
 depends on scheduling, and there is no host sync (the grid is R, known on the host). Cost: O(N log N) on
 the [N] ids plus O(N) loads, negligible next to the N x V read of the logits.
+
+`segment_sum` is the CUDA backend of the production reductions (`aem_kernels.reductions`, chosen in
+`dispatch.py`): one value per token, accumulated in fp32 (fp64 for fp64 values) and rounded once to the
+values' dtype, a `torch.library.custom_op` (traced by torch.compile) whose gradient is the upstream
+gradient gathered back to the tokens (0 for dropped ones).
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["segment_sums_deterministic"]
+__all__ = ["segment_sums_deterministic", "segment_sum"]
 
 _BLOCK_N = 128
 
 
 @triton.jit
 def _segment_sum_kernel(order_ptr, bounds_ptr, first_ptr, second_ptr, first_out_ptr, second_out_ptr,
-                        BLOCK_N: tl.constexpr):
+                        HAS_SECOND: tl.constexpr, BLOCK_N: tl.constexpr):
     segment = tl.program_id(0)
     start = tl.load(bounds_ptr + segment)
     end = tl.load(bounds_ptr + segment + 1)
@@ -36,9 +41,11 @@ def _segment_sum_kernel(order_ptr, bounds_ptr, first_ptr, second_ptr, first_out_
         inside = idx < end
         token = tl.load(order_ptr + idx, mask=inside, other=0)
         first_acc += tl.load(first_ptr + token, mask=inside, other=0.0).to(first_acc.dtype)
-        second_acc += tl.load(second_ptr + token, mask=inside, other=0.0).to(second_acc.dtype)
+        if HAS_SECOND:
+            second_acc += tl.load(second_ptr + token, mask=inside, other=0.0).to(second_acc.dtype)
     tl.store(first_out_ptr + segment, tl.sum(first_acc, axis=0))
-    tl.store(second_out_ptr + segment, tl.sum(second_acc, axis=0))
+    if HAS_SECOND:
+        tl.store(second_out_ptr + segment, tl.sum(second_acc, axis=0))
 
 
 def segment_sums_deterministic(values: Sequence[torch.Tensor], token_response: torch.Tensor,
@@ -58,8 +65,57 @@ def segment_sums_deterministic(values: Sequence[torch.Tensor], token_response: t
     second_out = torch.zeros(num_segments, dtype=second.dtype, device=second.device)
     if num_segments == 0 or ids.numel() == 0:
         return first_out, second_out
+    order, bounds = _sorted_spans(ids, num_segments)
+    _segment_sum_kernel[(num_segments,)](order, bounds, first, second, first_out, second_out, HAS_SECOND=True,
+                                         BLOCK_N=_BLOCK_N)
+    return first_out, second_out
+
+
+def _sorted_spans(ids: torch.Tensor, num_segments: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(order [N], bounds [R + 1]): the tokens of segment r are order[bounds[r]:bounds[r + 1]], in token order."""
     sorted_ids, order = torch.sort(ids.long(), stable=True)
     targets = torch.arange(num_segments + 1, device=ids.device, dtype=torch.long)
-    bounds = torch.searchsorted(sorted_ids, targets)  # bounds[r] = first sorted position with id >= r
-    _segment_sum_kernel[(num_segments,)](order, bounds, first, second, first_out, second_out, BLOCK_N=_BLOCK_N)
-    return first_out, second_out
+    return order, torch.searchsorted(sorted_ids, targets)  # bounds[r] = first sorted position with id >= r
+
+
+@torch.library.custom_op("aem_kernels::triton_segment_sum", mutates_args=())
+def _segment_sum_op(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    values = values.reshape(-1).contiguous()
+    ids = segment_ids.reshape(-1)
+    # fp32 accumulation for half-precision values (fp64 for fp64), rounded once at the end
+    acc_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    out = torch.zeros(num_segments, dtype=acc_dtype, device=values.device)
+    if num_segments and ids.numel():
+        order, bounds = _sorted_spans(ids, num_segments)
+        _segment_sum_kernel[(num_segments,)](order, bounds, values, values, out, out, HAS_SECOND=False,
+                                             BLOCK_N=_BLOCK_N)
+    return out.to(values.dtype)
+
+
+@_segment_sum_op.register_fake
+def _(values, segment_ids, num_segments):
+    return values.new_empty((num_segments,))
+
+
+def _segment_sum_setup(ctx, inputs, output):
+    values, segment_ids, _ = inputs
+    ctx.save_for_backward(segment_ids)
+    ctx.values_shape = values.shape
+
+
+def _segment_sum_backward(ctx, grad):
+    (segment_ids,) = ctx.saved_tensors
+    ids = segment_ids.reshape(-1).long()
+    picked = grad[ids.clamp(min=0)] if grad.numel() else grad.new_zeros(ids.shape)
+    grad_values = torch.where(ids >= 0, picked, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return grad_values.view(ctx.values_shape), None, None
+
+
+torch.library.register_autograd("aem_kernels::triton_segment_sum", _segment_sum_backward,
+                                setup_context=_segment_sum_setup)
+
+
+def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """out[r] = sum of values[t] over segment_ids[t] == r (negative ids dropped), [R] in values' dtype;
+    bit-reproducible run to run, differentiable. Same contract as `reference.segment_sum`."""
+    return torch.ops.aem_kernels.triton_segment_sum(values, segment_ids, int(num_segments))

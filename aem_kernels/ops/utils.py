@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import BackendUnavailableError
+from ..errors import BackendUnavailableError
 
 __all__ = ["INTERPRET_MAX_BLOCK_V", "FWD_TILE_BYTES", "BWD_TILE_BYTES", "is_interpreting", "check_triton_device",
            "launch_config"]
