@@ -215,8 +215,8 @@ def _single_pass_unavailable(config: AEMConfig, backend: Backend, batch: PackedB
     """Why the single-pass kernel cannot serve this call (None when it can). Whether the backend has one (for
     this device and dtype) was decided by dispatch.py; what is checked here is the loss's own condition."""
     if backend.single_pass_loss is None:
-        return (f'the backend resolved to "{backend.name}", which has no single-pass kernel (it is a Triton '
-                'kernel; fp64 logits, which the Triton kernels do not serve, use the two-pass path)')
+        return (f'the single-pass loss is a Triton kernel and the backend resolved to "{backend.name}" (fp64 '
+                'logits, which the Triton kernels do not serve, always take the two-pass path)')
     if config.surprisal_source == "current" and config.beta != 0:
         return ("the modulation weights depend on this forward's own entropies/log-probs "
                 '(surprisal_source="current" with beta != 0), known only after every row is reduced; use '

@@ -211,3 +211,39 @@ def test_response_surprisal_and_entropy_public():
     torch.testing.assert_close(ak.response_surprisal(lp, tr, 3, reduction="sum"), torch.tensor([0.5, 3.0, 0.0]))
     torch.testing.assert_close(ak.response_entropy(ent, tr, 3), torch.tensor([1.0, 1.0, 0.0]))
     torch.testing.assert_close(ak.response_entropy(ent, tr, 3, reduction="sum"), torch.tensor([1.0, 2.0, 0.0]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_oracle_of_reference_py_matches_independent_formulas(kind):
+    """reference.py (the oracle the kernel tests use) against helpers' formulas and autograd, in fp64."""
+    g = torch.Generator().manual_seed(9)
+    logits = adversarial_logits(kind, 19, 45, g)
+    labels = _labels(19, 45, g)
+    if kind == "neg_inf":
+        labels = torch.where(labels >= 0, 0, labels)
+    lp, h, lse = reference.logprobs_entropy_fwd_ref(logits.view(1, 19, 45), labels, 0.7, -100)
+    lp_x, h_x = oracle_logprobs_entropy(logits, labels, 0.7)
+    scale = logits[torch.isfinite(logits)].abs().max().item() / 0.7 + 1
+    torch.testing.assert_close(lp, lp_x, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(h, h_x, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(lse, torch.logsumexp(logits / 0.7, -1), rtol=0, atol=1e-12 * scale)
+    _, h_all, _ = reference.logprobs_entropy_fwd_ref(logits.view(1, 19, 45), None, 0.7, -100)
+    torch.testing.assert_close(h_all, oracle_logprobs_entropy(logits, None, 0.7)[1], rtol=0, atol=1e-12 * scale)
+    g_lp, g_h = torch.randn(19, generator=g, dtype=torch.float64), torch.randn(19, generator=g, dtype=torch.float64)
+    out = torch.full((1, 19, 45), float("nan"), dtype=torch.float64)
+    reference.logprobs_entropy_bwd_ref(logits.view(1, 19, 45), labels, lse, h, g_lp, g_h, 0.7, -100, out)
+    expected = _grad_via_oracle(logits, labels, 0.7, g_lp, g_h)
+    torch.testing.assert_close(out.view(19, 45), expected, rtol=0, atol=1e-10)
+    assert (out.view(19, 45)[labels == -100] == 0).all()
+
+
+def test_oracle_special_rows():
+    logits = torch.randn(1, 3, 8, dtype=torch.float64)
+    logits[0, 1] = float("-inf")                       # no distribution: NaN, not a silent 0
+    lp, h, _ = reference.logprobs_entropy_fwd_ref(logits, torch.tensor([2, 2, -100]), 1.0, -100)
+    assert lp[1].isnan() and h[1].isnan() and lp[2] == 0 and h[2] == 0 and torch.isfinite(lp[0])
+    # in place over the logits themselves, bf16 storage: the fp32 result rounded once
+    x = torch.randn(1, 4, 16).to(torch.bfloat16)
+    expected = _grad_via_oracle(x.view(4, 16), None, 1.0, 0.0, torch.ones(4, dtype=torch.float64))
+    reference.logprobs_entropy_bwd_ref(x, None, None, None, None, torch.ones(4), 1.0, -100, x)
+    torch.testing.assert_close(x.view(4, 16).double(), expected, rtol=2 ** -8, atol=1e-6)
