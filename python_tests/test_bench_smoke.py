@@ -238,7 +238,7 @@ def test_a_new_case_is_one_module_and_one_registration(monkeypatch, one_thread):
         def call(self, impl, inputs):
             lp, ent = impl.fn(inputs.logits, inputs.extra["weight"], inputs.labels)
             (grad,) = torch.autograd.grad((lp * 1.5).sum() + ent.sum(), inputs.logits)
-            return {"logprobs": lp.detach(), "entropy": ent.detach(), "grad_logits": grad}
+            return {"logprobs": lp.detach(), "entropy": ent.detach(), "grad_hidden": grad}
 
     monkeypatch.setitem(cases_module.CASES, "toy_fused_linear", ToyFusedLinear())   # the registration line
     from bench.__main__ import select_lines
@@ -253,7 +253,8 @@ def test_a_new_case_is_one_module_and_one_registration(monkeypatch, one_thread):
                                        reference=reference_implementation(all_lines), excluded=excluded,
                                        log=logged.append))
     by_key = {(r["case"], r["impl"]): r for r in records}
-    assert by_key[("toy_fused_linear", "toy-chunked")]["status"] == "ok"
+    chunked = by_key[("toy_fused_linear", "toy-chunked")]
+    assert chunked["status"] == "ok" and chunked["check"]["grad_hidden"]["rel_error"] < 1e-5   # a gradient check
     assert by_key[("toy_fused_linear", "toy-eager")]["status"] == "ok"
     assert "takes logits as input" in by_key[("toy_fused_linear", "eager")]["reason"]
     assert "takes hidden as input" in by_key[("logprobs_fwd", "toy-chunked")]["reason"]

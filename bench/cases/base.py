@@ -20,8 +20,9 @@ Adding a case is one module in `bench/cases/` with a subclass of `Case` and one 
     reference_for     the line the others are checked against (default: our torch backend)
     lines(device)     lines only this case runs (e.g. the competitors over hidden states); they join the run
                       like the lines of implementations.py, and the other cases list them as not applicable
-    call              the timed work; returns the outputs to compare (names of checks.py: logprobs, entropy,
-                      grad_logits, loss; other names are compared as per-token values). It may mark phases
+    call              the timed work; returns the outputs to compare (checks.py: logprobs, entropy and other
+                      per-token values elementwise; loss and gradients grad_<input> by their relative L2
+                      error). It may mark phases
                       with `measure.phase_end("forward")` (reported next to the total time).
 
 A case over hidden states (the fused linear + log-prob op) sets `input_kind = "hidden"` and
