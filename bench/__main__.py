@@ -37,7 +37,8 @@ from .cases import CASES, DEFAULT_CASES  # noqa: E402
 from .implementations import (Implementation, all_implementations, competitor_versions,  # noqa: E402
                               reference_implementation)
 from .profiles import GiB, Profile, get_profile, override  # noqa: E402
-from .runner import BandwidthRoofline, BenchContext, run_profile  # noqa: E402
+from .measure import BandwidthRoofline  # noqa: E402
+from .runner import BenchContext, run_profile  # noqa: E402
 
 # environment switches that change what a run measures; recorded with the results
 SWITCHES = ("THP_MEM_ALLOC_ENABLE", "TRITON_INTERPRET", "ATEN_CPU_CAPABILITY", "AEM_KERNELS_DISABLE_CPU_EXT",

@@ -101,6 +101,7 @@ def markdown(doc: dict) -> str:
     results = doc["results"]
     notes: Dict[str, int] = {}
     absent = {impl["name"] for impl in doc["implementations"] if impl["unavailable"] or impl.get("excluded")}
+    not_timed = {impl["name"] for impl in doc["implementations"] if impl.get("not_timed")}
     if absent:
         lines += ["", "The tables below leave out the lines that cannot run in this run (see the reasons above)."]
     for case in doc["cases"]:
@@ -113,7 +114,8 @@ def markdown(doc: dict) -> str:
         for sweep in sweeps:
             in_sweep = [r for r in case_results if sweep in r["sweeps"]]
             points = list(dict.fromkeys((r["n"], r["v"], r["dtype"]) for r in in_sweep))
-            impls = [name for name in dict.fromkeys(r["impl"] for r in in_sweep) if name not in absent]
+            hidden = absent | (not_timed if case.get("timed", True) else set())
+            impls = [name for name in dict.fromkeys(r["impl"] for r in in_sweep) if name not in hidden]
             several = len({dt for _, _, dt in points}) > 1
             header = [f"N={n} V={v}" + (f" {dt}" if several else "") for n, v, dt in points]
             lines += [f"**{sweep}**", "", "| line | " + " | ".join(header) + " |",
@@ -272,8 +274,10 @@ def summary_table(doc: dict) -> str:
     """A short table: per line that ran, median time and peak memory of each case and the speed-up over
     eager; then one line per implementation that could not run, with the reason."""
     results, cases = doc["results"], doc["cases"]
-    absent = {impl["name"]: impl["unavailable"] or impl.get("excluded") for impl in doc["implementations"]
-              if impl["unavailable"] or impl.get("excluded")}
+    untimed_only = all(not c.get("timed", True) for c in cases)
+    absent = {impl["name"]: impl["unavailable"] or impl.get("excluded") or impl.get("not_timed")
+              for impl in doc["implementations"]
+              if impl["unavailable"] or impl.get("excluded") or (impl.get("not_timed") and not untimed_only)}
     eager = {(r["case"], r["n"], r["v"], r["dtype"]): r for r in results if r["impl"] == "eager" and r["status"] == "ok"}
     out = ["| line | " + " | ".join(f"{c['title']}: ms / peak MiB / speed-up vs eager" for c in cases) + " |",
            "|---|" + "---|" * len(cases)]

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import checks, measure
+from .measure import BandwidthRoofline
 from .cases import CASES, DEFAULT_CASES, Case, Inputs, Point
 from .cases.base import make_logits
 from .implementations import Implementation
@@ -92,54 +93,6 @@ class Predictor:
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
-class BandwidthRoofline:
-    """The device's bandwidth in bytes/s: the HBM peak on CUDA, a measured copy_ on the CPU (per logits
-    size, capped at 1 GiB: far beyond any last-level cache, so the figure no longer depends on it), timed by
-    the benchmark's Timer, or taken from the interleaved rounds of the lines (`record`). Every CPU
-    measurement is kept (`measurements`) for the results' "bandwidth" list."""
-
-    def __init__(self, device: torch.device, peak_override: Optional[float] = None) -> None:
-        self.device = device
-        self.override = peak_override
-        self._cpu: Dict[int, dict] = {}
-
-    @property
-    def measured(self) -> bool:
-        """True when the bandwidth is measured here (the CPU without --peak-gbs)."""
-        return self.device.type != "cuda" and not self.override
-
-    @staticmethod
-    def probe_bytes(point: Point) -> int:
-        return min(point.logits_bytes, 1 << 30)
-
-    def record(self, nbytes: int, stats: Dict[str, dict], moved: Dict[str, int], how: str) -> None:
-        entry = {"bytes": nbytes, "how": how}
-        for name, s in stats.items():
-            key = name.replace("memory ", "")
-            entry[f"{key}_gbs"] = moved[name] / s["median"] / 1e9
-            entry[f"{key}_time_s"] = s
-        self._cpu[nbytes] = entry
-
-    def bytes_per_s(self, point: Point) -> Tuple[Optional[float], str]:
-        if self.override:
-            return self.override, "given by --peak-gbs"
-        if self.device.type == "cuda":
-            peak = measure.gpu_peak_bandwidth(self.device)
-            return peak, "HBM datasheet peak" if peak else "unknown device (pass --peak-gbs)"
-        nbytes = self.probe_bytes(point)
-        if nbytes not in self._cpu:
-            probes = measure.bandwidth_probes(nbytes, self.device)
-            timer, policy = measure.Timer(self.device), measure.TimingPolicy(warmup=0, min_reps=3, max_reps=3)
-            stats = {name: timer.run(setup, call, policy) for name, (setup, call, _) in probes.items()}
-            self.record(nbytes, stats, {name: p[2] for name, p in probes.items()}, "3 calls before the lines")
-            del probes
-        entry = self._cpu[nbytes]
-        return entry["copy_gbs"] * 1e9, f"measured copy_ of {nbytes / 2**20:.0f} MiB ({entry['how']})"
-
-    def measurements(self) -> List[dict]:
-        return list(self._cpu.values())
 
 
 def _log_to_stderr(msg: str) -> None:
