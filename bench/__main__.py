@@ -3,9 +3,12 @@
     python -m bench                      # the device's default profile (gpu on CUDA, cpu otherwise)
     python -m bench --profile quick      # smoke run on tiny shapes (seconds)
     python -m bench --summary            # one small point, a short table on stdout (under a minute)
+    python -m bench --profile cpu-kernel # the C++ kernels at 4096 x 32000: interleaved rounds, fwd/bwd apart
+    python -m bench --profile precision  # error against fp64 on bf16/fp16 logits (untimed; seconds)
     python -m bench --n 1024,4096 --v 151936 --dtype bfloat16 --cases logprobs_fwd_bwd
 
-Results go to bench/results/<device>/<profile>.{json,md} and <profile>_*.png (see bench/README.md).
+Results go to bench/results/<device>/<name>.{json,md} and <name>_*.png, <name> the profile's name unless
+--name is given (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -18,17 +21,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-import aem_kernels as ak
+if not torch.cuda.is_available():
+    # before aem_kernels imports Triton: on a machine without CUDA the Triton kernels can only run in the
+    # interpreter; the precision table runs them there, the timed cases list them as not timed
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import report
-from .cases import CASES
-from .implementations import all_implementations, competitor_versions, reference_implementation
-from .profiles import GiB, get_profile, override
-from .runner import BandwidthRoofline, run_profile
+import aem_kernels as ak  # noqa: E402
+
+from . import report  # noqa: E402
+from .cases import CASES, DEFAULT_CASES  # noqa: E402
+from .implementations import (Implementation, all_implementations, competitor_versions,  # noqa: E402
+                              reference_implementation)
+from .profiles import GiB, Profile, get_profile, override  # noqa: E402
+from .measure import BandwidthRoofline  # noqa: E402
+from .runner import BenchContext, run_profile  # noqa: E402
+
+# environment switches that change what a run measures; recorded with the results
+SWITCHES = ("THP_MEM_ALLOC_ENABLE", "TRITON_INTERPRET", "ATEN_CPU_CAPABILITY", "AEM_KERNELS_DISABLE_CPU_EXT",
+            "OMP_NUM_THREADS")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -39,12 +53,16 @@ def _csv(kind):
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--profile", default="auto", help="quick, cpu, gpu, gpu-short or auto (gpu on CUDA, else cpu)")
+    p.add_argument("--profile", default="auto", help="quick, cpu, gpu, gpu-short, cpu-kernel, precision or auto "
+                   "(gpu on CUDA, else cpu)")
     p.add_argument("--summary", action="store_true", help="one small point; print a short table, write nothing "
                    "unless --out is given")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>)")
-    p.add_argument("--cases", type=_csv(str), default=None, help=f"subset of {','.join(CASES)}")
+    p.add_argument("--name", default=None, help="stem of the output files (default: the profile's name)")
+    p.add_argument("--note", default="", help="free text stored with the environment (e.g. the machine's load)")
+    p.add_argument("--cases", type=_csv(str), default=None, help=f"subset of {','.join(CASES)} (default: the "
+                   f"profile's, else {','.join(DEFAULT_CASES)})")
     p.add_argument("--only", type=_csv(str), default=None, help="run only these lines (the others are recorded "
                    "as skipped)")
     p.add_argument("--exclude", type=_csv(str), default=[], help="lines to leave out (recorded as skipped)")
@@ -100,8 +118,15 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(), "platform": platform.platform(), "aem_kernels": ak.__version__,
         "git_commit": _git_commit(), "competitors": competitor_versions(),
         "backends": {name: reason or "available" for name, reason in ak.available_backends(device).items()},
+        "cpu_kernel_isa": _cpu_kernel_isa(), "switches": {name: os.environ.get(name) for name in SWITCHES},
         "loadavg_start": _loadavg(),
     }
+
+
+def _cpu_kernel_isa() -> Optional[str]:
+    from aem_kernels import _cpu
+
+    return _cpu.kernel_isa() if _cpu.is_available() else None
 
 
 def _loadavg() -> Optional[str]:
@@ -109,6 +134,39 @@ def _loadavg() -> Optional[str]:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return None
+
+
+def select_lines(profile: Profile, device: torch.device, only: Optional[List[str]],
+                 exclude: List[str]) -> "tuple[List[Implementation], Dict[str, str]]":
+    """Every line of this run (implementations.py's and the profile's cases' own) and why each excluded one
+    is left out: the profile's exclusions, --exclude, lines outside --only or the profile's `lines`, and the
+    opt-in lines nobody asked for."""
+    lines = all_implementations(device)
+    for name in profile.cases or DEFAULT_CASES:
+        lines += CASES[name].lines(device)
+    names = [line.name for line in lines]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise SystemExit(f"line name(s) {duplicates} defined twice (implementations.py and a case's lines())")
+    unknown = (set(exclude) | set(only or [])) - set(names)
+    if unknown:
+        raise SystemExit(f"unknown line(s) {sorted(unknown)}; the lines are {names}")
+    excluded = dict(profile.exclude)
+    wanted = set(only or []) | set(profile.lines or [])
+    for line in lines:
+        if line.opt_in and line.name not in wanted:
+            excluded.setdefault(line.name, line.opt_in)
+    if profile.lines is not None:
+        excluded.update({name: f"not one of the {profile.name} profile's lines" for name in names
+                         if name not in profile.lines and not only})
+    for name in exclude:
+        excluded[name] = "left out by --exclude"
+    if only:
+        excluded.update({name: "not selected by --only" for name in names if name not in only})
+        for name in only:
+            if excluded.get(name) and name not in exclude:
+                del excluded[name]   # --only overrides the profile's choice
+    return lines, excluded
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -130,37 +188,32 @@ def main(argv: Optional[List[str]] = None) -> dict:
         profile.budget_s = args.budget_s if args.budget_s > 0 else None
     if args.mem_limit_gb is not None:
         profile.mem_limit_bytes = int(args.mem_limit_gb * GiB) if args.mem_limit_gb > 0 else None
-
-    lines = all_implementations(device)
-    names = [line.name for line in lines]
-    excluded = dict(profile.exclude)
-    for name in args.exclude:
-        excluded[name] = "left out by --exclude"
-    if args.only:
-        excluded.update({name: "not selected by --only" for name in names if name not in args.only})
-    unknown = (set(args.exclude) | set(args.only or [])) - set(names)
-    if unknown:
-        raise SystemExit(f"unknown line(s) {sorted(unknown)}; the lines are {names}")
+    lines, excluded = select_lines(profile, device, args.only, args.exclude)
 
     env = environment(device)
+    env["note"] = args.note
+    ctx = BenchContext(device=device, profile=profile, lines=lines, reference=reference_implementation(lines),
+                       excluded=excluded, seed=args.seed,
+                       roofline=BandwidthRoofline(device, args.peak_gbs * 1e9 if args.peak_gbs else None))
     started = time.perf_counter()
-    records = run_profile(profile, lines, reference_implementation(lines), device, excluded,
-                          BandwidthRoofline(device, args.peak_gbs * 1e9 if args.peak_gbs else None), seed=args.seed)
+    records = run_profile(ctx)
     env["loadavg_end"] = _loadavg()
+    timing = profile.timing
     doc = {
         "schema_version": report.SCHEMA_VERSION, "profile": profile.name, "description": profile.description,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started, "environment": env,
-        "settings": {"warmup": profile.timing.warmup, "min_reps": profile.timing.min_reps,
-                     "max_reps": profile.timing.max_reps, "min_time_s": profile.timing.min_time_s,
+        "settings": {"warmup": timing.warmup, "min_reps": timing.min_reps, "max_reps": timing.max_reps,
+                     "min_time_s": timing.min_time_s, "interleave": timing.interleave,
                      "seq_len": profile.seq_len, "max_call_s": profile.max_call_s,
                      "mem_limit_gib": profile.mem_limit_bytes / GiB if profile.mem_limit_bytes else None,
                      "budget_s": profile.budget_s, "argv": sys.argv[1:] if argv is None else argv},
         "implementations": [{"name": line.name, "description": line.description, "ours": line.ours,
                              "input_kind": line.input_kind, "unavailable": line.unavailable,
-                             "excluded": excluded.get(line.name)} for line in lines],
-        "cases": [{"name": CASES[c].name, "title": CASES[c].title, "backward": CASES[c].backward,
-                   "input_kind": CASES[c].input_kind} for c in (profile.cases or CASES)],
+                             "not_timed": line.not_timed, "excluded": excluded.get(line.name)} for line in lines],
+        "cases": [{"name": case.name, "title": case.title, "backward": case.backward, "timed": case.timed,
+                   "input_kind": case.input_kind} for case in ctx.cases],
+        "bandwidth": ctx.roofline.measurements(),
         "results": records,
     }
     if args.summary:
@@ -171,11 +224,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.out is not None or not args.summary:
         out = args.out or RESULTS_DIR / ("cpu" if device.type == "cpu" else report.slug(env["gpu_name"]))
         out.mkdir(parents=True, exist_ok=True)
-        report.write_json(doc, out / f"{profile.name}.json")
-        (out / f"{profile.name}.md").write_text(report.markdown(doc))
-        written = [] if args.no_plots else report.plots(doc, out)
-        print(f"wrote {out / (profile.name + '.json')}, {profile.name}.md and {len(written)} plot(s) "
-              f"({doc['wall_s']:.0f} s)", file=sys.stderr)
+        name = args.name or profile.name
+        report.write_json(doc, out / f"{name}.json")
+        (out / f"{name}.md").write_text(report.markdown(doc))
+        written = [] if args.no_plots else report.plots(doc, out, name)
+        print(f"wrote {out / (name + '.json')}, {name}.md and {len(written)} plot(s) ({doc['wall_s']:.0f} s)",
+              file=sys.stderr)
     return doc
 
 

@@ -44,18 +44,26 @@ _TOKEN_TOL = {torch.float64: (1e-2, 1e-3), torch.float32: (1e-2, 1e-3), torch.fl
 _GRAD_STORAGE_TOL = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 _GRAD_WORKING_TOL = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 0.2}
 _LOSS_TOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-RELATIVE_OUTPUTS = ("grad_logits", "loss")
+RELATIVE_OUTPUTS = ("grad_logits", "loss")   # and every other gradient, named grad_<input> (grad_hidden, ...)
+
+
+def _is_gradient(name: str) -> bool:
+    return name.startswith("grad_")
+
+
+def _is_relative(name: str) -> bool:
+    return name in RELATIVE_OUTPUTS or _is_gradient(name)
 
 
 def working_dtype(outputs: Dict[str, torch.Tensor]) -> torch.dtype:
     """The lowest-precision dtype among a line's outputs other than the gradient."""
-    dtypes = [t.dtype for name, t in outputs.items() if name != "grad_logits" and t.is_floating_point()]
+    dtypes = [t.dtype for name, t in outputs.items() if not _is_gradient(name) and t.is_floating_point()]
     return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
 
 
 def tolerance(name: str, dtype: torch.dtype, work: torch.dtype) -> Tuple[float, float]:
     """(atol, rtol) for per-token outputs; (0, relative tolerance) for the gradient and the loss."""
-    if name == "grad_logits":
+    if _is_gradient(name):
         return 0.0, max(_GRAD_STORAGE_TOL[dtype], _GRAD_WORKING_TOL[work])
     if name == "loss":
         return 0.0, _LOSS_TOL[work]
@@ -90,7 +98,7 @@ def compare(outputs: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor]
             continue
         atol, rtol = tolerance(name, out.dtype, work)
         dtype = str(out.dtype).replace("torch.", "")
-        if name in RELATIVE_OUTPUTS:
+        if _is_relative(name):
             # a loss averages per-token terms of both signs (about |advantage| ~ 1 each) and can be near 0:
             # its error is taken relative to max(|loss|, 1)
             err = _relative_error(out, ref, floor=1.0 if name == "loss" else 1e-30)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One script for a short GPU loan (minutes): the GPU tests, the short GPU benchmark profile, the precision check.
+# One script for a short GPU loan (minutes): the GPU tests, the short GPU benchmark profile (`python -m bench
+# --profile gpu-short`) and the precision table (`python -m bench --profile precision` at 4096 x 151936).
 # Run from the repository root on the GPU machine:  bash bench/gpu_session.sh
 # Results land in bench/results/<gpu>/; when $OUT is set (the device tool, which returns at most 8 files) they
 # come back as one archive, $OUT/gpu_results.tgz (unpack it into bench/results/).
@@ -21,5 +22,5 @@ timeout 200 $PY -m pytest python_tests/test_ops_triton_gpu.py python_tests/test_
     -q -x 2>&1 | tail -15
 timeout 330 $PY -m bench --profile gpu-short   # its own budget is 5 min; the tests above <= 200 s
 gpu=$($PY -c "import torch; from bench.report import slug; print(slug(torch.cuda.get_device_name()))" 2>/dev/null || echo gpu)
-timeout 60 $PY bench/precision.py --rows 4096 --vocab 151936 --out "bench/results/$gpu/precision.json"
+timeout 60 $PY -m bench --profile precision --n 4096 --v 151936   # error vs fp64, untimed: bench/results/$gpu/precision.*
 if [ -n "${OUT:-}" ]; then tar -czf "$OUT/gpu_results.tgz" -C bench/results "$gpu"; fi

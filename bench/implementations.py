@@ -15,6 +15,10 @@ Each competitor is written the way its users write it, from the libraries' docum
                    logits) Liger must run on a copy: that copy is part of what a Liger user pays.
     cut-cross-entropy  Apple's CCE; it takes hidden states and the classifier weight, never logits, so it only
                    joins cases whose inputs are hidden states (`input_kind == "hidden"`).
+    aem_kernels[cpu]+warm-buffer  (diagnostic, opt-in: the cpu-kernel profile) the C++ forward and backward
+                   ops of the cpu backend, the backward writing into a gradient buffer allocated and touched once
+                   (as a memory copy's destination is): the kernels' own speed without the first-touch page
+                   faults of a fresh N x V buffer that every out-of-place line pays.
 
 Every callable has the signature fn(logits [B, T, V], labels [B, T], entropy_grad: bool) -> (logprobs, entropy)
 [B, T]; with entropy_grad=False the entropy is computed without an autograd graph (what a careful user does
@@ -50,6 +54,10 @@ class Implementation:
     mutates_inputs: bool = False          # needs fresh logits for every call (prepared outside the timer)
     backward_only: bool = False           # only differs from another line when a backward runs
     compiled: bool = False                # the first call compiles; its time is reported separately
+    not_timed: Optional[str] = None       # it runs, but its speed means nothing here (why): only untimed
+                                          # cases (the precision table) run it
+    opt_in: Optional[str] = None          # a diagnostic line, left out (why) unless a profile's `lines` or
+                                          # --only names it
 
 
 def _entropy_context(entropy_grad: bool):
@@ -146,6 +154,51 @@ def _ours(backend: str, inplace: bool) -> Callable[..., Outputs]:
     return logprobs_entropy
 
 
+class _WarmBufferLogprobsEntropy(torch.autograd.Function):
+    """The cpu backend's raw forward and backward ops; the backward writes dL/dlogits into one persistent
+    buffer per shape (allocated and touched on first use), so the timing shows the kernels without the page
+    faults of a fresh buffer. Not for users: the returned gradient is overwritten by the next call."""
+
+    _buffer: Dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
+        from aem_kernels import _cpu
+
+        rows3d = logits.detach().reshape(1, -1, logits.shape[-1])
+        flat_labels = labels.reshape(-1)
+        logprobs, entropy, lse = _cpu.logprobs_entropy_fwd(rows3d, flat_labels, 1.0, -100)
+        ctx.save_for_backward(rows3d, flat_labels, lse, entropy)
+        ctx.shape = logits.shape
+        return logprobs.view(labels.shape), entropy.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        from aem_kernels import _cpu
+
+        rows3d, flat_labels, lse, entropy = ctx.saved_tensors
+        key = (tuple(rows3d.shape), rows3d.dtype)
+        if key not in _WarmBufferLogprobsEntropy._buffer:
+            _WarmBufferLogprobsEntropy._buffer.clear()      # one buffer at a time: the current point's
+            _WarmBufferLogprobsEntropy._buffer[key] = torch.zeros_like(rows3d)
+        grad = _WarmBufferLogprobsEntropy._buffer[key]
+        flat = lambda g: None if g is None else g.reshape(-1).float().contiguous()  # noqa: E731
+        _cpu.logprobs_entropy_bwd(rows3d, flat_labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy), 1.0,
+                                  -100, grad)
+        return grad.view(ctx.shape), None
+
+
+def warm_buffer_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, entropy_grad: bool = True) -> Outputs:
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        from aem_kernels import _cpu
+
+        with torch.no_grad():
+            logprobs, entropy, _ = _cpu.logprobs_entropy_fwd(logits.reshape(1, -1, logits.shape[-1]),
+                                                             labels.reshape(-1), 1.0, -100)
+        return logprobs.view(labels.shape), entropy.view(labels.shape)
+    return _WarmBufferLogprobsEntropy.apply(logits, labels)
+
+
 def _import_reason(module: str, extra: str) -> Optional[str]:
     try:
         importlib.import_module(module)
@@ -189,9 +242,10 @@ def our_implementations(device: torch.device) -> List[Implementation]:
     """One line per backend of ours (and its in-place-backward variant), available or with the reason."""
     lines = []
     for backend, reason in ak.available_backends(device).items():
+        not_timed = None
         if reason is None and backend == "triton" and device.type != "cuda":
-            reason = ("Triton on CPU tensors runs in the interpreter (TRITON_INTERPRET=1), a correctness tool "
-                      "whose speed means nothing")
+            not_timed = ("Triton on CPU tensors runs in the interpreter (TRITON_INTERPRET=1), a correctness tool "
+                         "whose speed means nothing")
         for inplace in (False, True):
             suffix = "+inplace" if inplace else ""
             lines.append(Implementation(
@@ -200,7 +254,15 @@ def our_implementations(device: torch.device) -> List[Implementation]:
                             + (", inplace_backward=True)" if inplace else ")"),
                 fn=_ours(backend, inplace) if reason is None else None,
                 unavailable=reason, ours=True, backend=backend, inplace=inplace,
-                mutates_inputs=inplace, backward_only=inplace))
+                mutates_inputs=inplace, backward_only=inplace, not_timed=not_timed))
+    if ak.available_backends(device)["cpu"] is None:
+        lines.append(Implementation(
+            name="aem_kernels[cpu]+warm-buffer",
+            description="the cpu backend's C++ forward/backward ops, the gradient written into a buffer touched "
+                        "before (no first-touch page faults); diagnostic",
+            fn=warm_buffer_logprobs_entropy, backend="cpu", backward_only=True,
+            opt_in="a diagnostic line (the C++ kernels without the page faults of a fresh gradient buffer); "
+                   "the cpu-kernel profile runs it"))
     return lines
 
 

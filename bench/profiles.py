@@ -35,11 +35,12 @@ class Profile:
     sweeps: List[Sweep]
     timing: TimingPolicy
     seq_len: int = 256
-    cases: Optional[List[str]] = None          # None: every case
+    cases: Optional[List[str]] = None          # None: every case with `default = True`
     max_call_s: float = 60.0
     mem_limit_bytes: Optional[int] = None      # None: no enforced limit (CUDA: the device's own OOM)
     budget_s: Optional[float] = None
     exclude: Dict[str, str] = field(default_factory=dict)   # line name -> why this profile leaves it out
+    lines: Optional[Tuple[str, ...]] = None    # None: every line (but the opt-in ones); else only these
 
 
 def _n_sweep(vocab: int, dtype: str, ns) -> Sweep:
@@ -117,7 +118,39 @@ def summary_profile(device_type: str) -> Profile:
         exclude={"torch.compile": _COMPILE_TOO_SLOW})
 
 
-PROFILES = {"quick": quick_profile, "cpu": cpu_profile, "gpu": gpu_profile, "gpu-short": gpu_short_profile}
+CPU_KERNEL_LINES = ("eager", "torch.compile", "aem_kernels[cpu]", "aem_kernels[cpu]+inplace",
+                    "aem_kernels[cpu]+warm-buffer")
+
+
+def cpu_kernel_profile() -> Profile:
+    # The C++ kernels' own speed at one point (README "Results", csrc/README.md): fwd + bwd of 4096 x 32000
+    # fp32 logits in 7 interleaved rounds (each line once per round, the memory copy and read with them), the
+    # forward and backward phases apart, and the warm-buffer line that shows the kernels without the page
+    # faults of a fresh gradient. Two minutes on the 2-core VM (torch.compile compiles for ~40 s of it).
+    return Profile(
+        name="cpu-kernel",
+        description="the C++ kernels at 4096 x 32000 fp32, fwd+bwd: interleaved rounds against eager, "
+                    "torch.compile and a memory copy",
+        sweeps=[Sweep("cpu kernels", ((4096, 32000, "float32"),))],
+        timing=TimingPolicy(warmup=1, min_reps=7, max_reps=7, min_time_s=0.0, interleave=True),
+        seq_len=4096, cases=["logprobs_fwd_bwd"], max_call_s=60.0, mem_limit_bytes=8 * GiB, budget_s=15 * 60,
+        lines=CPU_KERNEL_LINES)
+
+
+def precision_profile() -> Profile:
+    # README "GPU": the error against fp64 on bf16/fp16 logits; seconds on the CPU (Triton in the interpreter
+    # included), `--n 4096 --v 151936` on a GPU.
+    return Profile(
+        name="precision",
+        description="max abs error of log-probs and entropies against fp64 on bf16/fp16 logits of std 4 (untimed)",
+        sweeps=[Sweep("half precision", ((257, 3001, "bfloat16"), (257, 3001, "float16")))],
+        timing=TimingPolicy(warmup=0, min_reps=1, max_reps=1, min_time_s=0.0),
+        seq_len=1 << 20, cases=["logprobs_precision"], max_call_s=600.0, budget_s=10 * 60,
+        exclude={"torch.compile": _COMPILE_TOO_SLOW})
+
+
+PROFILES = {"quick": quick_profile, "cpu": cpu_profile, "gpu": gpu_profile, "gpu-short": gpu_short_profile,
+            "cpu-kernel": cpu_kernel_profile, "precision": precision_profile}
 
 
 def get_profile(name: str, device_type: str) -> Profile:
@@ -144,10 +177,10 @@ def override(profile: Profile, *, ns: Optional[List[int]] = None, vocabs: Option
         profile = replace(profile, sweeps=sweeps)
     if reps is not None or warmup is not None:
         timing = profile.timing
-        timing = TimingPolicy(warmup=timing.warmup if warmup is None else warmup,
-                              min_reps=timing.min_reps if reps is None else reps,
-                              max_reps=timing.max_reps if reps is None else reps,
-                              min_time_s=timing.min_time_s if reps is None else 0.0)
+        timing = replace(timing, warmup=timing.warmup if warmup is None else warmup,
+                         min_reps=timing.min_reps if reps is None else reps,
+                         max_reps=timing.max_reps if reps is None else reps,
+                         min_time_s=timing.min_time_s if reps is None else 0.0)
         profile = replace(profile, timing=timing)
     if seq_len is not None:
         profile = replace(profile, seq_len=seq_len)

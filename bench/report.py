@@ -9,7 +9,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
-SCHEMA_VERSION = 1
+# 2: adds "bandwidth", implementations' "not_timed", cases' "timed", settings' "interleave", time_s "phases",
+# untimed records (status ok, no time_s); readers use .get() for these, so version-1 files still render
+SCHEMA_VERSION = 2
 REQUIRED_KEYS = ("schema_version", "profile", "created", "environment", "settings", "implementations", "cases",
                  "results")
 
@@ -31,7 +33,14 @@ def _mib(nbytes: Optional[int]) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}" if nbytes >= 10 * 2**20 else f"{nbytes / 2**20:.2g}"
 
 
+def _errors(check: dict) -> str:
+    return " / ".join(f"{info['max_abs_error']:.1e}" if "max_abs_error" in info else f"{info['rel_error']:.1e}"
+                      for info in check.values())
+
+
 def _cell(record: dict, notes: Dict[str, int]) -> str:
+    if record["status"] == "ok" and "time_s" not in record:   # an untimed case: the errors
+        return _errors(record.get("check", {}))
     if record["status"] == "ok":
         return f"{_ms(record['time_s']['median'])} ms / {_mib(record.get('peak_bytes'))} MiB"
     reason = f"{record['status']}: {record['reason']}"
@@ -44,8 +53,10 @@ def growth_exponents(results: List[dict], field: str) -> Dict[tuple, float]:
     with different N x V: 1.0 is linear growth."""
     groups = defaultdict(list)
     for r in results:
-        value = r["time_s"]["median"] if field == "time" and r["status"] == "ok" else r.get("peak_bytes")
-        if r["status"] == "ok" and value:
+        if r["status"] != "ok" or "time_s" not in r:
+            continue
+        value = r["time_s"]["median"] if field == "time" else r.get("peak_bytes")
+        if value:
             groups[(r["case"], r["impl"], r["dtype"])].append((math.log(r["n"] * r["v"]), math.log(value)))
     slopes = {}
     for key, pts in groups.items():
@@ -74,24 +85,39 @@ def markdown(doc: dict) -> str:
               f"- limits: {settings['max_call_s']} s per call, memory "
               f"{settings['mem_limit_gib'] or 'device limit'} GiB, budget {settings['budget_s']} s; wall time of "
               f"the run {doc['wall_s']:.0f} s", ""]
+    if env.get("note"):
+        lines[-1:-1] = [f"- note: {env['note']}"]
+    switches = {k: v for k, v in (env.get("switches") or {}).items() if v is not None}
+    if switches or env.get("cpu_kernel_isa"):
+        lines[-1:-1] = [f"- C++ kernels: {env.get('cpu_kernel_isa') or 'not built'}; switches: "
+                        + (", ".join(f"{k}={v}" for k, v in switches.items()) or "none")]
+    if settings.get("interleave"):
+        lines[-1:-1] = ["- interleaved: the lines of a point are timed in rounds, every line once per round"]
     lines += ["## Lines", "", "| line | what it runs | status here |", "|---|---|---|"]
     for impl in doc["implementations"]:
-        status = impl["unavailable"] or (f"left out: {impl['excluded']}" if impl.get("excluded") else "available")
+        status = impl["unavailable"] or (f"left out: {impl['excluded']}" if impl.get("excluded") else None)
+        status = status or (f"not timed: {impl['not_timed']}" if impl.get("not_timed") else "available")
         lines.append(f"| {impl['name']} | {impl['description']} | {status} |")
     results = doc["results"]
     notes: Dict[str, int] = {}
     absent = {impl["name"] for impl in doc["implementations"] if impl["unavailable"] or impl.get("excluded")}
+    not_timed = {impl["name"] for impl in doc["implementations"] if impl.get("not_timed")}
     if absent:
         lines += ["", "The tables below leave out the lines that cannot run in this run (see the reasons above)."]
     for case in doc["cases"]:
         lines += ["", f"## {case['title']} (`{case['name']}`)", ""]
+        if not case.get("timed", True):
+            lines += ["Untimed: each cell is the max abs error of each output against the reference line "
+                      "(log-prob / entropy), from the records' `check`.", ""]
         case_results = [r for r in results if r["case"] == case["name"]]
         sweeps = list(dict.fromkeys(s for r in case_results for s in r["sweeps"]))
         for sweep in sweeps:
             in_sweep = [r for r in case_results if sweep in r["sweeps"]]
             points = list(dict.fromkeys((r["n"], r["v"], r["dtype"]) for r in in_sweep))
-            impls = [name for name in dict.fromkeys(r["impl"] for r in in_sweep) if name not in absent]
-            header = [f"N={n} V={v}" for n, v, _ in points]
+            hidden = absent | (not_timed if case.get("timed", True) else set())
+            impls = [name for name in dict.fromkeys(r["impl"] for r in in_sweep) if name not in hidden]
+            several = len({dt for _, _, dt in points}) > 1
+            header = [f"N={n} V={v}" + (f" {dt}" if several else "") for n, v, dt in points]
             lines += [f"**{sweep}**", "", "| line | " + " | ".join(header) + " |",
                       "|---|" + "---|" * len(points)]
             by_key = {(r["impl"], r["n"], r["v"], r["dtype"]): r for r in in_sweep}
@@ -99,7 +125,8 @@ def markdown(doc: dict) -> str:
                 cells = [_cell(by_key[(impl, *p)], notes) for p in points]
                 lines.append(f"| {impl} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += _growth_section(results) + _detail_section(results)
+    lines += _growth_section(results) + _phase_section(results) + _bandwidth_section(doc)
+    lines += _detail_section(results)
     if notes:
         lines += ["", "## Notes (why a line was not timed)", ""]
         lines += [f"{mark}. {reason}" for reason, mark in notes.items()]
@@ -119,13 +146,50 @@ def _growth_section(results: List[dict]) -> List[str]:
     return out + [""]
 
 
+def _phase_section(results: List[dict]) -> List[str]:
+    """Forward / backward apart, with the speed-ups over eager and torch.compile at the same point."""
+    timed = [r for r in results if r["status"] == "ok" and r.get("time_s", {}).get("phases")]
+    if not timed:
+        return []
+    base = {(r["case"], r["n"], r["v"], r["dtype"], r["impl"]): r["time_s"]["median"] for r in timed}
+    out = ["## Forward and backward apart (medians)", "",
+           "| case | N | V | dtype | line | forward ms | backward ms | total ms | x eager | x torch.compile | "
+           "GB/s | % roofline | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in timed:
+        key, t = (r["case"], r["n"], r["v"], r["dtype"]), r["time_s"]
+        phases = t["phases"]
+        speed = [f"{base[(*key, other)] / t['median']:.2f}" if (*key, other) in base else "-"
+                 for other in ("eager", "torch.compile")]
+        pct = r.get("pct_roofline")
+        out.append(f"| {r['case']} | {r['n']} | {r['v']} | {r['dtype']} | {r['impl']} | "
+                   f"{_ms(phases['forward']['median']) if 'forward' in phases else '-'} | "
+                   f"{_ms(phases['backward']['median']) if 'backward' in phases else '-'} | {_ms(t['median'])} | "
+                   f"{speed[0]} | {speed[1]} | {r['achieved_gbs']:.2f} | {'n/a' if pct is None else f'{pct:.1f}'} | "
+                   f"{_mib(r.get('peak_bytes'))} |")
+    return out + [""]
+
+
+def _bandwidth_section(doc: dict) -> List[str]:
+    rows = doc.get("bandwidth") or []
+    if not rows:
+        return []
+    out = ["## Memory bandwidth (the CPU roofline)", "", "| bytes | copy GB/s (read + write) | read GB/s | how |",
+           "|---|---|---|---|"]
+    for b in rows:
+        read = b.get("read_gbs")
+        out.append(f"| {_mib(b['bytes'])} MiB | {b['copy_gbs']:.1f} | {'n/a' if read is None else f'{read:.1f}'} | "
+                   f"{b['how']} |")
+    return out + [""]
+
+
 def _detail_section(results: List[dict]) -> List[str]:
     out = ["## Every measured line", "",
            "| case | N | V | dtype | line | median ms | IQR ms | min-max ms | calls | peak MiB | GB/s | % roofline |"
            " worst check |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if r["status"] != "ok":
-            continue
+    timed = [r for r in results if r["status"] == "ok" and "time_s" in r]
+    if not timed:
+        return []
+    for r in timed:
         t = r["time_s"]
         pct = r.get("pct_roofline")
         worst = _worst_check(r.get("check", {}))
@@ -146,8 +210,9 @@ def _worst_check(check: dict) -> str:
     return ", ".join(parts)
 
 
-def plots(doc: dict, out_dir: Path) -> List[Path]:
-    """Per case and N sweep: time vs N and peak memory vs N, one line per implementation (log-log)."""
+def plots(doc: dict, out_dir: Path, name: Optional[str] = None) -> List[Path]:
+    """Per case and N sweep: time vs N and peak memory vs N, one line per implementation (log-log); files
+    `<name>_<case>_<sweep>.png`, name the profile's by default."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,7 +221,7 @@ def plots(doc: dict, out_dir: Path) -> List[Path]:
     from matplotlib.ticker import FixedLocator, ScalarFormatter
 
     written = []
-    results = [r for r in doc["results"] if r["status"] == "ok"]
+    results = [r for r in doc["results"] if r["status"] == "ok" and "time_s" in r]
     # one colour per line across every figure; ours solid with circles, the others dashed with squares
     palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
     colour = {impl["name"]: palette[i % len(palette)] for i, impl in enumerate(doc["implementations"])}
@@ -192,12 +257,13 @@ def plots(doc: dict, out_dir: Path) -> List[Path]:
             ax_m.legend(fontsize=8)
             for ax in (ax_t, ax_m):
                 ax.set_xlim(all_ns[0] / 1.3, all_ns[-1] * 1.3)
-            fig.text(0.01, 0.01, f"a line missing at a point was not timed there; the reasons are in {doc['profile']}.md",
+            fig.text(0.01, 0.01, f"a line missing at a point was not timed there; the reasons are in "
+                     f"{name or doc['profile']}.md",
                      fontsize=7, alpha=0.7)
             fig.suptitle(f"{case['title']} - {sweep} - {doc['environment']['device_name']} ({doc['profile']} profile)",
                          fontsize=10)
             fig.tight_layout()
-            path = out_dir / f"{doc['profile']}_{case['name']}_{slug(sweep)}.png"
+            path = out_dir / f"{name or doc['profile']}_{case['name']}_{slug(sweep)}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
@@ -208,8 +274,10 @@ def summary_table(doc: dict) -> str:
     """A short table: per line that ran, median time and peak memory of each case and the speed-up over
     eager; then one line per implementation that could not run, with the reason."""
     results, cases = doc["results"], doc["cases"]
-    absent = {impl["name"]: impl["unavailable"] or impl.get("excluded") for impl in doc["implementations"]
-              if impl["unavailable"] or impl.get("excluded")}
+    untimed_only = all(not c.get("timed", True) for c in cases)
+    absent = {impl["name"]: impl["unavailable"] or impl.get("excluded") or impl.get("not_timed")
+              for impl in doc["implementations"]
+              if impl["unavailable"] or impl.get("excluded") or (impl.get("not_timed") and not untimed_only)}
     eager = {(r["case"], r["n"], r["v"], r["dtype"]): r for r in results if r["impl"] == "eager" and r["status"] == "ok"}
     out = ["| line | " + " | ".join(f"{c['title']}: ms / peak MiB / speed-up vs eager" for c in cases) + " |",
            "|---|" + "---|" * len(cases)]
@@ -223,6 +291,8 @@ def summary_table(doc: dict) -> str:
                 cells.append("-")
             elif r["status"] != "ok":
                 cells.append(f"{r['status']}: {r['reason']}")
+            elif "time_s" not in r:
+                cells.append(_errors(r.get("check", {})))
             else:
                 base = eager.get((r["case"], r["n"], r["v"], r["dtype"]))
                 speed = f"{base['time_s']['median'] / r['time_s']['median']:.2f}x" if base else "-"

@@ -1,14 +1,19 @@
 """The measurement loop: every point of a profile, every case, every line, into one list of records.
 
+`run_profile(BenchContext(...))`: the context holds everything a run needs (device, profile: points, cases,
+timing and limits; the lines; the reference line; exclusions; the roofline; the seed; the log sink).
+
 For each point (ascending N x V) the logits are built once; for each case the reference line (our torch
-backend) runs first and its outputs become the reference. Every other line then:
+backend, or the case's own) runs first and its outputs become the reference. Every other line then:
   1. is skipped, with the reason, when it is unavailable, excluded, not applicable to the case, predicted to
      exceed the profile's per-call time or memory limit, or when the profile's time budget is spent;
   2. runs once under the memory probe (its peak memory; for torch.compile after a first, compiling call whose
      time is reported as compile_s), and its outputs are compared with the reference (`checks.py`): a line
      that disagrees is reported, not timed;
-  3. is timed (`measure.Timer`: warm-up calls, then the timed calls).
-A record is written for every (point, case, line), whatever happened, so the results list every line.
+  3. is timed (`measure.Timer`: warm-up calls, then the timed calls), right after its check, or, when the
+     profile's timing interleaves, together with the case's other lines in rounds once all are checked.
+An untimed case (the precision table) stops after step 2. A record is written for every (point, case, line),
+whatever happened, so the results list every line.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import checks, measure
-from .cases import CASES, Case, Inputs, Point
+from .measure import BandwidthRoofline
+from .cases import CASES, DEFAULT_CASES, Case, Inputs, Point
 from .cases.base import make_logits
 from .implementations import Implementation
 from .profiles import Profile
@@ -89,32 +95,73 @@ def _is_oom(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
-class BandwidthRoofline:
-    """The device's bandwidth in bytes/s: the HBM peak on CUDA, a measured copy_ on the CPU (per logits
-    size, capped at 1 GiB: far beyond any last-level cache, so the figure no longer depends on it)."""
-
-    def __init__(self, device: torch.device, peak_override: Optional[float]) -> None:
-        self.device = device
-        self.override = peak_override
-        self._cpu: Dict[int, float] = {}
-
-    def bytes_per_s(self, point: Point) -> Tuple[Optional[float], str]:
-        if self.override:
-            return self.override, "given by --peak-gbs"
-        if self.device.type == "cuda":
-            peak = measure.gpu_peak_bandwidth(self.device)
-            return peak, "HBM datasheet peak" if peak else "unknown device (pass --peak-gbs)"
-        nbytes = min(point.logits_bytes, 1 << 30)
-        if nbytes not in self._cpu:
-            self._cpu[nbytes] = measure.cpu_copy_bandwidth(nbytes)
-        return self._cpu[nbytes], f"measured copy_ of {nbytes / 2**20:.0f} MiB"
+def _log_to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def _record(case: Case, line: Implementation, point: Point, sweeps: List[str], status: str,
-            reason: Optional[str] = None, **fields) -> dict:
-    assert status in STATUSES
-    return {"case": case.name, "impl": line.name, "n": point.n, "v": point.v, "dtype": point.dtype,
-            "seq_len": point.seq_len, "sweeps": sweeps, "status": status, "reason": reason, **fields}
+@dataclass
+class BenchContext:
+    """Everything one run of the benchmark needs, passed as one object.
+
+    device      where the tensors live
+    profile     the points (N, V, dtype: `profile.sweeps`), the cases, the timing policy and the limits
+    lines       every line (ours and the competitors, and the cases' own lines)
+    reference   the line the others are checked against (a case may name another: `Case.reference_for`)
+    excluded    line name -> why this run leaves it out (recorded as skipped with that reason)
+    roofline    the device bandwidth for the roofline (a `BandwidthRoofline` of `device` by default)
+    seed        seeds every input
+    log         the sink of the progress lines (stderr by default)
+    """
+
+    device: torch.device
+    profile: Profile
+    lines: List[Implementation]
+    reference: Implementation
+    excluded: Dict[str, str] = field(default_factory=dict)
+    roofline: Optional[BandwidthRoofline] = None
+    seed: int = 0
+    log: Callable[[str], None] = _log_to_stderr
+
+    def __post_init__(self) -> None:
+        if self.roofline is None:
+            self.roofline = BandwidthRoofline(self.device)
+
+    @property
+    def cases(self) -> List[Case]:
+        return [CASES[name] for name in (self.profile.cases or DEFAULT_CASES)]
+
+
+class _Run:
+    """The state of one run: its context, limits, predictor and timer, and the elapsed-time log."""
+
+    def __init__(self, ctx: BenchContext) -> None:
+        self.ctx = ctx
+        self.limits = Limits(ctx.profile.max_call_s, ctx.profile.mem_limit_bytes, ctx.profile.budget_s,
+                             time.perf_counter())
+        self.predictor = Predictor()
+        self.timer = measure.Timer(ctx.device)
+
+    def log(self, msg: str) -> None:
+        self.ctx.log(f"{time.perf_counter() - self.limits.started:7.0f}s {msg}")
+
+
+@dataclass
+class _Cell:
+    """One (case, point): its inputs, its reference line and that line's outputs and peak memory."""
+
+    case: Case
+    point: Point
+    sweeps: List[str]
+    inputs: Optional[Inputs] = None
+    reference: Optional[Implementation] = None
+    reference_outputs: Optional[dict] = None
+    reference_peak: Optional[int] = None
+
+    def record(self, line: Implementation, status: str, reason: Optional[str] = None, **fields) -> dict:
+        assert status in STATUSES
+        return {"case": self.case.name, "impl": line.name, "n": self.point.n, "v": self.point.v,
+                "dtype": self.point.dtype, "seq_len": self.point.seq_len, "sweeps": self.sweeps, "status": status,
+                "reason": reason, **fields}
 
 
 def _release(device: torch.device, collect: bool = False) -> None:
@@ -124,132 +171,198 @@ def _release(device: torch.device, collect: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def run_profile(profile: Profile, lines: List[Implementation], reference: Implementation, device: torch.device,
-                excluded: Dict[str, str], roofline: BandwidthRoofline, seed: int = 0,
-                log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> List[dict]:
-    limits = Limits(profile.max_call_s, profile.mem_limit_bytes, profile.budget_s, time.perf_counter())
-    say = log
-    log = lambda msg: say(f"{time.perf_counter() - limits.started:7.0f}s {msg}")  # noqa: E731
-    cases = [CASES[name] for name in (profile.cases or CASES)]
-    timer = measure.Timer(device)
-    predictor = Predictor()
+def run_profile(ctx: BenchContext) -> List[dict]:
+    run = _Run(ctx)
+    cases, lines, device = ctx.cases, ctx.lines, ctx.device
     membership: Dict[Tuple[int, int, str], List[str]] = {}
-    for sweep in profile.sweeps:
+    for sweep in ctx.profile.sweeps:
         for key in sweep.points:
             membership.setdefault(key, []).append(sweep.name)
     points = sorted(membership, key=lambda k: (k[0] * k[1], k[2], k[0]))
     records: List[dict] = []
     for n, v, dtype in points:
-        point = Point(n=n, v=v, dtype=dtype, seq_len=profile.seq_len)
+        point = Point(n=n, v=v, dtype=dtype, seq_len=ctx.profile.seq_len)
         sweeps = membership[(n, v, dtype)]
-        if not limits.budget_left():
+        if not run.limits.budget_left():
             reason = "profile time budget exhausted"
-            records += [_record(c, line, point, sweeps, "skipped", reason) for c in cases for line in lines]
-            log(f"[{point.key()}] skipped: {reason}")
+            records += [_Cell(c, point, sweeps).record(line, "skipped", reason) for c in cases for line in lines]
+            run.log(f"[{point.key()}] skipped: {reason}")
             continue
         cache: Dict[str, Inputs] = {}
 
         def base_inputs() -> Inputs:   # built on first use: a point where every line is skipped builds nothing
             if "logits" not in cache:
-                cache["logits"] = make_logits(point, device, seed)
+                cache["logits"] = make_logits(point, device, ctx.seed)
             return cache["logits"]
 
         for case in cases:
+            cell = _Cell(case, point, sweeps)
             # alive during the case: the logits, and for a backward a kept copy and the reference gradient
             resident = point.logits_bytes * (3 if case.backward else 1)
-            if limits.mem_limit_bytes is not None and resident > limits.mem_limit_bytes:
+            if run.limits.mem_limit_bytes is not None and resident > run.limits.mem_limit_bytes:
                 reason = (f"the inputs and the reference outputs alone take {resident / 2**30:.2f} GiB > the "
-                          f"enforced {limits.mem_limit_bytes / 2**30:.1f} GiB memory limit")
-                records += [_record(case, line, point, sweeps, "skipped", reason) for line in lines]
-                log(f"[{point.key()}] {case.name}: skipped: {reason}")
+                          f"enforced {run.limits.mem_limit_bytes / 2**30:.1f} GiB memory limit")
+                records += [cell.record(line, "skipped", reason) for line in lines]
+                run.log(f"[{point.key()}] {case.name}: skipped: {reason}")
                 continue
-            def case_inputs() -> Inputs:
-                return case.extend(base_inputs() if case.input_kind == "logits" else None, device, seed)
 
-            records += _run_case(case, point, sweeps, case_inputs, lines, reference, excluded, limits, predictor,
-                                 timer, profile, lambda: roofline.bytes_per_s(point), device, log)
+            def case_inputs(case: Case = case) -> Inputs:
+                base = base_inputs() if case.shared_logits and case.input_kind == "logits" else None
+                return case.extend(base, point, device, ctx.seed)
+
+            records += _run_case(run, cell, case_inputs)
             _release(device)
         cache.clear()
         _release(device, collect=True)
     return records
 
 
-def _run_case(case, point, sweeps, make_inputs: Callable[[], Inputs], lines, reference, excluded, limits, predictor,
-              timer, profile, roofline: Callable, device, log) -> List[dict]:
-    reference = case.reference_for(reference)
-    static = {line.name: (excluded.get(line.name) or line.unavailable or case.skip_reason(line)
-                          or predictor.skip_reason((case.name, line.name, point.dtype), point.n * point.v,
-                                                   point.logits_bytes, limits)) for line in lines}
+def _static_skip(run: _Run, cell: _Cell, line: Implementation) -> Optional[str]:
+    case, point = cell.case, cell.point
+    return (run.ctx.excluded.get(line.name) or line.unavailable or case.skip_reason(line)
+            or (run.predictor.skip_reason((case.name, line.name, point.dtype), point.n * point.v,
+                                          point.logits_bytes, run.limits) if case.timed else None))
+
+
+def _run_case(run: _Run, cell: _Cell, make_inputs: Callable[[], Inputs]) -> List[dict]:
+    ctx, case, point = run.ctx, cell.case, cell.point
+    cell.reference = case.reference_for(ctx.reference)
+    static = {line.name: _static_skip(run, cell, line) for line in ctx.lines}
     if all(static.values()):   # nothing to measure here: do not pay for the reference either
-        return [_record(case, line, point, sweeps, "skipped", static[line.name]) for line in lines]
-    inputs, roof = make_inputs(), roofline()
+        return [cell.record(line, "skipped", static[line.name]) for line in ctx.lines]
+    cell.inputs = make_inputs()
     try:
-        state = case.prepare(reference, inputs, fresh=False)
-        reference_outputs, reference_peak = measure.peak_memory(device, lambda: case.call(reference, state))
+        state = case.prepare(cell.reference, cell.inputs, fresh=False)
+        cell.reference_outputs, cell.reference_peak = measure.peak_memory(
+            ctx.device, lambda: case.call(cell.reference, state))
         state = None   # release the reference inputs before the lines run
     except Exception as exc:  # the reference failing makes every check impossible: record it everywhere
-        reason = f"the reference line {reference.name} failed: {type(exc).__name__}: {exc}"
-        log(f"[{point.key()}] {case.name}: {reason}")
-        _release(device)
+        reason = f"the reference line {cell.reference.name} failed: {type(exc).__name__}: {exc}"
+        run.log(f"[{point.key()}] {case.name}: {reason}")
+        _release(ctx.device)
         status = "skipped" if _is_oom(exc) else "error"
-        return [_record(case, line, point, sweeps, status, static[line.name] or reason) for line in lines]
-    records = []
-    for line in lines:
-        reason = static[line.name] or (None if limits.budget_left() else "profile time budget exhausted")
+        return [cell.record(line, status, static[line.name] or reason) for line in ctx.lines]
+    interleave = case.timed and ctx.profile.timing.interleave
+    records: Dict[str, dict] = {}
+    checked: List[Tuple[Implementation, dict]] = []   # (line, fields so far): passed the check, to be timed
+    for line in ctx.lines:
+        reason = static[line.name] or (None if run.limits.budget_left() else "profile time budget exhausted")
         if reason:
-            records.append(_record(case, line, point, sweeps, "skipped", reason))
+            records[line.name] = cell.record(line, "skipped", reason)
             continue
-        record = _measure_line(case, line, point, sweeps, inputs, reference, (reference_outputs, reference_peak),
-                               timer, profile, roof, device)
-        key = (case.name, line.name, point.dtype)
-        if record["status"] == "ok":
-            predictor.record(key, point.n * point.v, record["time_s"]["median"], record.get("peak_bytes"))
-        elif record.get("oom"):
-            predictor.record_oom(key, point)
-        records.append(record)
-        shown = (f"{record['time_s']['median'] * 1e3:9.2f} ms" if record["status"] == "ok"
-                 else f"{record['status']}: {record['reason']}")
-        log(f"[{point.key()}] {case.name:18s} {line.name:28s} {shown}")
-    return records
+        outcome = _check_line(run, cell, line)
+        if isinstance(outcome, dict) and "status" in outcome:
+            records[line.name] = outcome
+        elif not case.timed:
+            records[line.name] = cell.record(line, "ok", None, **outcome)
+        elif interleave:
+            checked.append((line, outcome))
+        else:
+            records[line.name] = _finish(run, cell, line, outcome, _time_one(run, cell, line))
+        if line.name in records:
+            _log_record(run, cell, records[line.name])
+    if checked:
+        for (line, fields), stats in zip(checked, _time_interleaved(run, cell, [line for line, _ in checked])):
+            records[line.name] = _finish(run, cell, line, fields, stats)
+            _log_record(run, cell, records[line.name])
+    return [records[line.name] for line in ctx.lines]
 
 
-def _measure_line(case, line, point, sweeps, inputs, reference, reference_result, timer, profile, roof,
-                  device) -> dict:
-    prepare = lambda: case.prepare(line, inputs, fresh=line.mutates_inputs)  # noqa: E731
-    call = lambda state: case.call(line, state)  # noqa: E731
-    reference_outputs, peak = reference_result
-    extra: dict = {}
+def _prepare(cell: _Cell, line: Implementation) -> Callable[[], Inputs]:
+    return lambda: cell.case.prepare(line, cell.inputs, fresh=line.mutates_inputs)
+
+
+def _call(cell: _Cell, line: Implementation) -> Callable[[Inputs], dict]:
+    return lambda state: cell.case.call(line, state)
+
+
+def _failure(run: _Run, cell: _Cell, line: Implementation, exc: BaseException, **fields) -> dict:
+    _release(run.ctx.device)
+    if _is_oom(exc):
+        return cell.record(line, "skipped", f"out of memory: {str(exc).splitlines()[0]}", oom=True, **fields)
+    return cell.record(line, "error", f"{type(exc).__name__}: {exc}", **fields)
+
+
+def _check_line(run: _Run, cell: _Cell, line: Implementation) -> dict:
+    """The checked first call: its peak memory and its outputs against the reference. Returns the fields so
+    far ("check", "peak_bytes", "compile_s") when the line agrees, else its finished record (with "status")."""
+    device = run.ctx.device
+    prepare, call = _prepare(cell, line), _call(cell, line)
+    fields: dict = {}
     try:
-        if line is not reference:
+        if line is not cell.reference:
             state = prepare()
-            began = time.perf_counter()
             if line.compiled:   # compile first, outside the memory probe
+                began = time.perf_counter()
                 outputs = call(state)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                extra["compile_s"] = time.perf_counter() - began
+                fields["compile_s"] = time.perf_counter() - began
                 state = prepare() if line.mutates_inputs else state
                 del outputs
             outputs, peak = measure.peak_memory(device, lambda: call(state))
             del state
         else:
-            outputs = reference_outputs
-        passed, check = checks.compare(outputs, reference_outputs)
+            outputs, peak = cell.reference_outputs, cell.reference_peak
+        passed, check = checks.compare(outputs, cell.reference_outputs)
         del outputs
-        extra["check"] = check
-        if not passed:
-            failed = ", ".join(f"{name}: {info}" for name, info in check.items() if not info["passed"])
-            return _record(case, line, point, sweeps, "disagrees", f"outside tolerance ({failed})", **extra)
-        stats = timer.run(prepare, call, profile.timing)
     except Exception as exc:
-        _release(device)
-        if _is_oom(exc):
-            return _record(case, line, point, sweeps, "skipped", f"out of memory: {str(exc).splitlines()[0]}",
-                           oom=True, **extra)
-        return _record(case, line, point, sweeps, "error", f"{type(exc).__name__}: {exc}", **extra)
-    traffic = case.traffic_bytes(point)
-    bandwidth, roof_source = roof
+        return _failure(run, cell, line, exc, **fields)
+    fields.update(check=check, peak_bytes=peak)
+    if not passed:
+        failed = ", ".join(f"{name}: {info}" for name, info in check.items() if not info["passed"])
+        return cell.record(line, "disagrees", f"outside tolerance ({failed})", **fields)
+    return fields
+
+
+def _time_one(run: _Run, cell: _Cell, line: Implementation):
+    try:
+        return run.timer.run(_prepare(cell, line), _call(cell, line), run.ctx.profile.timing)
+    except Exception as exc:
+        return exc
+
+
+def _time_interleaved(run: _Run, cell: _Cell, lines: List[Implementation]) -> list:
+    """The lines' statistics (or exceptions), timed in rounds; on the CPU the memory copy and read probes of
+    the roofline join the rounds, and their bandwidth becomes this point's roofline."""
+    ctx = run.ctx
+    entries = {line.name: (_prepare(cell, line), _call(cell, line)) for line in lines}
+    probes = {}
+    if ctx.roofline.measured:
+        nbytes = ctx.roofline.probe_bytes(cell.point)
+        probes = measure.bandwidth_probes(nbytes, ctx.device)
+        entries.update({name: (setup, call) for name, (setup, call, _) in probes.items()})
+    results = run.timer.run_interleaved(entries, ctx.profile.timing)
+    if probes and all(isinstance(results[name], dict) for name in probes):
+        ctx.roofline.record(nbytes, {name: results[name] for name in probes},
+                            {name: p[2] for name, p in probes.items()},
+                            f"interleaved with the lines of {cell.case.name} at {cell.point.key()}")
+    return [results[line.name] for line in lines]
+
+
+def _finish(run: _Run, cell: _Cell, line: Implementation, fields: dict, stats) -> dict:
+    """The record of a checked line from its timing statistics (or the exception its timing raised)."""
+    if isinstance(stats, BaseException):
+        return _failure(run, cell, line, stats, **fields)
+    traffic = cell.case.traffic_bytes(cell.point)
+    bandwidth, roof_source = run.ctx.roofline.bytes_per_s(cell.point)
     achieved = traffic / stats["median"]
-    return _record(case, line, point, sweeps, "ok", None, time_s=stats, peak_bytes=peak, traffic_bytes=traffic, achieved_gbs=achieved / 1e9,
-                   roofline_gbs=bandwidth / 1e9 if bandwidth else None, roofline_source=roof_source,
-                   pct_roofline=100 * achieved / bandwidth if bandwidth else None, **extra)
+    record = cell.record(line, "ok", None, time_s=stats, traffic_bytes=traffic, achieved_gbs=achieved / 1e9,
+                         roofline_gbs=bandwidth / 1e9 if bandwidth else None, roofline_source=roof_source,
+                         pct_roofline=100 * achieved / bandwidth if bandwidth else None, **fields)
+    run.predictor.record((cell.case.name, line.name, cell.point.dtype), cell.point.n * cell.point.v,
+                         stats["median"], fields.get("peak_bytes"))
+    return record
+
+
+def _log_record(run: _Run, cell: _Cell, record: dict) -> None:
+    if record.get("oom"):
+        run.predictor.record_oom((cell.case.name, record["impl"], cell.point.dtype), cell.point)
+    if record["status"] == "ok" and "time_s" in record:
+        shown = f"{record['time_s']['median'] * 1e3:9.2f} ms"
+    elif record["status"] == "ok":
+        shown = "checked: " + ", ".join(f"{name} {info.get('max_abs_error', info.get('rel_error')):.2e}"
+                                        for name, info in record["check"].items())
+    else:
+        shown = f"{record['status']}: {record['reason']}"
+    run.log(f"[{cell.point.key()}] {cell.case.name:18s} {record['impl']:28s} {shown}")

@@ -115,3 +115,148 @@ def test_cpu_peak_memory_probe_counts_tensor_bytes():
     out, peak = measure.peak_memory(torch.device("cpu"), work)
     assert out is not None
     assert 6 << 20 <= peak < (6 << 20) + (1 << 16)
+
+
+def test_cpu_kernel_profile_interleaves_and_splits_phases(tmp_path, one_thread):
+    """`--profile cpu-kernel` at a tiny size: its five lines, forward/backward phases, the memory copy and read
+    measured in the same rounds, every other line recorded as not part of the profile."""
+    from bench.profiles import CPU_KERNEL_LINES
+
+    doc = main(["--profile", "cpu-kernel", "--out", str(tmp_path), "--n", "16", "--v", "384", "--reps", "2",
+                "--threads", "1", "--device", "cpu", "--name", "tiny", "--no-plots", "--note", "smoke"])
+    assert (tmp_path / "tiny.json").exists() and (tmp_path / "tiny.md").exists()
+    assert doc["settings"]["interleave"] is True and doc["environment"]["note"] == "smoke"
+    by_line = {r["impl"]: r for r in doc["results"]}
+    assert {r["case"] for r in doc["results"]} == {"logprobs_fwd_bwd"}
+    torch_compile_skipped = []
+    for name, r in by_line.items():
+        if name in CPU_KERNEL_LINES:
+            if r["status"] != "ok":   # torch.compile may be unavailable; it must say why
+                torch_compile_skipped.append(name)
+                assert name == "torch.compile" and r["reason"], r
+                continue
+            t = r["time_s"]
+            assert t["n"] == 2 and set(t["phases"]) == {"forward", "backward"}
+            for phase in t["phases"].values():
+                assert phase["n"] == 2 and 0 < phase["median"] <= t["max"]
+            assert r["check"] and all(info["passed"] for info in r["check"].values())
+            assert r["roofline_source"].startswith("measured copy_") and "interleaved" in r["roofline_source"]
+        else:
+            assert r["status"] == "skipped" and r["reason"], r
+    assert by_line["aem_kernels[torch]"]["reason"] == "not one of the cpu-kernel profile's lines"
+    assert by_line["aem_kernels[cpu]+inplace"]["peak_bytes"] < 16 * 384 * 4   # no N x V buffer in place
+    (bandwidth,) = doc["bandwidth"]
+    assert bandwidth["copy_gbs"] > 0 and bandwidth["read_gbs"] > 0 and bandwidth["copy_time_s"]["n"] == 2
+    assert "interleaved" in bandwidth["how"]
+    markdown = (tmp_path / "tiny.md").read_text()
+    assert "Forward and backward apart" in markdown and "Memory bandwidth" in markdown
+
+
+def test_precision_profile_reports_errors_against_fp64(tmp_path, one_thread):
+    """`--profile precision` at a tiny size: untimed records holding each line's error against fp64; our
+    backends (Triton in the interpreter included) within the accuracy rule's reach of eager fp32, the
+    formulas in the logits' dtype orders of magnitude worse."""
+    doc = main(["--profile", "precision", "--out", str(tmp_path), "--n", "24", "--v", "384", "--threads", "1",
+                "--device", "cpu", "--no-plots"])
+    records = {(r["impl"], r["dtype"]): r for r in doc["results"]}
+    assert {dt for _, dt in records} == {"bfloat16", "float16"}
+    for dtype in ("bfloat16", "float16"):
+        eager = records[("eager", dtype)]["check"]
+        for line in ("aem_kernels[torch]", "aem_kernels[cpu]", "aem_kernels[triton]"):
+            r = records[(line, dtype)]
+            assert r["status"] == "ok" and "time_s" not in r, r
+            for output in ("logprobs", "entropy"):
+                assert r["check"][output]["max_abs_error"] <= 3 * eager[output]["max_abs_error"] + 1e-5
+        verl = records[("verl", dtype)]["check"]
+        assert verl["logprobs"]["max_abs_error"] > 100 * eager["logprobs"]["max_abs_error"]
+    assert records[("aem_kernels[cpu]+inplace", "bfloat16")]["status"] == "skipped"
+    assert "max abs error against fp64" in (tmp_path / "precision.md").read_text()
+
+
+def test_timer_interleaves_rounds_and_reports_failures():
+    calls = []
+
+    def failing(_):
+        raise RuntimeError("boom")
+
+    entries = {"a": (lambda: None, lambda _: calls.append("a")), "b": (lambda: None, lambda _: calls.append("b")),
+               "bad": (lambda: None, failing)}
+    results = measure.Timer(torch.device("cpu")).run_interleaved(
+        entries, measure.TimingPolicy(warmup=1, min_reps=3, max_reps=3, min_time_s=0.0, interleave=True))
+    assert calls == ["a", "b"] * 4       # one warm-up round, then three rounds, alternating
+    assert results["a"]["n"] == results["b"]["n"] == 3 and "phases" not in results["a"]
+    assert isinstance(results["bad"], RuntimeError)
+
+
+def test_phase_marks_outside_a_timed_call_do_nothing():
+    measure.phase_end("forward")   # not inside Timer.sample: no error, no effect
+    total, phases = measure.Timer(torch.device("cpu")).sample(
+        lambda _: (measure.phase_end("forward"), measure.phase_end("backward")), None)
+    assert set(phases) == {"forward", "backward"} and total >= sum(phases.values())
+
+
+def test_a_new_case_is_one_module_and_one_registration(monkeypatch, one_thread):
+    """What the fused-linear case will do: a case over hidden states that brings its own lines and reference,
+    registered by one entry in CASES; the logits lines are recorded as not applicable there."""
+    from bench import cases as cases_module
+    from bench.cases import Case, Inputs
+    from bench.implementations import Implementation
+    from bench.profiles import Profile, Sweep
+    from bench.measure import TimingPolicy
+    from bench.runner import BenchContext, run_profile
+
+    def eager(hidden, weight, labels):
+        log_p = torch.log_softmax(hidden @ weight.T, dim=-1)
+        return log_p.gather(-1, labels[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
+
+    def chunked(hidden, weight, labels):
+        parts = [eager(h, weight, y) for h, y in zip(hidden.split(8), labels.split(8))]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    lines = {"toy-eager": Implementation("toy-eager", "eager over hidden", eager, input_kind="hidden"),
+             "toy-chunked": Implementation("toy-chunked", "8-row chunks", chunked, input_kind="hidden")}
+
+    class ToyFusedLinear(Case):
+        name, title, input_kind, shared_logits, backward = "toy_fused_linear", "toy", "hidden", False, True
+
+        def traffic_bytes(self, point):
+            return point.n * point.v * 4
+
+        def lines(self, device):
+            return list(lines.values())
+
+        def reference_for(self, default):
+            return lines["toy-eager"]
+
+        def extend(self, base, point, device, seed):
+            assert base is None
+            gen = torch.Generator().manual_seed(seed)
+            return Inputs(logits=torch.randn(point.n, 16, generator=gen),   # hidden [N, H]
+                          labels=torch.randint(0, point.v, (point.n,), generator=gen),
+                          extra={"weight": torch.randn(point.v, 16, generator=gen)})
+
+        def call(self, impl, inputs):
+            lp, ent = impl.fn(inputs.logits, inputs.extra["weight"], inputs.labels)
+            (grad,) = torch.autograd.grad((lp * 1.5).sum() + ent.sum(), inputs.logits)
+            return {"logprobs": lp.detach(), "entropy": ent.detach(), "grad_hidden": grad}
+
+    monkeypatch.setitem(cases_module.CASES, "toy_fused_linear", ToyFusedLinear())   # the registration line
+    from bench.__main__ import select_lines
+    from bench.implementations import reference_implementation
+
+    profile = Profile(name="toy", description="", sweeps=[Sweep("s", ((24, 40, "float32"),))],
+                      timing=TimingPolicy(warmup=0, min_reps=2, max_reps=2, min_time_s=0.0),
+                      seq_len=24, cases=["toy_fused_linear", "logprobs_fwd"], exclude={"torch.compile": "slow"})
+    all_lines, excluded = select_lines(profile, torch.device("cpu"), None, [])
+    logged = []
+    records = run_profile(BenchContext(device=torch.device("cpu"), profile=profile, lines=all_lines,
+                                       reference=reference_implementation(all_lines), excluded=excluded,
+                                       log=logged.append))
+    by_key = {(r["case"], r["impl"]): r for r in records}
+    chunked = by_key[("toy_fused_linear", "toy-chunked")]
+    assert chunked["status"] == "ok" and chunked["check"]["grad_hidden"]["rel_error"] < 1e-5   # a gradient check
+    assert by_key[("toy_fused_linear", "toy-eager")]["status"] == "ok"
+    assert "takes logits as input" in by_key[("toy_fused_linear", "eager")]["reason"]
+    assert "takes hidden as input" in by_key[("logprobs_fwd", "toy-chunked")]["reason"]
+    assert by_key[("logprobs_fwd", "eager")]["status"] == "ok"
+    assert logged and all("[N=24 V=40 float32]" in msg or "skipped" in msg for msg in logged)

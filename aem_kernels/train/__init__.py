@@ -12,6 +12,7 @@ can copy. Modules, in the order a step uses them:
     batching    trajectories -> token_response / response_group / advantages (turn or trajectory level)
     algorithm   GRPO advantages and the PPO update through ak.aem_policy_loss
     loop        one run (metrics as JSONL); runner: many runs; cli: the command line
+    progress    tqdm bars on a terminal, a few summary lines in a log; requirements: each command's modules
     plots, summary   figures and the markdown table of results
 
 Command line: `python -m aem_kernels.train --help`.

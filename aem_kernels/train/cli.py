@@ -24,6 +24,7 @@ from .config import COMPARE_SEEDS, PRESETS, TrainConfig, preset
 from .envs import ENVS, REWARD_SCHEMES
 from .loop import default_cache_dir
 from .plots import plot_all
+from .requirements import require
 from .runner import run_many
 from .summary import write_summary
 
@@ -40,7 +41,8 @@ def _add_common(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--workers", type=int, default=1, help="runs in parallel processes (1 torch thread each)")
     p.add_argument("--cache-dir", default=None, help="warm-start cache (default $AEM_TRAIN_CACHE or "
                                                      "~/.cache/aem_kernels; 'none' disables it)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress output (by default: tqdm bars on a "
+                                                               "terminal, a few summary lines otherwise)")
     g = p.add_argument_group("overrides of the preset")
     g.add_argument("--steps", type=int)
     g.add_argument("--tasks-per-step", type=int)
@@ -112,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["run"] + argv  # `python -m aem_kernels.train --env household --method aem --seeds 5`
     args = parser().parse_args(argv)
+    require(args.command)   # every module the command needs (the plots' matplotlib too), before any run
     if args.command == "plot":
         _report(args.out)
         return 0

@@ -30,6 +30,7 @@ from .batching import build_policy_batch
 from .config import TrainConfig
 from .envs import TextEnv, make_env
 from .model import build_policy
+from .progress import progress as progress_reporter
 from .rollout import Trajectory, rollout, sample_tasks
 from .tokenizer import WordTokenizer
 from .warmstart import warm_start
@@ -54,7 +55,7 @@ def warm_started_policy(cfg: TrainConfig, env: TextEnv, tokenizer: WordTokenizer
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["state_dict"])
         return model, {k: float(v) for k, v in saved["metrics"].items()}
-    bar = _progress(cfg.warmstart_budget, f"warm start {cfg.env}", progress)
+    bar = progress_reporter(cfg.warmstart_budget, f"warm start {cfg.env}", progress)
     metrics = warm_start(model, tokenizer, env, random.Random(f"warmstart-{cfg.warmstart_seed}"),
                          steps=cfg.warmstart_budget, batch_size=cfg.warmstart_batch, lr=cfg.warmstart_lr,
                          noise=cfg.warmstart_noise, progress=bar)
@@ -66,13 +67,6 @@ def warm_started_policy(cfg: TrainConfig, env: TextEnv, tokenizer: WordTokenizer
         torch.save({"state_dict": model.state_dict(), "metrics": metrics}, tmp)
         os.replace(tmp, path)
     return model, metrics
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _outcome_metrics(trajectories: List[Trajectory], prefix: str) -> Dict[str, float]:
@@ -137,7 +131,7 @@ def train(cfg: TrainConfig, *, out_path: Optional[str] = None, cache_dir: Option
             sink.flush()
 
     log({"kind": "config", **cfg.to_dict(), "aem_config": config.to_dict(), **warm_metrics})
-    bar = _progress(cfg.steps, f"{cfg.env} {cfg.method} seed {cfg.seed}", progress)
+    bar = progress_reporter(cfg.steps, f"{cfg.env} {cfg.method} seed {cfg.seed}", progress)
     try:
         log({"kind": "eval", "step": 0, **evaluate(policy, tokenizer, env, eval_tasks, cfg, 0)})
         for step in range(1, cfg.steps + 1):

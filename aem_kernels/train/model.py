@@ -8,12 +8,15 @@ one API difference that matters between transformers releases: the KV-cache keyw
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+if TYPE_CHECKING:   # imported where used: the command line checks for transformers before any work
+    from transformers import DynamicCache, Qwen2ForCausalLM
 
 __all__ = ["ModelSpec", "build_policy", "new_cache", "forward_logits"]
 
@@ -37,6 +40,8 @@ class ModelSpec:
 def build_policy(spec: ModelSpec, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
                  seed: Optional[int] = None) -> Qwen2ForCausalLM:
     """A randomly initialised Qwen2ForCausalLM of the given size (float32, on CPU)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
@@ -50,11 +55,17 @@ def build_policy(spec: ModelSpec, vocab_size: int, pad_id: int, bos_id: int, eos
     return Qwen2ForCausalLM(config)
 
 
-_CACHE_KEYWORD = "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
+@functools.lru_cache(maxsize=None)
+def _cache_keyword() -> str:
+    from transformers import Qwen2ForCausalLM
+
+    return "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
 
 
 def new_cache() -> DynamicCache:
     """An empty KV cache; `forward_logits` fills it in place, call after call."""
+    from transformers import DynamicCache
+
     return DynamicCache()
 
 
@@ -74,7 +85,7 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if cache is not None:
-        kwargs[_CACHE_KEYWORD] = cache
+        kwargs[_cache_keyword()] = cache
     if last_only:
         kwargs["logits_to_keep"] = 1
     return model(**kwargs).logits

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 from .config import TrainConfig
 from .envs import make_env
 from .loop import train, warm_started_policy
+from .progress import progress as progress_bar
 from .tokenizer import WordTokenizer
 
 __all__ = ["run_name", "run_many"]
@@ -57,10 +58,7 @@ def run_many(configs: Sequence[TrainConfig], out_dir: str, *, cache_dir: Optiona
             done.add(cfg.warmstart_key())
     jobs = [(cfg, os.path.join(runs_dir, run_name(cfg) + ".jsonl"), cache_dir, progress and workers == 1)
             for cfg in configs]
-    bar = None
-    if progress and workers > 1:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(jobs), desc=f"runs ({workers} workers)", dynamic_ncols=True)
+    bar = progress_bar(len(jobs), f"runs ({workers} workers)", progress and workers > 1, leave=True)
     if workers == 1:
         for job in jobs:
             _run_one(job)

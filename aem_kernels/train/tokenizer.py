@@ -12,11 +12,6 @@ from __future__ import annotations
 
 from typing import Iterable, List, Sequence
 
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import PreTrainedTokenizerFast
-
 __all__ = ["WordTokenizer", "SPECIAL_TOKENS", "ACTION_PROMPT", "END_OF_ACTION"]
 
 PAD, BOS, UNK, END_OF_ACTION, ACTION_PROMPT = "<pad>", "<bos>", "<unk>", "<end>", ">"
@@ -32,6 +27,12 @@ class WordTokenizer:
         self.words = vocab
         self.pad_id, self.bos_id, self.unk_id = self.id_of[PAD], self.id_of[BOS], self.id_of[UNK]
         self.end_id, self.prompt_id = self.id_of[END_OF_ACTION], self.id_of[ACTION_PROMPT]
+        # imported here: the command line checks for tokenizers/transformers before any work
+        from tokenizers import Tokenizer
+        from tokenizers.models import WordLevel
+        from tokenizers.pre_tokenizers import WhitespaceSplit
+        from transformers import PreTrainedTokenizerFast
+
         backend = Tokenizer(WordLevel(vocab=dict(self.id_of), unk_token=UNK))
         backend.pre_tokenizer = WhitespaceSplit()
         self.hf = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS, unk_token=UNK,

@@ -1,11 +1,19 @@
 """The benchmark cases, one module each. A new case (e.g. the fused linear + log-prob op over hidden states)
-is a module with a `Case` subclass and one entry below; see `base.py`."""
+is a module with a `Case` subclass and one entry in CASES below; `base.py` documents the interface."""
 
 from .aem_loss import AEMLossForwardBackward
 from .base import Case, Inputs, Point
 from .logprobs_fwd import LogprobsForward
 from .logprobs_fwd_bwd import LogprobsForwardBackward
+from .precision import LogprobsPrecision
 
-CASES = {case.name: case for case in (LogprobsForward(), LogprobsForwardBackward(), AEMLossForwardBackward())}
+# one line per case; a profile with no case list runs those with `default = True`, in this order
+CASES = {case.name: case for case in (
+    LogprobsForward(),
+    LogprobsForwardBackward(),
+    AEMLossForwardBackward(),
+    LogprobsPrecision(),
+)}
+DEFAULT_CASES = [name for name, case in CASES.items() if case.default]
 
-__all__ = ["CASES", "Case", "Inputs", "Point"]
+__all__ = ["CASES", "DEFAULT_CASES", "Case", "Inputs", "Point"]

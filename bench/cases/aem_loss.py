@@ -19,6 +19,7 @@ import aem_kernels as ak
 from aem_kernels.loss import _loss_from_token_terms
 from aem_kernels.packing import pack_inputs
 
+from .. import measure
 from ..implementations import Implementation
 from .base import Case, Inputs, Outputs, Point
 
@@ -36,8 +37,8 @@ class AEMLossForwardBackward(Case):
     def traffic_bytes(self, point: Point) -> int:
         return 3 * point.logits_bytes
 
-    def extend(self, base: Inputs, device: torch.device, seed: int) -> Inputs:
-        inputs = super().extend(base, device, seed)
+    def extend(self, base: Inputs, point: Point, device: torch.device, seed: int) -> Inputs:
+        inputs = super().extend(base, point, device, seed)
         batch, rows = inputs.labels.shape
         position = torch.arange(rows, device=device)
         length = -(-rows // RESPONSES_PER_ROW)
@@ -77,6 +78,8 @@ class AEMLossForwardBackward(Case):
             loss, _ = _loss_from_token_terms(self._pack(inputs), logprobs.float().reshape(-1),
                                              entropy.float().reshape(-1), CONFIG)
             outputs["logprobs"] = logprobs.detach()   # not compared; its dtype sets the loss's tolerance
+        measure.phase_end("forward")
         (grad,) = torch.autograd.grad(loss, inputs.logits)
+        measure.phase_end("backward")
         outputs.update(loss=loss.detach(), grad_logits=grad)
         return outputs

@@ -4,16 +4,38 @@ The runner builds the logits once per point (`make_logits`) and shares them betw
 else it needs (`extend`), says which lines it can run (`skip_reason`), names the line its outputs are checked
 against (`reference_for`), and `call(impl, inputs)` does the timed work and returns the outputs to compare.
 
-Adding a case is one module in `bench/cases/` with a subclass of `Case` and one entry in `bench.cases.CASES`.
-A case over hidden states (the fused linear + log-prob op) sets `input_kind = "hidden"`: it then receives
-`base=None` in `extend` (no logits are built for it) and creates the hidden states, the classifier weight and
-the labels from the point there; only the lines of that input kind (e.g. cut-cross-entropy) run in it.
+Adding a case is one module in `bench/cases/` with a subclass of `Case` and one entry in `bench.cases.CASES`:
+
+    name, title       the key in results and on the command line (--cases), and the heading in reports
+    input_kind        "logits" (the shared [B, T, V] logits) or another kind, e.g. "hidden": only lines of the
+                      same `input_kind` run in the case, the others are recorded as not applicable
+    shared_logits     False: `extend` receives base=None and builds every input itself from the point (a
+                      hidden-state case always does; the precision case draws its own logits)
+    backward          the call runs a backward (the in-place lines join, the prepared logits require grad)
+    timed             False: the lines are run once and checked, never timed (an accuracy table)
+    default           False: a profile runs the case only when it names it (`Profile.cases`, --cases)
+    traffic_bytes     the least memory traffic of the call (the roofline)
+    extend            the case's inputs for a point (runs once per point, outside every timer)
+    prepare           one call's inputs (outside the timer; a fresh copy when the line overwrites them)
+    reference_for     the line the others are checked against (default: our torch backend)
+    lines(device)     lines only this case runs (e.g. the competitors over hidden states); they join the run
+                      like the lines of implementations.py, and the other cases list them as not applicable
+    call              the timed work; returns the outputs to compare (checks.py: logprobs, entropy and other
+                      per-token values elementwise; loss and gradients grad_<input> by their relative L2
+                      error). It may mark phases
+                      with `measure.phase_end("forward")` (reported next to the total time).
+
+A case over hidden states (the fused linear + log-prob op) sets `input_kind = "hidden"` and
+`shared_logits = False`, builds hidden [N, H], the classifier weight [V, H] and the labels in `extend`, brings
+its own lines (eager, torch.compile, a chunked loop, ...) from `lines(device)` with `input_kind = "hidden"`
+and `fn(hidden, weight, labels) -> (logprobs, entropy)`, names one of them in `reference_for`, and calls them
+in `call`; Cut-Cross-Entropy's `cut-cross-entropy` line (implementations.py) already has that input kind.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -90,14 +112,22 @@ class Case:
     name: str = ""
     title: str = ""
     input_kind: str = "logits"
+    shared_logits: bool = True
     backward: bool = False
+    timed: bool = True
+    default: bool = True
+
+    def lines(self, device: torch.device) -> List[Implementation]:
+        """Lines only this case runs (none by default)."""
+        return []
 
     def traffic_bytes(self, point: Point) -> int:
         """The least memory traffic any implementation must cause (bytes), for the roofline."""
         raise NotImplementedError
 
-    def extend(self, base: Optional[Inputs], device: torch.device, seed: int) -> Inputs:
-        """This case's inputs: the point's logits and labels (shared by all cases) plus its own extras."""
+    def extend(self, base: Optional[Inputs], point: Point, device: torch.device, seed: int) -> Inputs:
+        """This case's inputs: the point's logits and labels (shared by all cases) plus its own extras; `base`
+        is None when the case does not use the shared logits (`shared_logits = False`)."""
         return Inputs(logits=base.logits, labels=base.labels)
 
     def reference_for(self, default: Implementation) -> Implementation:
@@ -111,6 +141,8 @@ class Case:
         return Inputs(logits=logits.requires_grad_(self.backward), labels=inputs.labels, extra=inputs.extra)
 
     def skip_reason(self, impl: Implementation) -> Optional[str]:
+        if self.timed and impl.not_timed:
+            return impl.not_timed
         if impl.input_kind != self.input_kind:
             return (f"takes {impl.input_kind} as input, this case gives {self.input_kind}; it joins the "
                     f"{impl.input_kind}-input cases")

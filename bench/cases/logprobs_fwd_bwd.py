@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import measure
 from ..implementations import Implementation
 from .base import Case, Inputs, Outputs, Point
 
@@ -21,8 +22,8 @@ class LogprobsForwardBackward(Case):
     def traffic_bytes(self, point: Point) -> int:
         return 3 * point.logits_bytes
 
-    def extend(self, base: Inputs, device: torch.device, seed: int) -> Inputs:
-        inputs = super().extend(base, device, seed)
+    def extend(self, base: Inputs, point: Point, device: torch.device, seed: int) -> Inputs:
+        inputs = super().extend(base, point, device, seed)
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         shape = inputs.labels.shape
         inputs.extra["grad_logprobs"] = torch.randn(shape, generator=gen, device=device)
@@ -31,8 +32,10 @@ class LogprobsForwardBackward(Case):
 
     def call(self, impl: Implementation, inputs: Inputs) -> Outputs:
         logprobs, entropy = impl.fn(inputs.logits, inputs.labels, entropy_grad=True)
+        measure.phase_end("forward")
         # grad_outputs in each output's own dtype (TRL and verl return bf16 for bf16 logits)
         (grad,) = torch.autograd.grad((logprobs, entropy), inputs.logits,
                                       (inputs.extra["grad_logprobs"].to(logprobs.dtype),
                                        inputs.extra["grad_entropy"].to(entropy.dtype)))
+        measure.phase_end("backward")
         return {"logprobs": logprobs.detach(), "entropy": entropy.detach(), "grad_logits": grad}
