@@ -228,7 +228,7 @@ def fused_aem_policy_loss(logits: torch.Tensor, batch: "_loss.PackedBatch", conf
     x = _loss._uncertainty(batch, placeholder, placeholder, config)
     token_adv = _loss._modulated_token_advantages(batch, x, config, torch.float32)[0]
     token_weights = _loss.aggregation_weights(tr, batch.num_responses, config.loss_agg_mode, batch.horizon,
-                                              torch.float32)
+                                              torch.float32, **batch.global_batch_info)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     logits3d = as_rows3d(logits.detach())
     grad = grad3d = None
