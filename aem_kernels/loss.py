@@ -57,11 +57,11 @@ def _check_global_batch_info(mode: str, dp_size: int = 1, batch_num_tokens=None,
     """
     if mode not in _AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {_AGG_MODES}, got {mode!r}")
-    if isinstance(dp_size, bool) or not isinstance(dp_size, int):
+    if isinstance(dp_size, bool) or not isinstance(dp_size, numbers.Integral):
         raise TypeError(f"dp_size must be an int >= 1, got {type(dp_size).__name__}")
     if dp_size < 1:
         raise ValueError(f"dp_size must be an int >= 1, got {dp_size}")
-    info = {"dp_size": dp_size, "batch_num_tokens": _positive_number("batch_num_tokens", batch_num_tokens),
+    info = {"dp_size": int(dp_size), "batch_num_tokens": _positive_number("batch_num_tokens", batch_num_tokens),
             "global_batch_size": _positive_number("global_batch_size", global_batch_size),
             "loss_scale_factor": _positive_number("loss_scale_factor", loss_scale_factor)}
     needed = "batch_num_tokens" if mode == "token-mean" else None if mode == "token-sum" else "global_batch_size"
@@ -95,6 +95,7 @@ def aggregation_weights(token_response: torch.Tensor, num_responses: int, mode: 
     mask of its actor that sum is an fp32 one and rounds back to L_r for every L_r >= 1, so it is left out.
     """
     info = _check_global_batch_info(mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    dp_size = info["dp_size"]
     trained = token_response >= 0
     ones = trained.to(dtype)
     if mode == "token-sum":

@@ -104,6 +104,14 @@ def test_aem_policy_loss_normaliser_errors_come_before_any_work():
                                                     response_mask=mask, response_group=torch.zeros(3, dtype=int))
     with pytest.raises(TypeError, match="dp_size"):
         ak.aem_policy_loss(logits, labels, torch.ones(3), dp_size="2", **kwargs)
+    # the module passes the normalisers through: dp_size 2 over twice the tokens is the local token mean
+    module = ak.AEMLoss(ak.AEMConfig(beta=0.0), backend="torch")
+    args = (logits, labels, torch.randn(3))
+    mask_kwargs = dict(response_mask=mask, response_group=torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(module(*args, dp_size=2, batch_num_tokens=24, **mask_kwargs)[0],
+                               module(*args, **mask_kwargs)[0])
+    torch.testing.assert_close(module(*args, batch_num_tokens=24, **mask_kwargs)[0],
+                               module(*args, **mask_kwargs)[0] / 2)
 
 
 # --- the actor loss ---------------------------------------------------------------------------------------
