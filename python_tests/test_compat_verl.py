@@ -237,7 +237,9 @@ def test_actor_loss_fp64_equals_verl_exactly(mode):
 
 # --- micro-batches and data-parallel ranks add up to the whole batch -------------------------------------
 
-@pytest.mark.parametrize("mode, backend", [(mode, be) for mode in MODES for be in ("torch", "triton")])
+# every mode in fp64 on the torch backend; the single-pass Triton kernel (interpreter: slow) on two modes
+@pytest.mark.parametrize("mode, backend", [(mode, "torch") for mode in MODES] +
+                         [("token-mean", "triton"), ("seq-mean-token-sum-norm", "triton")])
 def test_micro_batches_and_ranks_add_up_to_the_whole_batch(mode, backend):
     """A shared linear head (what DDP/FSDP all-reduce) over 8 rows: 2 ranks x 2 micro-batches of 2 rows,
     each loss with verl's global normalisers; the micro-batch gradients summed per rank and averaged over
