@@ -20,6 +20,8 @@ computes the loss value and metrics with the same functions as the two-pass path
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -27,7 +29,7 @@ import torch
 from . import _validation as V
 from ._constants import KL_VALUE_CLAMP, LOG_RATIO_CLAMP
 from .api import LogprobsEntropyFunction
-from .config import AEMConfig
+from .config import LOSS_AGG_MODES as _AGG_MODES, AEMConfig
 from .dispatch import BACKENDS, Backend, resolve_backend
 from .modulation import _aem_weights, aem_metrics
 from .packing import PackedBatch, pack_inputs
@@ -36,36 +38,93 @@ from .reductions import segment_count, segment_mean, segment_sum
 __all__ = ["aem_policy_loss", "AEMLoss", "aggregate", "aggregation_weights", "kl_penalty", "ppo_token_loss"]
 
 
-def aggregation_weights(token_response: torch.Tensor, num_responses: int, mode: str,
-                        horizon: Optional[int] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-token weights c [N] such that verl's `agg_loss` of a per-token quantity v is sum_t c_t v_t.
+def _positive_number(name: str, value) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{name} must be a positive real number or a one-element tensor, got a tensor of "
+                             f"shape {tuple(value.shape)}")
+        value = value.item()  # one host sync; verl itself passes Python numbers
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be None or a positive number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
-    Every aggregation mode is linear in the per-token values with weights that depend only on the masks,
-    which is what lets a fused kernel fold the aggregation into the per-token gradient scalars:
-        token-mean               c_t = 1 / (number of trained tokens)
-        token-sum                c_t = 1
-        seq-mean-token-sum       c_t = 1 / R'                 (R' = number of non-empty responses)
-        seq-mean-token-mean      c_t = 1 / (R' L_r)
-        seq-mean-token-sum-norm  c_t = 1 / horizon           (padded length T; default: longest response)
-    Untrained tokens (token_response == -1) get 0.
+
+def _check_global_batch_info(mode: str, dp_size: int = 1, batch_num_tokens=None, global_batch_size=None,
+                            loss_scale_factor=None) -> Dict[str, object]:
+    """Validate verl's global normalisers for `mode` and return them as verl's `global_batch_info` dict.
+
+    dp_size: int >= 1. batch_num_tokens / global_batch_size / loss_scale_factor: None or a number > 0 (a
+    one-element tensor is read with one host sync). As in verl's `agg_loss`, "token-mean" needs
+    batch_num_tokens and the seq-mean modes need global_batch_size when dp_size > 1; unused ones are ignored.
     """
+    if mode not in _AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {_AGG_MODES}, got {mode!r}")
+    if isinstance(dp_size, bool) or not isinstance(dp_size, numbers.Integral):
+        raise TypeError(f"dp_size must be an int >= 1, got {type(dp_size).__name__}")
+    if dp_size < 1:
+        raise ValueError(f"dp_size must be an int >= 1, got {dp_size}")
+    info = {"dp_size": int(dp_size), "batch_num_tokens": _positive_number("batch_num_tokens", batch_num_tokens),
+            "global_batch_size": _positive_number("global_batch_size", global_batch_size),
+            "loss_scale_factor": _positive_number("loss_scale_factor", loss_scale_factor)}
+    needed = "batch_num_tokens" if mode == "token-mean" else None if mode == "token-sum" else "global_batch_size"
+    if dp_size > 1 and needed is not None and info[needed] is None:
+        what = "trained tokens" if needed == "batch_num_tokens" else "non-empty responses"
+        raise ValueError(f"{needed} (the number of {what} of the global batch, over all ranks and micro-batches) "
+                         f"is required with loss_agg_mode={mode!r} when dp_size > 1 (dp_size={dp_size})")
+    return info
+
+
+def aggregation_weights(token_response: torch.Tensor, num_responses: int, mode: str,
+                        horizon: Optional[int] = None, dtype: torch.dtype = torch.float32, *, dp_size: int = 1,
+                        batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None) -> torch.Tensor:
+    """Per-token weights c [N] such that verl 0.9.1's `agg_loss(v, mask, mode, dp_size, batch_num_tokens,
+    global_batch_size, loss_scale_factor)` of a per-token quantity v is sum_t c_t v_t.
+
+    Every aggregation mode is linear in the per-token values with weights that depend only on the masks and
+    the global normalisers, which is what lets a fused kernel fold the aggregation into the per-token gradient
+    scalars. With D = dp_size, N_g = batch_num_tokens (default: this batch's trained tokens), R_g =
+    global_batch_size (default: this batch's non-empty responses R'), L_r the tokens of response r and S =
+    loss_scale_factor (default `horizon`: the padded length T; in the packed form the longest response):
+        token-mean               c_t = D / N_g
+        token-sum                c_t = D
+        seq-mean-token-sum       c_t = D / R_g
+        seq-mean-token-sum-norm  c_t = D / (R_g S)
+        seq-mean-token-mean      c_t = D / (R_g L_r)
+    Each micro-batch (or rank) given the global N_g / R_g (and a fixed S) gets the share of the whole batch's
+    loss its tokens carry, times D: summing over micro-batches and averaging over ranks (DDP/FSDP's gradient
+    all-reduce) gives the whole batch's loss and gradient. Untrained tokens (token_response == -1) get 0.
+    An empty batch gives all-zero weights (verl's 0 / 0 would be NaN). verl adds 1e-8 to L_r; with the boolean
+    mask of its actor that sum is an fp32 one and rounds back to L_r for every L_r >= 1, so it is left out.
+    """
+    info = _check_global_batch_info(mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    dp_size = info["dp_size"]
     trained = token_response >= 0
     ones = trained.to(dtype)
-    if mode == "token-mean":
-        return ones / trained.sum().clamp(min=1).to(dtype)
     if mode == "token-sum":
-        return ones
+        return ones * dp_size
+    if mode == "token-mean":
+        tokens = info["batch_num_tokens"]
+        if tokens is None:
+            tokens = trained.sum().clamp(min=1).to(dtype)
+        return ones * (dp_size / tokens)
     counts = segment_count(token_response, num_responses)
-    if mode == "seq-mean-token-sum-norm":
-        norm = horizon if horizon is not None else (counts.max().clamp(min=1) if num_responses else 1)
-        return ones / norm
-    nonempty = (counts > 0).sum().clamp(min=1).to(dtype)
+    sequences = info["global_batch_size"]
+    if sequences is None:
+        sequences = (counts > 0).sum().clamp(min=1).to(dtype)
     if mode == "seq-mean-token-sum":
-        return ones / nonempty
-    if mode == "seq-mean-token-mean":
-        length = counts.clamp(min=1).to(dtype)[token_response.clamp(min=0)]
-        return ones / (length * nonempty)
-    raise ValueError(f"unknown loss_agg_mode {mode!r}")
+        return ones * (dp_size / sequences)
+    if mode == "seq-mean-token-sum-norm":
+        scale = info["loss_scale_factor"]
+        if scale is None:
+            scale = horizon if horizon is not None else (counts.max().clamp(min=1).to(dtype) if num_responses
+                                                         else 1)
+        return ones * (dp_size / (sequences * scale))
+    length = counts.clamp(min=1).to(dtype)[token_response.clamp(min=0)]
+    return ones * (dp_size / sequences) / length
 
 
 def aggregate(values: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
@@ -142,6 +201,10 @@ def aem_policy_loss(
     num_groups: Optional[int] = None,
     inplace_backward: bool = False,
     single_pass: Optional[bool] = None,
+    dp_size: int = 1,
+    batch_num_tokens: Optional[float] = None,
+    global_batch_size: Optional[float] = None,
+    loss_scale_factor: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """AEM-modulated PPO/GRPO loss from logits (sections 4-5). See `packing.py` for the input forms.
 
@@ -165,6 +228,14 @@ def aem_policy_loss(
             it whenever it applies on the Triton backend; True: require it (ValueError saying why it cannot
             apply); False: the two-pass path. Loss and metrics are the same either way; with
             inplace_backward the gradient overwrites the logits already in the forward.
+        dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: verl 0.9.1's global normalisers of
+            `agg_loss` (see `aggregation_weights`), for a batch that is one micro-batch or one data-parallel
+            rank's share of the global batch: the data-parallel size, the global batch's trained tokens and
+            non-empty responses, and the divisor of "seq-mean-token-sum-norm" (default: the padded length T;
+            packed form: the longest response). Given the global counts, the micro-batch losses summed and the
+            ranks' gradients averaged equal the whole batch's. The loss, actor/pg_loss, actor/entropy and
+            actor/kl_loss carry these weights (per-micro-batch shares, to be summed as verl's metrics are);
+            the clip fractions and ppo_kl stay means over this call's tokens, as in verl.
 
     Returns:
         (loss 0-d, metrics) where metrics holds detached 0-d tensors: actor/pg_loss, actor/pg_clipfrac,
@@ -172,11 +243,14 @@ def aem_policy_loss(
         of `modulate_advantages`, and "aem/weights" [R].
     """
     config = V.check_config(config)
+    global_batch_info = _check_global_batch_info(config.loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+                                                loss_scale_factor)
     logits = V.check_logits(logits)
     batch = pack_inputs(logits, labels, advantages, token_response=token_response, response_group=response_group,
                         response_mask=response_mask, turn_ids=turn_ids, old_logprobs=old_logprobs,
                         old_entropy=old_entropy, ref_logprobs=ref_logprobs, ignore_index=config.ignore_index,
                         advantage_level=advantage_level, num_groups=num_groups)
+    batch.global_batch_info = global_batch_info
     if config.kl_coef > 0 and batch.ref_logprobs is None:
         raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
     be = resolve_backend(backend, logits.device, logits.dtype)
@@ -238,7 +312,8 @@ def _single_pass_loss(logits: torch.Tensor, batch: PackedBatch, config: AEMConfi
     # With surprisal_source="old" x_r comes from the batch; with beta = 0 the weights ignore x entirely.
     x = _uncertainty(batch, placeholder, placeholder, config)
     token_adv = _modulated_token_advantages(batch, x, config, torch.float32)[0]
-    token_weights = aggregation_weights(tr, batch.num_responses, config.loss_agg_mode, batch.horizon, torch.float32)
+    token_weights = aggregation_weights(tr, batch.num_responses, config.loss_agg_mode, batch.horizon, torch.float32,
+                                        **batch.global_batch_info)
     kernel = backend.single_pass_loss
     logprobs, entropy, grad = kernel.terms(
         logits, batch.labels, token_adv, token_weights, batch.old_logprobs, batch.ref_logprobs,
@@ -263,7 +338,8 @@ def _loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: 
 
     old = batch.old_logprobs.to(dtype) if batch.old_logprobs is not None else logprobs.detach()
     pg, flags = ppo_token_loss(logprobs, old, token_adv, config)
-    token_weights = aggregation_weights(tr, num_responses, config.loss_agg_mode, batch.horizon, dtype)
+    token_weights = aggregation_weights(tr, num_responses, config.loss_agg_mode, batch.horizon, dtype,
+                                        **batch.global_batch_info)
     agg = lambda values: aggregate(values, token_weights)  # noqa: E731
     pg_loss = agg(pg)
     loss = pg_loss
@@ -295,9 +371,14 @@ class AEMLoss(torch.nn.Module):
         self.config = V.check_config(config)
         self.backend = V.check_choice("backend", backend, BACKENDS)
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *, dp_size: int = 1,
+                batch_num_tokens: Optional[float] = None, global_batch_size: Optional[float] = None,
+                loss_scale_factor: Optional[float] = None,
                 **kwargs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        return aem_policy_loss(logits, labels, advantages, config=self.config, backend=self.backend, **kwargs)
+        """`aem_policy_loss` with this module's config and backend; every other keyword passes through."""
+        return aem_policy_loss(logits, labels, advantages, config=self.config, backend=self.backend,
+                               dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                               global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor, **kwargs)
 
     def extra_repr(self) -> str:
         return f"config={self.config}, backend={self.backend!r}"

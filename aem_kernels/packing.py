@@ -18,8 +18,8 @@ Only the O(N) maps are built; the logits are never copied (see `_layout.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
 import torch
 
@@ -40,6 +40,8 @@ class PackedBatch:
     old_entropy: Optional[torch.Tensor]
     ref_logprobs: Optional[torch.Tensor]
     horizon: Optional[int]          # normaliser of "seq-mean-token-sum-norm" (None: longest response)
+    # verl's global normalisers of the aggregation (`loss.check_global_batch_info`); empty: this batch alone
+    global_batch_info: Dict[str, object] = field(default_factory=dict)
 
     @property
     def num_responses(self) -> int:

@@ -1,7 +1,7 @@
 """`aem_policy_loss`: equality with verl's actor loss at beta = 0, the input forms, options and gradients.
 
-The verl formulas below are written from verl's documented behaviour (compute_policy_loss_vanilla, agg_loss,
-kl_penalty; masked_mean divides by mask.sum() + 1e-8), not imported or copied.
+The verl formulas below are written from verl 0.9.1's documented behaviour (compute_policy_loss_vanilla, agg_loss,
+kl_penalty; masked_mean divides by mask.sum() + 1e-8); test_compat_verl.py checks against the installed verl.
 """
 
 import itertools
@@ -20,15 +20,17 @@ def verl_masked_mean(values, mask):
 
 
 def verl_agg(loss_mat, mask, mode):
+    """verl 0.9.1's agg_loss without global normalisers (test_compat_verl.py checks the real one)."""
     if mode == "token-mean":
-        return verl_masked_mean(loss_mat, mask)
+        return (loss_mat * mask).sum() / mask.sum()
     seq_sums = (loss_mat * mask).sum(-1)
+    nonempty = mask.sum(-1) > 0
     if mode == "seq-mean-token-sum":
-        return seq_sums.mean()
+        return seq_sums[nonempty].sum() / nonempty.sum()
     if mode == "seq-mean-token-mean":
-        return (seq_sums / mask.sum(-1)).mean()
+        return (seq_sums / mask.sum(-1))[nonempty].sum() / nonempty.sum()
     if mode == "seq-mean-token-sum-norm":
-        return seq_sums.sum() / mask.shape[-1]
+        return seq_sums[nonempty].sum() / nonempty.sum() / mask.shape[-1]
     raise ValueError(mode)
 
 
