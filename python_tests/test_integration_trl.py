@@ -166,6 +166,17 @@ def test_advantages_equal_modulate_advantages(trl_api, tmp_path, aem):
     assert trainer._metrics["train"]["aem/w_std"][-1] == pytest.approx(metrics["aem/w_std"].item(), rel=1e-4)
 
 
+def test_surprisal_reuses_trl_old_logprobs(trl_api, tmp_path):
+    _, integration, tok, make = trl_api
+    trainer = make(integration.AEMGRPOTrainer, tmp_path, aem_config=ak.AEMConfig(uncertainty="surprisal"))
+    inputs = _batch(tok, rows=8, seed=3)
+    inputs["old_per_token_logps"] = -torch.rand(8, 5) * inputs["completion_mask"]
+    x, lengths, _ = trainer._aem_local_stats(inputs)
+    m = inputs["completion_mask"].float()
+    torch.testing.assert_close(x, -(inputs["old_per_token_logps"] * m).sum(1) / m.sum(1).clamp(min=1))
+    assert torch.equal(lengths, m.sum(1))
+
+
 class _TwoProcessAccelerator:
     """Stands in for accelerate on process `rank` of two: `gather` concatenates both processes' i-th tensor."""
 
@@ -226,3 +237,11 @@ def test_two_training_steps_log_aem_metrics(trl_api, tmp_path):
         for key in ("aem/w_std", "aem/drift", "aem/drift_unmodulated", "aem/x_mean", "entropy"):
             assert key in h and torch.isfinite(torch.tensor(float(h[key]))), (key, h)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_example_runs(trl_api):
+    import runpy
+
+    example = runpy.run_path(os.path.join(ROOT, "examples", "trl_grpo_aem.py"), run_name="example")
+    logs = example["main"](["--steps", "2", "--loss-type", "grpo"])
+    assert len(logs) == 2 and all("aem/w_std" in h and "aem/drift" in h for h in logs)

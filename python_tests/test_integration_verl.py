@@ -350,16 +350,27 @@ def test_patched_token_ops_match_verl(verl_api):
     assert (grad.double() - ref_grad).abs().max() <= 3 * (eager_grad.double() - ref_grad).abs().max() + 1e-5
 
 
-def test_token_ops_env_switch(verl_api):
+def test_verl_external_modules_switch(verl_api):
     engine = pytest.importorskip("verl.workers.engine.fsdp.transformer_impl")
     # imported here without the variable (conftest does not set it): verl's own functions stay in place
     assert os.environ.get("AEM_KERNELS_VERL_TOKEN_OPS", "0") != "1"
     assert engine.logprobs_from_logits.__module__ == "verl.utils.torch_functional"
+    # verl's own switch: VERL_USE_EXTERNAL_MODULES makes `import verl` import the integration in every process
     proc = _python("""
+        import verl
+        from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
         import verl.workers.engine.fsdp.transformer_impl as engine, verl.utils.torch_functional as F
-        import aem_kernels.integrations.verl
-        for fn in (engine.logprobs_from_logits, F.entropy_from_logits, F.entropy_from_logits_with_chunking):
+        for fn in (get_adv_estimator_fn("aem"), get_policy_loss_fn("aem"), engine.logprobs_from_logits,
+                   F.entropy_from_logits, F.entropy_from_logits_with_chunking):
             print(getattr(fn, "__wrapped__", fn).__module__)
-    """, AEM_KERNELS_VERL_TOKEN_OPS="1")
+    """, AEM_KERNELS_VERL_TOKEN_OPS="1", VERL_USE_EXTERNAL_MODULES="aem_kernels.integrations.verl")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["aem_kernels.integrations.verl"] * 3
+    assert proc.stdout.split() == ["aem_kernels.integrations.verl"] * 5
+
+
+def test_example_runs(verl_api, capsys):
+    import runpy
+
+    runpy.run_path(os.path.join(ROOT, "examples", "verl_aem.py"), run_name="example")["main"]()
+    out = capsys.readouterr().out
+    assert "beta=1.0: weights" in out and out.count("policy loss") == 3

@@ -7,12 +7,13 @@ What changes against `GRPOTrainer` (everything else, every `loss_type` included,
 
 * Advantages (AEM_SPEC eq. 7). After TRL has scored a generation batch (`_generate_and_score_completions`),
   one no-grad forward of the policy gives each local completion's uncertainty x_r (mean token entropy by
-  default, or surprisal, over the completion's loss-mask tokens). x is gathered across processes exactly as
-  TRL gathers the rewards, so a group (the `num_generations` consecutive completions of one prompt in the
-  global batch, TRL's `view(-1, num_generations)`) is whole even when its completions sit on several
-  processes; `modulate_advantages` rescales the global advantages and each process keeps its own slice. The
-  policy at generation time is the rollout policy, so this is AEM's "old" uncertainty, which equals the
-  current one on the first of `num_iterations` updates.
+  default, or surprisal; for surprisal TRL's old log-probs are reused when it computed them) over the
+  completion's loss-mask tokens. x is gathered across processes exactly as TRL gathers the rewards, so a
+  group (the `num_generations` consecutive completions of one prompt in the global batch, TRL's
+  `view(-1, num_generations)`) is whole even when its completions sit on several processes;
+  `modulate_advantages` rescales the global advantages and each process keeps its own slice. The policy at
+  generation time is the rollout policy, so this is AEM's "old" uncertainty, which equals the current one on
+  the first of `num_iterations` updates.
 * Per-token log-probs and entropies (`token_ops="aem_kernels"`, the default): the policy's logits of the
   completion positions go through `logprobs_and_entropy` (one read of the logits, section-6 backward)
   instead of TRL's chunked fused LM head. This materialises the [B, T, V] completion logits that TRL's head
@@ -98,6 +99,8 @@ class AEMGRPOTrainer(GRPOTrainer):
         loss_mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
+        if self.aem_config.uncertainty == "surprisal" and output.get("old_per_token_logps") is not None:
+            return -output["old_per_token_logps"].float(), loss_mask  # TRL already scored them: no forward
         multimodal = {key: output.get(key) for key in _MULTIMODAL_KEYS}
         mode = "train" if self.model.training else "eval"
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
