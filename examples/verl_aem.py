@@ -2,11 +2,11 @@
 
 A full verl run needs Ray, GPUs, a model and a dataset; the switch is only these overrides (see README):
 
-    VERL_USE_EXTERNAL_MODULES=aem_kernels.integrations.verl \\
     python -m verl.trainer.main_ppo \\
         algorithm.adv_estimator=aem \\
         +algorithm.aem.base_estimator=grpo +algorithm.aem.beta=1.0 \\
         actor_rollout_ref.actor.policy_loss.loss_mode=aem \\
+        +ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=aem_kernels.integrations.verl \\
         actor_rollout_ref.rollout.n=8 ...
 
 This script (CPU, seconds; needs `pip install aem-kernels[verl]`, from a checkout
@@ -24,10 +24,20 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, get_adv_estimator_fn, get_policy_loss_fn  # noqa: E402,E501
+from verl.trainer.ppo.core_algos import (  # noqa: E402
+    compute_grpo_outcome_advantage, get_adv_estimator_fn, get_policy_loss_fn)
 from verl.workers.config import ActorConfig  # noqa: E402
 
 import aem_kernels.integrations.verl  # noqa: E402,F401  (what VERL_USE_EXTERNAL_MODULES does in every process)
+
+# The overrides of the README's command line (the test composes them against verl's own ppo_trainer config).
+OVERRIDES = [
+    "algorithm.adv_estimator=aem",
+    "+algorithm.aem.base_estimator=grpo",
+    "+algorithm.aem.beta=1.0",
+    "actor_rollout_ref.actor.policy_loss.loss_mode=aem",
+    "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=aem_kernels.integrations.verl",
+]
 
 
 def verl_batch(seed: int = 0):
@@ -47,6 +57,7 @@ def verl_batch(seed: int = 0):
 
 
 def main() -> None:
+    print("python -m verl.trainer.main_ppo " + " ".join(OVERRIDES) + " <your data/model/rollout overrides>")
     rewards, mask, uid, old_log_probs = verl_batch()
     estimator = get_adv_estimator_fn("aem")
     stock, _ = compute_grpo_outcome_advantage(rewards, mask, uid)

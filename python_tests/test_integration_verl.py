@@ -177,6 +177,9 @@ def test_modulation_equals_package_reference(verl_api, aem):
     expected = _expected_aem(base, mask, uid, values, aem_config, turn_level)
     assert not torch.equal(adv, base)  # the modulation did something on this batch
     torch.testing.assert_close(adv, expected, rtol=2 * EPS32, atol=0)
+    metrics = integration.last_metrics()
+    assert {"aem/w_std", "aem/drift", "aem/drift_unmodulated", "aem/x_mean"} <= metrics.keys()
+    assert metrics["aem/w_std"] > 0
 
 
 def test_reads_old_log_probs_from_the_calling_compute_advantage(verl_api):
@@ -374,3 +377,27 @@ def test_example_runs(verl_api, capsys):
     runpy.run_path(os.path.join(ROOT, "examples", "verl_aem.py"), run_name="example")["main"]()
     out = capsys.readouterr().out
     assert "beta=1.0: weights" in out and out.count("policy loss") == 3
+
+
+def test_readme_overrides_compose_with_verl_config(verl_api):
+    """The command line of the README/example, composed by Hydra against verl's own ppo_trainer config."""
+    import runpy
+
+    hydra = pytest.importorskip("hydra")
+    import verl
+
+    overrides = runpy.run_path(os.path.join(ROOT, "examples", "verl_aem.py"), run_name="example")["OVERRIDES"]
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with hydra.initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = hydra.compose(config_name="ppo_trainer", overrides=overrides)
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "aem"
+    env = cfg.ray_kwargs.ray_init.runtime_env.env_vars
+    assert env.VERL_USE_EXTERNAL_MODULES == "aem_kernels.integrations.verl"
+    core_algos, integration = verl_api
+    aem_config, base, turn_level = integration.aem_settings(cfg.algorithm)
+    assert (aem_config.beta, aem_config.uncertainty, base, turn_level) == (1.0, "surprisal", "grpo", True)
+    rewards, mask, uid, old_lp, _ = _batch(7)
+    adv, _ = core_algos.get_adv_estimator_fn(cfg.algorithm.adv_estimator)(
+        token_level_rewards=rewards, response_mask=mask, index=uid, config=cfg.algorithm, old_log_probs=old_lp)
+    base_adv, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, uid)
+    torch.testing.assert_close(adv, _expected_aem(base_adv, mask, uid, old_lp, aem_config), rtol=2 * EPS32, atol=0)

@@ -103,7 +103,8 @@ class AEMGRPOTrainer(GRPOTrainer):
             return -output["old_per_token_logps"].float(), loss_mask  # TRL already scored them: no forward
         multimodal = {key: output.get(key) for key in _MULTIMODAL_KEYS}
         mode = "train" if self.model.training else "eval"
-        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        args = self.args
+        batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         with torch.no_grad():
             logps, entropies, _ = self._get_per_token_logps_and_entropies(
                 self.model, input_ids, attention_mask, completion_mask.size(1), batch_size=batch_size,

@@ -55,7 +55,7 @@ from ..packing import turn_ids_to_token_response  # noqa: E402
 from ..api import entropy_from_logits, logprobs_from_logits, response_entropy, response_surprisal  # noqa: E402
 
 __all__ = ["ESTIMATOR", "POLICY_LOSS", "aem_settings", "compute_aem_advantage", "compute_policy_loss_aem",
-           "modulate_token_advantages", "patch_token_ops", "response_turn_ids"]
+           "last_metrics", "modulate_token_advantages", "patch_token_ops", "response_turn_ids"]
 
 ESTIMATOR = "aem"
 POLICY_LOSS = "aem"
@@ -67,6 +67,13 @@ _MODULATION_FIELDS = ("beta", "phi", "sign", "uncertainty", "surprisal_reduction
 _EXTRA_FIELDS = ("base_estimator", "turn_level")
 # At advantage time verl holds the old log-probs, not the entropies (module docstring).
 _VERL_DEFAULTS = {"uncertainty": "surprisal", "surprisal_source": "old"}
+# verl's estimator interface returns no metrics: the last call's aem/* values are kept for the caller to log.
+_LAST_METRICS: Dict[str, float] = {}
+
+
+def last_metrics() -> Dict[str, float]:
+    """The aem/* metrics (floats) of this process's latest "aem" estimator call ({} before the first)."""
+    return dict(_LAST_METRICS)
 
 
 def aem_settings(config: Any) -> Tuple[AEMConfig, str, bool]:
@@ -234,8 +241,10 @@ def compute_aem_advantage(token_level_rewards: torch.Tensor, response_mask: torc
         base_kwargs = {k: v for k, v in base_kwargs.items() if k in params}
     advantages, returns = base_fn(**base_kwargs)
     values = _uncertainty_values(aem_config, response_mask, old_log_probs, entropys)
-    modulated, _ = modulate_token_advantages(advantages, response_mask, index, values.to(advantages.device),
-                                             aem_config, turn_level=turn_level)
+    modulated, metrics = modulate_token_advantages(advantages, response_mask, index, values.to(advantages.device),
+                                                   aem_config, turn_level=turn_level)
+    _LAST_METRICS.clear()
+    _LAST_METRICS.update({name: value.item() for name, value in metrics.items() if value.dim() == 0})
     return modulated, returns
 
 
