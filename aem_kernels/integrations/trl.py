@@ -52,7 +52,8 @@ class AEMGRPOTrainer(GRPOTrainer):
         *args, **kwargs: those of `trl.GRPOTrainer`.
         aem_config: `AEMConfig`; its modulation fields (beta, phi, sign, uncertainty, surprisal_reduction,
             baseline, zscore, normalize, w_min, w_max) are used. The surrogate, clipping, KL and aggregation
-            stay TRL's (`GRPOConfig`). beta=0 trains exactly like `GRPOTrainer`.
+            stay TRL's (`GRPOConfig`). beta=0 trains like `GRPOTrainer`: bit for bit with token_ops="trl",
+            within the package's accuracy rule with its token ops.
         token_ops: "aem_kernels" (per-token log-probs/entropies through this package) or "trl" (TRL's head).
     """
 
