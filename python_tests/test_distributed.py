@@ -224,10 +224,16 @@ def vocab_parallel_partial_and_inplace_backward(rank, world):
 
 
 @check
-def vocab_parallel_triton_backend(rank, world):
+def triton_backend_paths(rank, world):
+    """The vocab-parallel op and the single-pass loss kernel with a process group (the Triton interpreter is
+    slow: small cases, world size 2 only)."""
     m = Mismatches()
-    if world == 2:  # the Triton interpreter is slow; one small case is enough for the wiring
+    if world == 2:
         _vp_case(m, rank, world, backend="triton", rows=6, vocab=21, temperature=0.8)
+        pieces, whole = _loss_batch(world, vocab=9, seed=7)
+        cfg = ak.AEMConfig(surprisal_source="old", loss_agg_mode="seq-mean-token-mean")
+        _compare_loss(m, "single-pass", rank, world, pieces, whole, cfg, backend="triton", dtype=torch.float32,
+                      tol=2e-5, single_pass=True)
     m.raise_if_any()
 
 
@@ -546,8 +552,8 @@ def test_needs_an_initialised_process_group():
 
 
 def _nccl_worker(rank, world, store_path, out_dir):
-    dist.init_process_group("nccl", init_method=f"file://{store_path}", rank=rank, world_size=world)
     torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{store_path}", rank=rank, world_size=world)
     failures = []
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(64, 1000, generator=g) * 3).cuda()
