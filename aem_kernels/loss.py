@@ -244,7 +244,8 @@ def aem_policy_loss(
             default to the whole batch over the ranks (dp_size = group size, batch_num_tokens and
             global_batch_size all-reduced, the seq-mean-token-sum-norm divisor the ranks' largest): averaging the
             ranks' gradients (DDP/FSDP) gives exactly the whole batch's gradient in every loss_agg_mode.
-            Normalisers passed explicitly are kept (e.g. counts over several micro-batches). Every metric is
+            Normalisers passed explicitly are kept (e.g. counts over several micro-batches; dp_size=1, the
+            default, stands for the group size). Every metric is
             then the whole batch's (actor/pg_loss etc. summed over the ranks / dp_size); "aem/weights" holds
             this rank's [R]. For rank-local statistics with a global normalisation, pass process_group=None and
             the normalisers yourself.

@@ -191,7 +191,8 @@ def vocab_parallel_values_and_gradients(rank, world):
     cases = [dict(), dict(kind="huge", temperature=0.7), dict(kind="neg_inf", temperature=3.0, backend="torch"),
              dict(kind="peaked", temperature=0.3), dict(dtype=torch.bfloat16), dict(dtype=D, backend="torch"),
              dict(even=True, vocab=12 * world), dict(layout="3d", temperature=1.7), dict(kind="neg_inf", seed=3),
-             dict(vocab=world + 1, rows=5), dict(kind="huge", layout="3d", backend="torch", even=True, vocab=40)]
+             dict(vocab=world + 1, rows=5), dict(kind="huge", layout="3d", backend="torch", even=True, vocab=40),
+             dict(rows=0), dict(dtype=torch.float16, backend="torch", temperature=0.5)]
     for case in cases:
         _vp_case(m, rank, world, **case)
     m.raise_if_any()
