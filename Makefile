@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(AEM_TORCH_SPEC)
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,train,bench]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,train,bench,verl,trl]"
 	touch $(STAMP)
 
 # The main job: a worked AEM loss computation, the reference trainer's demo (GRPO vs GRPO+AEM on the household

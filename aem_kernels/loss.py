@@ -33,9 +33,6 @@ from .reference import segment_count, segment_mean, segment_sum
 __all__ = ["aem_policy_loss", "AEMLoss", "aggregate", "aggregation_weights", "kl_penalty", "ppo_token_loss"]
 
 
-_VERL_SEQ_EPS = 1e-8  # verl's seq-mean-token-mean divides each sequence sum by (token count + 1e-8)
-
-
 def _positive_number(name: str, value) -> Optional[float]:
     if value is None:
         return None
@@ -61,11 +58,11 @@ def _check_global_batch_info(mode: str, dp_size: int = 1, batch_num_tokens=None,
     """
     if mode not in _AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {_AGG_MODES}, got {mode!r}")
-    if isinstance(dp_size, bool) or not isinstance(dp_size, int):
+    if isinstance(dp_size, bool) or not isinstance(dp_size, numbers.Integral):
         raise TypeError(f"dp_size must be an int >= 1, got {type(dp_size).__name__}")
     if dp_size < 1:
         raise ValueError(f"dp_size must be an int >= 1, got {dp_size}")
-    info = {"dp_size": dp_size, "batch_num_tokens": _positive_number("batch_num_tokens", batch_num_tokens),
+    info = {"dp_size": int(dp_size), "batch_num_tokens": _positive_number("batch_num_tokens", batch_num_tokens),
             "global_batch_size": _positive_number("global_batch_size", global_batch_size),
             "loss_scale_factor": _positive_number("loss_scale_factor", loss_scale_factor)}
     needed = "batch_num_tokens" if mode == "token-mean" else None if mode == "token-sum" else "global_batch_size"
@@ -91,13 +88,15 @@ def aggregation_weights(token_response: torch.Tensor, num_responses: int, mode: 
         token-sum                c_t = D
         seq-mean-token-sum       c_t = D / R_g
         seq-mean-token-sum-norm  c_t = D / (R_g S)
-        seq-mean-token-mean      c_t = D / (R_g (L_r + 1e-8))          (verl's 1e-8)
+        seq-mean-token-mean      c_t = D / (R_g L_r)
     Each micro-batch (or rank) given the global N_g / R_g (and a fixed S) gets the share of the whole batch's
     loss its tokens carry, times D: summing over micro-batches and averaging over ranks (DDP/FSDP's gradient
     all-reduce) gives the whole batch's loss and gradient. Untrained tokens (token_response == -1) get 0.
-    An empty batch gives all-zero weights (verl's 0 / 0 would be NaN).
+    An empty batch gives all-zero weights (verl's 0 / 0 would be NaN). verl adds 1e-8 to L_r; with the boolean
+    mask of its actor that sum is an fp32 one and rounds back to L_r for every L_r >= 1, so it is left out.
     """
     info = _check_global_batch_info(mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    dp_size = info["dp_size"]
     trained = token_response >= 0
     ones = trained.to(dtype)
     if mode == "token-sum":
@@ -119,9 +118,9 @@ def aggregation_weights(token_response: torch.Tensor, num_responses: int, mode: 
             scale = horizon if horizon is not None else (counts.max().clamp(min=1).to(dtype) if num_responses
                                                          else 1)
         return ones * (dp_size / (sequences * scale))
-    # untrained tokens read a zero slot at index R (so that R = 0, a rank holding no response, works)
+    # untrained tokens read the slot at index R (so that R = 0, a rank holding no response, works)
     slot = torch.where(trained, token_response, num_responses)
-    length = torch.cat([counts.to(dtype), counts.new_zeros(1, dtype=dtype)])[slot] + _VERL_SEQ_EPS
+    length = torch.cat([counts.clamp(min=1), counts.new_ones(1)]).to(dtype)[slot]
     return ones * (dp_size / sequences) / length
 
 

@@ -28,7 +28,7 @@ def verl_agg(loss_mat, mask, mode):
     if mode == "seq-mean-token-sum":
         return seq_sums[nonempty].sum() / nonempty.sum()
     if mode == "seq-mean-token-mean":
-        return (seq_sums / (mask.sum(-1) + 1e-8))[nonempty].sum() / nonempty.sum()
+        return (seq_sums / mask.sum(-1))[nonempty].sum() / nonempty.sum()
     if mode == "seq-mean-token-sum-norm":
         return seq_sums[nonempty].sum() / nonempty.sum() / mask.shape[-1]
     raise ValueError(mode)
