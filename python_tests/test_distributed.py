@@ -589,3 +589,16 @@ def test_nccl_smoke_world_size_one(tmp_path):
         pytest.skip("this torch build has no NCCL")
     (result,) = _spawn(_nccl_worker, 1, tmp_path)
     assert result["nccl"] is None, result["nccl"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_of_a_batch_without_responses(mode):
+    """A data-parallel rank may hold tokens but no response: the loss is 0 with a zero gradient (no index error)."""
+    logits = torch.randn(5, 7, dtype=D, requires_grad=True)
+    loss, metrics = ak.aem_policy_loss(logits, torch.zeros(5, dtype=torch.long), torch.zeros(0, dtype=D),
+                                       token_response=torch.full((5,), -1),
+                                       response_group=torch.zeros(0, dtype=torch.long),
+                                       config=ak.AEMConfig(loss_agg_mode=mode), backend="torch")
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["aem/weights"].shape == (0,)
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
