@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import _collectives as C
 from . import _validation as V
 from ._constants import KL_VALUE_CLAMP, LOG_RATIO_CLAMP
 from .api import LogprobsEntropyFunction
@@ -123,7 +124,9 @@ def aggregation_weights(token_response: torch.Tensor, num_responses: int, mode: 
             scale = horizon if horizon is not None else (counts.max().clamp(min=1).to(dtype) if num_responses
                                                          else 1)
         return ones * (dp_size / (sequences * scale))
-    length = counts.clamp(min=1).to(dtype)[token_response.clamp(min=0)]
+    # untrained tokens read the slot at index R (so that R = 0, a rank holding no response, works)
+    slot = torch.where(trained, token_response, num_responses)
+    length = torch.cat([counts.clamp(min=1), counts.new_ones(1)]).to(dtype)[slot]
     return ones * (dp_size / sequences) / length
 
 
@@ -163,8 +166,10 @@ def ppo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     return loss, flags
 
 
-def _token_mean(values: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
-    return torch.where(trained, values, 0.0).sum() / trained.sum().clamp(min=1).to(values.dtype)
+def _token_mean(values: torch.Tensor, trained: torch.Tensor, group=None) -> torch.Tensor:
+    sums = torch.stack([torch.where(trained, values, 0.0).sum(), trained.sum().to(values.dtype)])
+    sums = C.all_reduce(sums, "sum", group)  # over every rank's tokens with a process group
+    return sums[0] / sums[1].clamp(min=1)
 
 
 def _uncertainty(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tensor,
@@ -205,6 +210,7 @@ def aem_policy_loss(
     batch_num_tokens: Optional[float] = None,
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
+    process_group=None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """AEM-modulated PPO/GRPO loss from logits (sections 4-5). See `packing.py` for the input forms.
 
@@ -236,6 +242,18 @@ def aem_policy_loss(
             ranks' gradients averaged equal the whole batch's. The loss, actor/pg_loss, actor/entropy and
             actor/kl_loss carry these weights (per-micro-batch shares, to be summed as verl's metrics are);
             the clip fractions and ppo_kl stay means over this call's tokens, as in verl.
+        process_group: None: everything is computed from this call's batch. A torch.distributed ProcessGroup
+            (the data-parallel group): each rank passes its own responses (token_response indexes them) with
+            GLOBAL group ids; the AEM statistics and weights use every rank's responses (see
+            `modulate_advantages`), num_groups defaults to the maximum over the ranks, and verl's normalisers
+            default to the whole batch over the ranks (dp_size = group size, batch_num_tokens and
+            global_batch_size all-reduced, the seq-mean-token-sum-norm divisor the ranks' largest): averaging the
+            ranks' gradients (DDP/FSDP) gives exactly the whole batch's gradient in every loss_agg_mode.
+            Normalisers passed explicitly are kept (e.g. counts over several micro-batches; dp_size=1, the
+            default, stands for the group size). Every metric is
+            then the whole batch's (actor/pg_loss etc. summed over the ranks / dp_size); "aem/weights" holds
+            this rank's [R]. For rank-local statistics with a global normalisation, pass process_group=None and
+            the normalisers yourself.
 
     Returns:
         (loss 0-d, metrics) where metrics holds detached 0-d tensors: actor/pg_loss, actor/pg_clipfrac,
@@ -245,12 +263,15 @@ def aem_policy_loss(
     config = V.check_config(config)
     global_batch_info = _check_global_batch_info(config.loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
                                                 loss_scale_factor)
+    group = C.resolve_group(process_group, "process_group", none_is_default=False)
     logits = V.check_logits(logits)
     batch = pack_inputs(logits, labels, advantages, token_response=token_response, response_group=response_group,
                         response_mask=response_mask, turn_ids=turn_ids, old_logprobs=old_logprobs,
                         old_entropy=old_entropy, ref_logprobs=ref_logprobs, ignore_index=config.ignore_index,
                         advantage_level=advantage_level, num_groups=num_groups)
     batch.global_batch_info = global_batch_info
+    if group is not None:
+        _share_over_ranks(batch, group, num_groups is None, dp_size == 1)
     if config.kl_coef > 0 and batch.ref_logprobs is None:
         raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
     be = resolve_backend(backend, logits.device, logits.dtype)
@@ -267,20 +288,54 @@ def aem_policy_loss(
     return _loss_from_token_terms(batch, logprobs, entropy, config)
 
 
+def _share_over_ranks(batch: PackedBatch, group, infer_groups: bool, infer_dp_size: bool) -> None:
+    """Whole-batch G and verl normalisers over the ranks of `group` (one MAX and one SUM all_reduce of two
+    numbers, one host sync); values the caller passed are kept."""
+    counts = segment_count(batch.token_response, batch.num_responses)
+    longest = counts.max() if batch.num_responses else counts.new_zeros(())
+    horizon = longest if batch.horizon is None else counts.new_tensor(batch.horizon)
+    maxima = C.all_reduce(torch.stack([counts.new_tensor(batch.num_groups), horizon]), "max", group)
+    sums = C.all_reduce(torch.stack([counts.sum(), (counts > 0).sum()]), "sum", group)
+    (groups, horizon), (tokens, sequences) = maxima.tolist(), sums.tolist()
+    info = batch.global_batch_info
+    if infer_groups:
+        batch.num_groups = groups
+    if infer_dp_size:
+        info["dp_size"] = C.group_size(group)
+    # an empty global batch has all-zero token weights; 1 keeps the normalisers valid
+    defaults = {"batch_num_tokens": tokens, "global_batch_size": sequences, "loss_scale_factor": horizon}
+    for name, value in defaults.items():
+        if info.get(name) is None:
+            info[name] = float(max(value, 1))
+    batch.process_group = group
+
+
+def _global_value(value: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """A loss term's whole-batch value: this rank's share summed over the ranks / dp_size (itself alone)."""
+    if batch.process_group is None:
+        return value.detach()
+    return C.all_reduce(value.detach().clone().reshape(1), "sum", batch.process_group)[0] / \
+        batch.global_batch_info["dp_size"]
+
+
 def _modulated_token_advantages(batch: PackedBatch, x: torch.Tensor, config: AEMConfig, dtype: torch.dtype):
     """A~_t = w_r A_t (eq. 7) per token, from the response uncertainty x [R]. Returns (token_adv [N],
     response_adv [R], weights [R], u [R], clipped [R], valid [R])."""
     tr, num_responses = batch.token_response, batch.num_responses
     valid = segment_count(tr, num_responses) > 0
-    weights, u, clipped = _aem_weights(x, batch.response_group, config, batch.num_groups, valid)
+    weights, u, clipped = _aem_weights(x, batch.response_group, config, batch.num_groups, valid,
+                                       batch.process_group)
     weights = weights.to(dtype)
-    safe_tr = tr.clamp(min=0)
+    # untrained tokens read a zero slot at index R, so a batch without responses (a data-parallel rank
+    # holding none) works too
+    safe_tr = torch.where(tr >= 0, tr, num_responses)
+    padded = (lambda per_response: torch.cat([per_response, per_response.new_zeros(1)]))  # noqa: E731
     if batch.token_level:
-        token_adv = batch.advantages.to(dtype) * weights[safe_tr]
+        token_adv = batch.advantages.to(dtype) * padded(weights)[safe_tr]
         response_adv = segment_mean(batch.advantages.to(dtype), tr, num_responses)
     else:
         response_adv = batch.advantages.to(dtype)
-        token_adv = (weights * response_adv)[safe_tr]
+        token_adv = padded(weights * response_adv)[safe_tr]
     token_adv = torch.where(tr >= 0, token_adv, 0.0)
     return token_adv, response_adv, weights, u, clipped, valid
 
@@ -346,19 +401,20 @@ def _loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: 
     entropy_agg = agg(entropy)
     if config.entropy_coef != 0:
         loss = loss - config.entropy_coef * entropy_agg
+    group = batch.process_group
     metrics: Dict[str, torch.Tensor] = {
-        "actor/pg_loss": pg_loss.detach(),
-        "actor/pg_clipfrac": _token_mean(flags["clip"], trained),
-        "actor/ppo_kl": _token_mean(flags["neg_log_ratio"], trained),
-        "actor/pg_clipfrac_lower": _token_mean(flags["clip_lower"], trained),
-        "actor/entropy": entropy_agg.detach(),
+        "actor/pg_loss": _global_value(pg_loss, batch),
+        "actor/pg_clipfrac": _token_mean(flags["clip"], trained, group),
+        "actor/ppo_kl": _token_mean(flags["neg_log_ratio"], trained, group),
+        "actor/pg_clipfrac_lower": _token_mean(flags["clip_lower"], trained, group),
+        "actor/entropy": _global_value(entropy_agg, batch),
     }
     if config.kl_coef > 0:
         kl_loss = agg(kl_penalty(logprobs, batch.ref_logprobs.to(dtype), config.kl_type))
         loss = loss + config.kl_coef * kl_loss
-        metrics["actor/kl_loss"] = kl_loss.detach()
+        metrics["actor/kl_loss"] = _global_value(kl_loss, batch)
     metrics.update(aem_metrics(x, u, weights, clipped, response_adv, weights * response_adv, batch.response_group,
-                               batch.num_groups, valid))
+                               batch.num_groups, valid, group))
     metrics["aem/weights"] = weights.detach()
     return loss, metrics
 

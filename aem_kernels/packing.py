@@ -42,6 +42,8 @@ class PackedBatch:
     horizon: Optional[int]          # normaliser of "seq-mean-token-sum-norm" (None: longest response)
     # verl's global normalisers of the aggregation (`loss.check_global_batch_info`); empty: this batch alone
     global_batch_info: Dict[str, object] = field(default_factory=dict)
+    # torch.distributed group over which the AEM statistics and the metrics are taken (None: this batch alone)
+    process_group: object = None
 
     @property
     def num_responses(self) -> int:
