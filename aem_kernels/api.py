@@ -14,7 +14,7 @@ import torch
 
 from . import _cpu
 from . import _validation as V
-from ._layout import as_rows3d
+from ._layout import as_rows3d, gradient_buffer
 from .dispatch import Backend, resolve_backend
 from .reference import segment_count, segment_sum
 
@@ -36,38 +36,35 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, ignore_index: int,
                 backend: Backend, inplace_backward: bool):
         flat_labels = labels.reshape(-1) if labels is not None else None
-        logprobs, entropy, lse = backend.forward(as_rows3d(logits), flat_labels, temperature, ignore_index)
-        ctx.save_for_backward(logits, flat_labels, lse, entropy)
+        logprobs, entropy, state = backend.forward(as_rows3d(logits), flat_labels, temperature, ignore_index)
+        ctx.save_for_backward(logits, flat_labels, state, entropy)
         ctx.config = (temperature, ignore_index, backend, inplace_backward)
         ctx.set_materialize_grads(False)
+        # The outputs are O(N) private copies, not views: a view made inside a Function cannot be edited in
+        # place (users masked_fill_ their log-probs), and an edit must not reach the entropy saved above.
         shape = logits.shape[:-1]
+        entropy_out = entropy.reshape(shape).clone()
         if logprobs is None:
-            logprobs = torch.zeros_like(entropy)
-            ctx.mark_non_differentiable(logprobs)
-        return logprobs.view(shape), entropy.view(shape)
+            logprobs_out = torch.zeros_like(entropy_out)
+            ctx.mark_non_differentiable(logprobs_out)
+        else:
+            logprobs_out = logprobs.reshape(shape).clone()
+        return logprobs_out, entropy_out
 
     @staticmethod
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, state, entropy = ctx.saved_tensors
         temperature, ignore_index, backend, inplace_backward = ctx.config
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 6
         if labels is None:
             grad_logprobs = None
         logits3d = as_rows3d(logits)
-        if inplace_backward:
-            grad, grad3d = logits, logits3d
-        else:
-            # Allocated in logits3d's [B, T, V] shape: the backend addresses both with the same row split even
-            # when the logits are a non-contiguous slice such as logits[:, :-1].
-            grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
-            grad = grad3d.view(logits.shape)
+        buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
         flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)
-        out3d = backend.backward(logits3d, labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy),
-                                 temperature, ignore_index, grad3d)
-        if inplace_backward and logits3d is not logits and not logits3d._is_view():
-            grad.copy_(out3d.view(grad.shape))  # as_rows3d had to copy (>3-d, non-mergeable dims)
-        return grad, None, None, None, None, None
+        backend.backward(logits3d, labels, state, entropy, flat(grad_logprobs), flat(grad_entropy), temperature,
+                         ignore_index, buffer.rows3d)
+        return buffer.finish(), None, None, None, None, None
 
 
 def _prepare(logits, labels, temperature, ignore_index, backend):

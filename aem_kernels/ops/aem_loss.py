@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import loss as _loss
-from .._layout import as_rows3d
+from .._layout import as_rows3d, gradient_buffer
 from ..config import AEMConfig
 from .utils import (BWD_TILE_BYTES, FWD_TILE_BYTES, check_triton_device, launch_config, row_offset,
                     store_row_grad, streaming_softmax_stats, to_storage)
@@ -199,21 +199,21 @@ class FusedGradientFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss_value: torch.Tensor, logits: torch.Tensor, grad_logits: torch.Tensor):
-        ctx.grad_logits = grad_logits
+        # Saved as a tensor (not a ctx attribute that the backward clears): torch.compile traces the backward
+        # more than once, and the in-place scaling bumps its version, which flags a second backward.
+        ctx.save_for_backward(grad_logits)
         return loss_value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad = ctx.grad_logits
-        if grad is None:
+        try:
+            (grad,) = ctx.saved_tensors
+        except RuntimeError as error:  # version mismatch: an earlier backward already scaled the buffer
             raise RuntimeError("the single-pass AEM loss gradient was already consumed by an earlier backward; "
-                               "retain_graph=True is not supported on this path (use single_pass=False)")
-        ctx.grad_logits = None
-        grad3d = as_rows3d(grad)
-        torch.ops.aem_kernels.triton_scale_rows_(grad3d, grad_output.reshape(1).to(torch.float32))
-        if grad3d.data_ptr() != grad.data_ptr():  # as_rows3d had to copy (>3-d, non-mergeable dims)
-            grad.copy_(grad3d.view(grad.shape))
-        return None, grad, None
+                               "retain_graph=True is not supported on this path (use single_pass=False)") from error
+        buffer = gradient_buffer(grad, inplace=True)
+        torch.ops.aem_kernels.triton_scale_rows_(buffer.rows3d, grad_output.reshape(1).to(torch.float32))
+        return None, buffer.finish(), None
 
 
 def fused_aem_policy_loss(logits: torch.Tensor, batch: "_loss.PackedBatch", config: AEMConfig,
@@ -231,23 +231,16 @@ def fused_aem_policy_loss(logits: torch.Tensor, batch: "_loss.PackedBatch", conf
                                               torch.float32)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     logits3d = as_rows3d(logits.detach())
-    grad = grad3d = None
-    if write_grad and inplace_backward:
-        grad, grad3d = logits.detach(), logits3d
-    elif write_grad:  # in logits3d's [B, T, V] shape, so both are addressed with the same row split
-        grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
-        grad = grad3d.view(logits.shape)
+    buffer = gradient_buffer(logits.detach(), inplace=inplace_backward, rows3d=logits3d) if write_grad else None
     per_token = (lambda v: v.reshape(-1).to(torch.float32).contiguous() if v is not None else None)  # noqa: E731
     logprobs, entropy = torch.ops.aem_kernels.triton_aem_loss_fused_fwd(
         logits3d, batch.labels.reshape(-1).contiguous(), per_token(token_adv), per_token(token_weights),
         per_token(batch.old_logprobs), per_token(batch.ref_logprobs), float(config.temperature), config.ignore_index,
         float(config.clip_low), float(config.clip_high),
         float(config.dual_clip) if config.dual_clip is not None else None, float(config.entropy_coef),
-        float(config.kl_coef), config.kl_type, grad3d)
-    if grad is not None and grad3d.data_ptr() != grad.data_ptr():  # as_rows3d had to copy
-        grad.copy_(grad3d.view(grad.shape))
+        float(config.kl_coef), config.kl_type, buffer.rows3d if write_grad else None)
     with torch.no_grad():
         loss, metrics = _loss._loss_from_token_terms(batch, logprobs, entropy, config)
     if write_grad:
-        loss = FusedGradientFunction.apply(loss, logits, grad)
+        loss = FusedGradientFunction.apply(loss, logits, buffer.finish())
     return loss, metrics
