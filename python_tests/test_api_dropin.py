@@ -168,18 +168,22 @@ def _token_ops_and_two_pass_loss(backend, inplace):
     labels, w = batch["labels"], batch["weights"]
     options = dict(temperature=TEMPERATURE, backend=backend, inplace_backward=inplace)
 
-    def step(a, b, c, d):
+    top = torch.stack([labels, (labels + 1) % logits.shape[-1], labels], dim=-1)  # K = 3, one duplicate
+
+    def step(a, b, c, d, e):
         # `* 1.0`: inplace_backward overwrites its logits, which must be a non-leaf (as an lm_head's output is)
         lp, h = ak.logprobs_and_entropy(a * 1.0, labels, **options)
+        lp_top = ak.selective_log_softmax(e * 1.0, top, TEMPERATURE, backend=backend, inplace_backward=inplace)
         lp_only = ak.logprobs_from_logits(b * 1.0, labels, **options)
         h_only = ak.entropy_from_logits(c * 1.0, **options)
         loss, _ = ak.aem_policy_loss(d * 1.0, labels, batch["advantages"], token_response=batch["token_response"],
                                      response_group=batch["response_group"], num_groups=2, single_pass=False,
                                      config=ak.AEMConfig(temperature=TEMPERATURE), backend=backend,
                                      inplace_backward=inplace)
-        return (lp * w).sum() + (h * w).sum(), (lp_only * w).sum(), (h_only * w).sum(), loss
+        return ((lp * w).sum() + (h * w).sum(), (lp_only * w).sum(), (h_only * w).sum(), loss,
+                (lp_top * w[:, None]).sum())
 
-    return step, [logits] * 4
+    return step, [logits] * 5
 
 
 # aot_eager runs Dynamo and AOT autograd (fake tensors, functionalisation of the in-place gradient, the backward
