@@ -68,12 +68,12 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         return buffer.finish(), None, None, None, None, None
 
 
-def _prepare(logits, labels, temperature, ignore_index, backend, allow_k=False):
+def _prepare(logits, labels, temperature, ignore_index, backend, allow_k=False, labels_name="labels"):
     logits = V.check_logits(logits)
     temperature = V.check_temperature(temperature)
     ignore_index = V.check_ignore_index(ignore_index)
     if labels is not None:
-        labels = V.check_labels(labels, logits, ignore_index, allow_k=allow_k)
+        labels = V.check_labels(labels, logits, ignore_index, labels_name, allow_k=allow_k)
     return logits, labels, temperature, ignore_index, resolve_backend(backend, logits.device)
 
 
@@ -137,14 +137,15 @@ def logprobs_from_logits(
     `selective_log_softmax(logits, index)` (`index=` is accepted as the labels' name). Other arguments as in
     `logprobs_and_entropy`.
     """
+    name = "labels"
     if index is not None:
         if labels is not None:
             raise TypeError("pass the labels either as `labels` or as `index`, not both")
-        labels = index
+        labels, name = index, "index"
     if labels is None:
         raise TypeError("logprobs_from_logits() needs `labels` (or `index`)")
     logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend,
-                                                             allow_k=True)
+                                                             allow_k=True, labels_name=name)
     dtype = V.check_output_dtype(dtype)
     if labels.dim() == logits.dim():  # K labels per position
         return _as(dtype, GatheredLogprobsFunction.apply(logits, labels, temperature, ignore_index, be,
@@ -175,8 +176,8 @@ def selective_log_softmax(
             raise ValueError(f"row_mask must have index's shape {tuple(index.shape)} on {index.device}, got "
                              f"{tuple(row_mask.shape)} on {row_mask.device}")
         index = torch.where(row_mask == 0, V.check_ignore_index(ignore_index), index)
-    return logprobs_from_logits(logits, index, temperature=temperature, ignore_index=ignore_index, backend=backend,
-                                inplace_backward=inplace_backward, dtype=dtype)
+    return logprobs_from_logits(logits, index=index, temperature=temperature, ignore_index=ignore_index,
+                                backend=backend, inplace_backward=inplace_backward, dtype=dtype)
 
 
 def entropy_from_logits(
