@@ -3,10 +3,11 @@
 TRL's `selective_log_softmax(logits, index)` accepts an index of shape (..., K) (top-K or candidate tokens);
 this is that op over every backend, with the backend contract unchanged (one label per row):
 
-Forward. The backend runs on one "anchor" label per row (the row's first label that is not ignore_index) and
-reads the logits once for l_anchor = x_anchor - lse (eq. 1, x = z / tau). The other K - 1 values are O(N K)
-gathers: l_k = l_anchor + (x_k - x_anchor), which is exactly l_anchor for y_k = y_anchor, so K = 1 (and every
-duplicate of the anchor) gives the backend's own value. The state the backend returns is saved as it is.
+Forward. The backend runs on one "anchor" label per row (of the row's labels that are not ignore_index, the
+first of largest logit) and reads the logits once for l_anchor = x_anchor - lse (eq. 1, x = z / tau). The
+K values are O(N K) gathers: l_k = l_anchor + (x_k - x_anchor), which is exactly l_anchor for y_k = y_anchor,
+so K = 1 (and every duplicate of the anchor) gives the backend's own value. The state the backend returns is
+saved as it is.
 
 Backward. With a_k = dL/dl_k (0 for ignored entries) and A = sum_k a_k,
 
@@ -59,13 +60,21 @@ class GatheredLogprobsFunction(torch.autograd.Function):
         index = labels.reshape(-1, k)
         active = index != ignore_index
         safe = torch.where(active, index, 0)
-        first = active.to(torch.int8).argmax(dim=1, keepdim=True)  # the first active entry (0 when none)
-        anchor = torch.where(active.any(dim=1), safe.gather(1, first).squeeze(1), ignore_index)
-        anchor_logprobs, entropy, state = backend.forward(logits3d, anchor, temperature, ignore_index)
         # Same rounding as eager: the logits' dtype -> fp32 (fp64), then / tau.
         scaled = logits3d.gather(2, safe.view(batch, rows, k)).view(-1, k).to(dtype) / temperature
-        logprobs = anchor_logprobs.unsqueeze(1) + (scaled - scaled.gather(1, first))
-        logprobs = torch.where(active, logprobs, torch.zeros((), dtype=dtype, device=logits.device))
+        # The anchor: the first active entry of largest logit, so that a label at -inf is never the anchor
+        # while a finite one exists (l_anchor = -inf would turn every other l_k into NaN).
+        key = torch.where(active, scaled, float("-inf"))
+        best = active & (key == key.amax(dim=1, keepdim=True))
+        best = torch.where(best.any(dim=1, keepdim=True), best, active)  # a NaN logit: the first active entry
+        first = best.to(torch.int8).argmax(dim=1, keepdim=True)  # position of the anchor (0 when none active)
+        anchor = torch.where(active.any(dim=1), safe.gather(1, first).squeeze(1), ignore_index)
+        anchor_logprobs, entropy, state = backend.forward(logits3d, anchor, temperature, ignore_index)
+        anchor_scaled = scaled.gather(1, first)
+        # x_k == x_anchor (the anchor's own token, or both -inf): exactly l_anchor, never -inf - -inf
+        offset = torch.where(scaled == anchor_scaled, 0.0, scaled - anchor_scaled)
+        logprobs = torch.where(active, anchor_logprobs.unsqueeze(1) + offset,
+                               torch.zeros((), dtype=dtype, device=logits.device))
         ctx.save_for_backward(logits, anchor, state, entropy, safe, first, active, logprobs)
         ctx.config = (temperature, ignore_index, backend, inplace_backward)
         ctx.set_materialize_grads(False)

@@ -71,7 +71,9 @@ def test_accuracy_rule_against_fp64(backend, k, temperature, scale):
     assert _max_error(leaf.grad[at_labels], exact_grad[at_labels]) <= grad_bound
     # Everywhere else the gradient is the backend's own single-label backward with coefficient sum_k a_k at
     # the row's first active label, bit for bit (so it meets the rule wherever the backend's backward does).
-    first = active.to(torch.int8).argmax(-1, keepdim=True)
+    # the anchor: the first active label of largest logit
+    key = torch.where(active, logits.gather(-1, torch.where(active, index, 0)), float("-inf"))
+    first = (active & (key == key.amax(-1, keepdim=True))).to(torch.int8).argmax(-1, keepdim=True)
     anchor = torch.where(active.any(-1), index.gather(-1, first).squeeze(-1), -100)
     plain_leaf = logits.clone().requires_grad_()
     plain = ak.logprobs_from_logits(plain_leaf, anchor, temperature=temperature, backend=backend)
@@ -177,6 +179,26 @@ def test_many_duplicates_and_an_index_larger_than_the_vocab(backend):
     _, eager_grad = _eager(logits.float(), index, 1.0, torch.float32, weights)
     assert _max_error(out, exact) <= 1e-5
     assert _max_error(leaf.grad, exact_grad) <= 3 * _max_error(eager_grad, exact_grad) + 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_at_minus_inf(backend):
+    """A label whose logit is -inf has l = -inf and gradient a_k / tau; the other labels of its row stay finite."""
+    logits = torch.randn(4, 29, device=DEVICE)
+    logits[:, :5] = float("-inf")
+    index = torch.tensor([[0, 7, 9], [3, 3, 1], [11, 0, 2], [20, 21, 22]], device=DEVICE)
+    weights = torch.randn(4, 3, device=DEVICE)
+    leaf = logits.clone().requires_grad_()
+    out = ak.logprobs_from_logits(leaf, index, temperature=0.9, backend=backend)
+    (out * weights).sum().backward()  # the loss is -inf; its gradient is finite
+    exact = torch.log_softmax(logits.double() / 0.9, -1).gather(-1, index)
+    assert torch.equal(torch.isinf(out), index < 5) and torch.all(out[index < 5] < 0)
+    torch.testing.assert_close(out[index >= 5].double(), exact[index >= 5], rtol=0, atol=1e-5)
+    exact_leaf = logits.double().requires_grad_()
+    expected = torch.log_softmax(exact_leaf / 0.9, -1).gather(-1, index)
+    (expected * weights.double()).sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    torch.testing.assert_close(leaf.grad.double(), exact_leaf.grad, rtol=0, atol=1e-5)
 
 
 def test_fp64_logits_stay_fp64():
