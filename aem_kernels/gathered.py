@@ -40,7 +40,8 @@ def _duplicate_sums(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     group = starts.to(torch.int64).cumsum(1) - 1
-    # fp64 accumulation: a group of duplicates sums to the same value whatever order the scatter adds in
+    # fp64 accumulation: the fp32 sum of a group of duplicates does not depend on the order the scatter adds in
+    # (CUDA's atomics), unless its coefficients span more than ~2^25 in magnitude
     totals = torch.zeros(values.shape, dtype=torch.float64, device=values.device)
     totals.scatter_add_(1, group, values.gather(1, order).to(torch.float64))
     return torch.empty_like(values).scatter_(1, order, totals.gather(1, group).to(values.dtype))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import aem_kernels as ak
+from aem_kernels._layout import _rows3d_needs_copy
 from conftest import DEVICE
 
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
@@ -127,6 +128,7 @@ def test_non_mergeable_4d_logits_gradient_buffer(backend, inplace):
     labels = torch.randint(0, 23, (2, 3, 4), device=DEVICE)
     leaf = base.clone().requires_grad_()
     work = leaf.transpose(0, 1) * 1.0 if not inplace else (leaf * 1.0).transpose(0, 1)
+    assert _rows3d_needs_copy(work)
     logprobs, entropy = ak.logprobs_and_entropy(work, labels, temperature=TEMPERATURE, backend=backend,
                                                 inplace_backward=inplace)
     (logprobs.sum() + 0.3 * entropy.sum()).backward()
@@ -134,6 +136,29 @@ def test_non_mergeable_4d_logits_gradient_buffer(backend, inplace):
     lp, h = _eager(exact.transpose(0, 1), labels)
     (lp.sum() + 0.3 * h.sum()).backward()
     torch.testing.assert_close(leaf.grad.double(), exact.grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(ak.available_backends(DEVICE)["triton"] is not None, reason="Triton cannot run here")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_single_pass_gradient_buffer_of_non_mergeable_4d_logits(inplace):
+    """The single-pass loss writes its gradient through the same buffer helper (copied back once)."""
+    base = torch.randn(3, 2, 2, 41, device=DEVICE)
+    labels = torch.randint(0, 41, (2, 3, 2), device=DEVICE)
+    token_response = torch.tensor([[[0, 0], [0, 1], [1, -1]], [[2, 2], [3, 3], [3, -1]]], device=DEVICE)
+    extras = dict(token_response=token_response, response_group=torch.tensor([0, 0, 1, 1], device=DEVICE),
+                  old_entropy=torch.rand(2, 3, 2, device=DEVICE), num_groups=2,
+                  config=ak.AEMConfig(surprisal_source="old", temperature=TEMPERATURE, entropy_coef=0.1))
+    advantages = torch.tensor([1.0, -0.5, 0.3, 0.8], device=DEVICE)
+    grads = []
+    for backend, single_pass in (("triton", True), ("torch", False)):
+        leaf = base.clone().requires_grad_()
+        work = (leaf * 1.0).transpose(0, 1)
+        assert _rows3d_needs_copy(work)
+        loss, _ = ak.aem_policy_loss(work, labels, advantages, backend=backend, single_pass=single_pass,
+                                     inplace_backward=inplace and single_pass, **extras)
+        (2.0 * loss).backward()  # grad_output != 1: the backward rescales the buffer in place
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 # ---- torch.compile(fullgraph=True) x inplace_backward x backend -------------------------------------------
