@@ -60,7 +60,7 @@ class GatheredLogprobsFunction(torch.autograd.Function):
         k = labels.shape[-1]
         index = labels.reshape(-1, k)
         active = index != ignore_index
-        safe = torch.where(active, index, 0)
+        safe = torch.where(active, index, 0).long()  # gather/scatter take int64 (int32) indices only
         # Same rounding as eager: the logits' dtype -> fp32 (fp64), then / tau.
         scaled = logits3d.gather(2, safe.view(batch, rows, k)).view(-1, k).to(dtype) / temperature
         # The anchor: the first active entry of largest logit, so that a label at -inf is never the anchor

@@ -201,6 +201,19 @@ def test_labels_at_minus_inf(backend):
     torch.testing.assert_close(leaf.grad.double(), exact_leaf.grad, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_integer_index(backend, index_dtype):
+    logits = torch.randn(3, 4, 37, device=DEVICE)
+    index = torch.randint(0, 37, (3, 4, 3), device=DEVICE)
+    leaves = [logits.clone().requires_grad_() for _ in range(2)]
+    outs = [ak.selective_log_softmax(leaf, i, backend=backend)
+            for leaf, i in zip(leaves, (index, index.to(index_dtype)))]
+    for out in outs:
+        out.sum().backward()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(leaves[0].grad, leaves[1].grad)
+
+
 def test_fp64_logits_stay_fp64():
     logits = torch.randn(4, 19, dtype=torch.float64, device=DEVICE)
     index = torch.randint(0, 19, (4, 3), device=DEVICE)
