@@ -76,11 +76,20 @@ def check_integer_tensor(name: str, value: object, shape: Optional[Sequence[int]
     return value
 
 
-def check_labels(labels: object, logits: torch.Tensor, ignore_index: int, name: str = "labels") -> torch.Tensor:
-    """Labels of shape logits.shape[:-1], values in [0, V) or == ignore_index."""
+def check_labels(labels: object, logits: torch.Tensor, ignore_index: int, name: str = "labels", *,
+                 allow_k: bool = False) -> torch.Tensor:
+    """Labels of shape logits.shape[:-1] (or, with allow_k, logits.shape[:-1] + (K,), K >= 1: K labels per
+    position, TRL's index form), values in [0, V) or == ignore_index."""
     vocab = logits.shape[-1]
-    labels = check_integer_tensor(name, labels, logits.shape[:-1], logits.device,
-                                  f"logits.shape[:-1], values in [0, {vocab}) or ignore_index")
+    expected = f"logits.shape[:-1], values in [0, {vocab}) or ignore_index"
+    shape = tuple(logits.shape[:-1])
+    if allow_k:
+        labels = check_tensor(name, labels)
+        expected = (f"logits.shape[:-1] = {shape} or logits.shape[:-1] + (K,) = {shape + ('K',)} with K >= 1, "
+                    f"values in [0, {vocab}) or ignore_index")
+        if labels.dim() == logits.dim() and tuple(labels.shape[:-1]) == shape and labels.shape[-1] >= 1:
+            shape = tuple(labels.shape)
+    labels = check_integer_tensor(name, labels, shape, logits.device, expected)
     if labels.numel() and value_checks_enabled(labels):
         bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
         if bool(bad.any()):
@@ -88,6 +97,18 @@ def check_labels(labels: object, logits: torch.Tensor, ignore_index: int, name: 
             raise ValueError(f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                              f"found {example} ({int(bad.sum())} bad entries)")
     return labels
+
+
+def check_output_dtype(dtype: object) -> Optional[torch.dtype]:
+    """None (fp32 outputs; fp64 for fp64 logits) or the floating dtype the caller wants the outputs in."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be None or a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be None, torch.float16, torch.bfloat16, torch.float32 or torch.float64, "
+                        f"got {dtype}")
+    return dtype
 
 
 def check_index_map(name: str, ids: object, shape: Optional[Sequence[int]], device: torch.device, *,

@@ -13,8 +13,9 @@ from typing import Optional, Tuple
 import torch
 
 from . import _validation as V
-from ._layout import as_rows3d
+from ._layout import as_rows3d, gradient_buffer
 from .dispatch import Backend, resolve_backend
+from .gathered import GatheredLogprobsFunction
 from .reductions import segment_count, segment_sum
 
 __all__ = [
@@ -35,47 +36,50 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, ignore_index: int,
                 backend: Backend, inplace_backward: bool):
         flat_labels = labels.reshape(-1) if labels is not None else None
-        logprobs, entropy, lse = backend.forward(as_rows3d(logits), flat_labels, temperature, ignore_index)
-        ctx.save_for_backward(logits, flat_labels, lse, entropy)
+        logprobs, entropy, state = backend.forward(as_rows3d(logits), flat_labels, temperature, ignore_index)
+        ctx.save_for_backward(logits, flat_labels, state, entropy)
         ctx.config = (temperature, ignore_index, backend, inplace_backward)
         ctx.set_materialize_grads(False)
+        # The outputs are O(N) private copies, not views: a view made inside a Function cannot be edited in
+        # place (users masked_fill_ their log-probs), and an edit must not reach the entropy saved above.
         shape = logits.shape[:-1]
+        entropy_out = entropy.reshape(shape).clone()
         if logprobs is None:
-            logprobs = torch.zeros_like(entropy)
-            ctx.mark_non_differentiable(logprobs)
-        return logprobs.view(shape), entropy.view(shape)
+            logprobs_out = torch.zeros_like(entropy_out)
+            ctx.mark_non_differentiable(logprobs_out)
+        else:
+            logprobs_out = logprobs.reshape(shape).clone()
+        return logprobs_out, entropy_out
 
     @staticmethod
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, state, entropy = ctx.saved_tensors
         temperature, ignore_index, backend, inplace_backward = ctx.config
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 6
         if labels is None:
             grad_logprobs = None
         logits3d = as_rows3d(logits)
-        if inplace_backward:
-            grad, grad3d = logits, logits3d
-        else:
-            # Allocated in logits3d's [B, T, V] shape: the backend addresses both with the same row split even
-            # when the logits are a non-contiguous slice such as logits[:, :-1].
-            grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
-            grad = grad3d.view(logits.shape)
+        buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
         flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)
-        out3d = backend.backward(logits3d, labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy),
-                                 temperature, ignore_index, grad3d)
-        if inplace_backward and logits3d is not logits and not logits3d._is_view():
-            grad.copy_(out3d.view(grad.shape))  # as_rows3d had to copy (>3-d, non-mergeable dims)
-        return grad, None, None, None, None, None
+        backend.backward(logits3d, labels, state, entropy, flat(grad_logprobs), flat(grad_entropy), temperature,
+                         ignore_index, buffer.rows3d)
+        return buffer.finish(), None, None, None, None, None
 
 
-def _prepare(logits, labels, temperature, ignore_index, backend):
+def _prepare(logits, labels, temperature, ignore_index, backend, allow_k=False, labels_name="labels"):
     logits = V.check_logits(logits)
     temperature = V.check_temperature(temperature)
     ignore_index = V.check_ignore_index(ignore_index)
     if labels is not None:
-        labels = V.check_labels(labels, logits, ignore_index)
+        labels = V.check_labels(labels, logits, ignore_index, labels_name, allow_k=allow_k)
     return logits, labels, temperature, ignore_index, resolve_backend(backend, logits.device, logits.dtype)
+
+
+def _as(dtype: Optional[torch.dtype], *outputs: torch.Tensor):
+    """The outputs in the caller's dtype (None: as computed, fp32, or fp64 for fp64 logits)."""
+    converted = tuple(out if dtype is None or out.dtype == dtype else out.to(dtype) for out in outputs)
+    return converted if len(converted) > 1 else converted[0]
 
 
 def logprobs_and_entropy(
@@ -86,6 +90,7 @@ def logprobs_and_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     inplace_backward: bool = False,
+    dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token log-probs l_t (eq. 1) and entropies h_t (eq. 2) in one read of the logits.
 
@@ -97,14 +102,18 @@ def logprobs_and_entropy(
         backend: "auto", "triton", "cpu" or "torch" (see `aem_kernels.dispatch`).
         inplace_backward: write the logits' gradient into the logits' own storage (the logits must not be
             needed after the backward); peak memory stays at one N x V buffer.
+        dtype: the outputs' dtype; None (default) keeps the fp32 math's result (fp64 for fp64 logits), also
+            for half-precision logits; `dtype=logits.dtype` rounds them to the logits' dtype, as TRL returns.
 
     Returns:
-        (logprobs, entropy), each of labels' shape, fp32 (fp64 for fp64 logits).
+        (logprobs, entropy), each of labels' shape: ordinary tensors that may be edited in place.
     """
     logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend)
+    dtype = V.check_output_dtype(dtype)
     if labels is None:
         raise TypeError("labels must be a torch.Tensor, got None (use entropy_from_logits for entropy alone)")
-    return LogprobsEntropyFunction.apply(logits, labels, temperature, ignore_index, be, inplace_backward)
+    return _as(dtype, *LogprobsEntropyFunction.apply(logits, labels, temperature, ignore_index, be,
+                                                     inplace_backward))
 
 
 def logprobs_from_logits(
@@ -116,25 +125,58 @@ def logprobs_from_logits(
     backend: str = "auto",
     inplace_backward: bool = False,
     index: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Token log-probs log softmax(logits / tau)[labels] (eq. 1), shape labels.shape, fp32.
+    """Token log-probs log softmax(logits / tau)[labels] (eq. 1), shape labels.shape, fp32 unless `dtype`.
 
+    labels: logits.shape[:-1] (one label per position), or logits.shape[:-1] + (K,) with K >= 1 (K labels per
+    position, like torch.gather: [B, 1] labels of [B, V] logits give [B, 1]); entries equal to ignore_index
+    give 0 and no gradient. The K form reads the logits once (see `aem_kernels.gathered`).
     Drop-in for verl's `logprobs_from_logits(logits, labels, inplace_backward=...)` and TRL's
-    `selective_log_softmax(logits, index)` (`index=` is accepted as the labels' name).
+    `selective_log_softmax(logits, index)` (`index=` is accepted as the labels' name). Other arguments as in
+    `logprobs_and_entropy`.
     """
+    name = "labels"
     if index is not None:
         if labels is not None:
             raise TypeError("pass the labels either as `labels` or as `index`, not both")
-        labels = index
+        labels, name = index, "index"
     if labels is None:
         raise TypeError("logprobs_from_logits() needs `labels` (or `index`)")
-    return logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                                backend=backend, inplace_backward=inplace_backward)[0]
+    logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend,
+                                                             allow_k=True, labels_name=name)
+    dtype = V.check_output_dtype(dtype)
+    if labels.dim() == logits.dim():  # K labels per position
+        return _as(dtype, GatheredLogprobsFunction.apply(logits, labels, temperature, ignore_index, be,
+                                                         inplace_backward))
+    return _as(dtype, LogprobsEntropyFunction.apply(logits, labels, temperature, ignore_index, be,
+                                                    inplace_backward)[0])
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """TRL's name for `logprobs_from_logits(logits, index)`."""
-    return logprobs_from_logits(logits, index)
+def selective_log_softmax(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    temperature: float = 1.0,
+    row_mask: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """TRL's `selective_log_softmax(logits, index, temperature, row_mask)`: `logprobs_from_logits(logits,
+    index)` with index of shape logits.shape[:-1] or logits.shape[:-1] + (K,). row_mask (index's shape):
+    entries where it is 0 give 0 and no gradient, as in TRL. Returns fp32 unless `dtype` (TRL returns the
+    logits' dtype: pass dtype=logits.dtype for that)."""
+    if row_mask is not None:
+        index = V.check_tensor("index", index)
+        row_mask = V.check_tensor("row_mask", row_mask)
+        if tuple(row_mask.shape) != tuple(index.shape) or row_mask.device != index.device:
+            raise ValueError(f"row_mask must have index's shape {tuple(index.shape)} on {index.device}, got "
+                             f"{tuple(row_mask.shape)} on {row_mask.device}")
+        index = torch.where(row_mask == 0, V.check_ignore_index(ignore_index), index)
+    return logprobs_from_logits(logits, index=index, temperature=temperature, ignore_index=ignore_index,
+                                backend=backend, inplace_backward=inplace_backward, dtype=dtype)
 
 
 def entropy_from_logits(
@@ -144,8 +186,9 @@ def entropy_from_logits(
     backend: str = "auto",
     inplace_backward: bool = False,
     chunk_size: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Token entropy of softmax(logits / tau) (eq. 2), shape logits.shape[:-1], fp32.
+    """Token entropy of softmax(logits / tau) (eq. 2), shape logits.shape[:-1], fp32 unless `dtype`.
 
     Drop-in for verl's `entropy_from_logits(logits)` and TRL's `entropy_from_logits(logits, chunk_size=...)`;
     `chunk_size` is accepted for compatibility and unused (every backend bounds its own working set).
@@ -153,7 +196,8 @@ def entropy_from_logits(
     if chunk_size is not None:
         V.check_count("chunk_size", chunk_size)
     logits, _, temperature, _, be = _prepare(logits, None, temperature, -100, backend)
-    return LogprobsEntropyFunction.apply(logits, None, temperature, -100, be, inplace_backward)[1]
+    dtype = V.check_output_dtype(dtype)
+    return _as(dtype, LogprobsEntropyFunction.apply(logits, None, temperature, -100, be, inplace_backward)[1])
 
 
 def _segment_inputs(name: str, values, token_response, num_responses):

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .._constants import KL_VALUE_CLAMP, LOG_RATIO_CLAMP
-from .._layout import as_rows3d
+from .._layout import as_rows3d, gradient_buffer
 from .utils import (BWD_TILE_BYTES, FWD_TILE_BYTES, check_triton_device, launch_config, row_offset,
                     store_row_grad, streaming_softmax_stats, to_storage)
 
@@ -204,21 +204,21 @@ class FusedGradientFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss_value: torch.Tensor, logits: torch.Tensor, grad_logits: torch.Tensor):
-        ctx.grad_logits = grad_logits
+        # Saved as a tensor (not a ctx attribute that the backward clears): torch.compile traces the backward
+        # more than once, and the in-place scaling bumps its version, which flags a second backward.
+        ctx.save_for_backward(grad_logits)
         return loss_value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad = ctx.grad_logits
-        if grad is None:
+        try:
+            (grad,) = ctx.saved_tensors
+        except RuntimeError as error:  # version mismatch: an earlier backward already scaled the buffer
             raise RuntimeError("the single-pass AEM loss gradient was already consumed by an earlier backward; "
-                               "retain_graph=True is not supported on this path (use single_pass=False)")
-        ctx.grad_logits = None
-        grad3d = as_rows3d(grad)
-        torch.ops.aem_kernels.triton_scale_rows_(grad3d, grad_output.reshape(1).to(torch.float32))
-        if grad3d.data_ptr() != grad.data_ptr():  # as_rows3d had to copy (>3-d, non-mergeable dims)
-            grad.copy_(grad3d.view(grad.shape))
-        return None, grad, None
+                               "retain_graph=True is not supported on this path (use single_pass=False)") from error
+        buffer = gradient_buffer(grad, inplace=True)
+        torch.ops.aem_kernels.triton_scale_rows_(buffer.rows3d, grad_output.reshape(1).to(torch.float32))
+        return None, buffer.finish(), None
 
 
 def aem_loss_single_pass(
@@ -234,18 +234,11 @@ def aem_loss_single_pass(
     check_triton_device(logits)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     logits3d = as_rows3d(logits.detach())
-    grad = grad3d = None
-    if write_grad and inplace_backward:
-        grad, grad3d = logits.detach(), logits3d
-    elif write_grad:  # in logits3d's [B, T, V] shape, so both are addressed with the same row split
-        grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
-        grad = grad3d.view(logits.shape)
+    buffer = gradient_buffer(logits.detach(), inplace=inplace_backward, rows3d=logits3d) if write_grad else None
     per_token = (lambda v: v.reshape(-1).to(torch.float32).contiguous() if v is not None else None)  # noqa: E731
     logprobs, entropy = torch.ops.aem_kernels.triton_aem_loss_fused_fwd(
         logits3d, labels.reshape(-1).contiguous(), per_token(advantages), per_token(token_weights),
         per_token(old_logprobs), per_token(ref_logprobs), float(temperature), int(ignore_index),
         float(clip_low), float(clip_high), float(dual_clip) if dual_clip is not None else None,
-        float(entropy_coef), float(kl_coef), kl_type, grad3d)
-    if grad is not None and grad3d.data_ptr() != grad.data_ptr():  # as_rows3d had to copy
-        grad.copy_(grad3d.view(grad.shape))
-    return logprobs, entropy, grad
+        float(entropy_coef), float(kl_coef), kl_type, buffer.rows3d if write_grad else None)
+    return logprobs, entropy, (buffer.finish() if write_grad else None)
