@@ -1,9 +1,9 @@
 """Public token ops: the autograd Function over all backends, and the drop-in functions built on it.
 
-`LogprobsEntropyFunction` computes (eq. 1-2) per row of logits and saves only O(N) state (lse, entropy) plus a
-reference to the logits. Its backward is the section-6 formula evaluated by the chosen backend in one read
-of the logits and one write of the gradient (optionally into the logits' own storage), never autograd
-through a softmax copy.
+`LogprobsEntropyFunction` computes (eq. 1-2) per row of logits and saves only O(N) state (the backend's per-row
+state, entropy) plus a reference to the logits. Its backward is the section-6 formula evaluated by the chosen
+backend in one read of the logits and one write of the gradient (optionally into the logits' own storage),
+never autograd through a softmax copy.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, ignore_index: int,
                 backend: Backend, inplace_backward: bool):
         flat_labels = labels.reshape(-1) if labels is not None else None
-        logprobs, entropy, lse = backend.forward(as_rows3d(logits), flat_labels, temperature, ignore_index)
-        ctx.save_for_backward(logits, flat_labels, lse, entropy)
+        logprobs, entropy, state = backend.forward(as_rows3d(logits), flat_labels, temperature, ignore_index)
+        ctx.save_for_backward(logits, flat_labels, state, entropy)
         ctx.config = (temperature, ignore_index, backend, inplace_backward)
         ctx.set_materialize_grads(False)
         shape = logits.shape[:-1]
@@ -48,7 +48,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, state, entropy = ctx.saved_tensors
         temperature, ignore_index, backend, inplace_backward = ctx.config
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 6
@@ -63,7 +63,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
             grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
             grad = grad3d.view(logits.shape)
         flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)
-        out3d = backend.backward(logits3d, labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy),
+        out3d = backend.backward(logits3d, labels, state, entropy, flat(grad_logprobs), flat(grad_entropy),
                                  temperature, ignore_index, grad3d)
         if inplace_backward and logits3d is not logits and not logits3d._is_view():
             grad.copy_(out3d.view(grad.shape))  # as_rows3d had to copy (>3-d, non-mergeable dims)

@@ -3,9 +3,14 @@
 Every backend implements the same two functions on the canonical layout (see `_layout.py`):
 
     forward(logits3d [B,T,V], labels [B*T] | None, temperature, ignore_index)
-        -> (logprobs [B*T] | None, entropy [B*T], lse [B*T])        fp32 (fp64 for fp64 logits)
-    backward(logits3d, labels | None, lse, entropy, grad_logprobs | None, grad_entropy | None,
+        -> (logprobs [B*T] | None, entropy [B*T], state)            fp32 (fp64 for fp64 logits)
+    backward(logits3d, labels | None, state, entropy, grad_logprobs | None, grad_entropy | None,
              temperature, ignore_index, grad_out3d) -> grad_out3d   (grad_out3d may alias logits3d)
+
+`state` is opaque to callers: whatever the backend's own backward needs, and only its own forward's output
+may be passed to it. Every backend today returns a [B*T, 2] tensor of (row max of the logits, log d) with
+d = sum_v exp((x_v - max) / tau), zero on ignored rows (kept apart rather than folded into one log-sum-exp:
+see `reference.py`).
 
 "auto" picks Triton for CUDA tensors, the C++ kernels for CPU tensors when the extension is built, and the
 torch reference otherwise. Naming a backend that cannot serve the tensor raises `BackendUnavailableError`

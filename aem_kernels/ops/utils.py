@@ -5,7 +5,7 @@ vocabulary in tiles of BLOCK_V columns; the work per byte is a handful of flops 
 are bound by HBM bandwidth (3.35 TB/s H100 SXM, 4.8 TB/s H200). What matters is the number of bytes in
 flight per SM, which must cover bandwidth x latency (~600 ns): about 15 KB per SM on H100 and 22 KB on H200.
 A tile of 16 KB (8192 bf16/fp16 or 4096 fp32 values) over 8 warps gives every thread four 16-byte vector
-loads per tile; ptxas (sm_90, Triton 3.9) allocates 63-79 registers for the bf16 forward, so three or four
+loads per tile; ptxas (sm_90, Triton 3.9) allocates 58-63 registers for the bf16 forward, so three or four
 programs fit on an SM: 48-64 KB in flight, enough on both chips, while a row of 150k columns is still ~19-37 tiles (plenty
 of iterations to amortise the per-tile reductions). The backward (and the gradient loop of the fused loss)
 keeps more values live per element (z, log p, p, the gradient) and also stores, so it takes 8 KB tiles
@@ -100,8 +100,10 @@ def streaming_softmax_stats(row_ptr, n_cols, vocab, inv_temperature, BLOCK_V: tl
     = e^delta (e^s s + delta e^s). x - m is exact near the max (Sterbenz) and is scaled after the
     subtraction, so s is accurate to an ulp of s (eager fp32 rounds x / tau and m / tau first: an ulp of
     |x| / tau); the entropy h = log d - t / d never cancels two O(|z|) numbers. The per-element work is
-    the same as scaling first (one subtract, one multiply): no division on the hot path (fp32 `/` would
-    lower to the approximate div.full.f32 on NVIDIA, and div.rn.f32 costs ~10 instructions per element).
+    the same as scaling first (one subtract, one multiply; the sm_90 PTX of the tile loop has as many
+    instructions as with z = x * scale, z - m): no division on the hot path. Triton lowers fp32 `/` to the
+    approximate div.full.f32 (2 ulp) on NVIDIA; a correctly rounded x / tau would need `tl.math.div_rn`
+    (div.rn.f32, a multi-instruction sequence in SASS) per element.
     -inf entries have exp = 0 and add nothing to t (p log p -> 0); a row that is -inf so far keeps
     m = -inf with d = t = 0 (the shift is taken as 0 so no inf - inf appears). `n_cols` is `vocab`, or 0
     to skip the row without touching memory.
