@@ -75,8 +75,8 @@ def test_cuda_graph_capture_and_replay():
     tr = torch.randint(-1, 16, (n,), device="cuda")
 
     def step():
-        lp, h, lse, sums_lp, sums_h = _ops().logprobs_entropy_fwd_with_response_sums(
-            logits3d, labels, 1.0, IGNORE, tr, 16, deterministic=True)
+        lp, h, state = _ops().logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+        _, sums_h = segment_sums_deterministic((lp, h), tr, 16)
         _ops().logprobs_entropy_bwd(logits3d, labels, state, h, a, b, 1.0, IGNORE, grad)
         return lp, h, sums_h
 
