@@ -132,9 +132,9 @@ def streaming_softmax_stats(row_ptr, n_cols, vocab, inv_temperature, BLOCK_V: tl
 def row_epilogue(m, d, t, target, tau_hi, tau_lo):
     """Per-row outputs from the streaming stats, in fp64 (a few flops per row, nothing per element):
     (log d, h = log d - t / d, l = (x_y - m) / tau - log d), the last two rounded once to fp32. x_y - m is
-    exact in fp64 and tau is the exact Python float, so l is the correctly rounded fp32 log-prob up to the
-    rounding of d (eager fp32 rounds x_y / tau, m / tau and their difference). log d stays fp64 here; the
-    caller stores it as fp32 state."""
+    exact in fp64 and tau is the Python float to ~48 bits (tau_hi + tau_lo), so l is the correctly rounded
+    fp32 log-prob up to the rounding of d (eager fp32 rounds x_y / tau, m / tau and their difference). log d
+    stays fp64 here; the caller stores it as fp32 state."""
     d64 = d.to(tl.float64)
     log_d = tl.log(d64)
     entropy = (log_d - t.to(tl.float64) / d64).to(tl.float32)
