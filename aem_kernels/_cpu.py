@@ -61,20 +61,21 @@ def kernel_isa() -> Optional[str]:
 
 def logprobs_entropy_fwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], temperature: float,
                          ignore_index: int) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """[B, T, V] logits, labels [B*T] | None -> (logprobs [B*T] | None, entropy [B*T], lse [B*T]), fp32
-    (fp64 for fp64 logits); one read of each row. Rows whose label is ignore_index are not read: all three
-    outputs are 0 there (the reference still computes their lse; the backward never uses it)."""
-    logprobs, entropy, lse = torch.ops.aem_kernels.logprobs_entropy_fwd(logits3d, labels, float(temperature),
-                                                                        int(ignore_index))
-    return (logprobs if labels is not None else None), entropy, lse
+    """[B, T, V] logits, labels [B*T] | None -> (logprobs [B*T] | None, entropy [B*T], state [B*T, 2]), fp32
+    (fp64 for fp64 logits); state = (row max of the logits, log d), what `logprobs_entropy_bwd` needs. One
+    read of each row. Rows whose label is ignore_index are not read: all outputs are 0 there."""
+    logprobs, entropy, state = torch.ops.aem_kernels.logprobs_entropy_fwd(logits3d, labels, float(temperature),
+                                                                          int(ignore_index))
+    return (logprobs if labels is not None else None), entropy, state
 
 
-def logprobs_entropy_bwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], lse: torch.Tensor,
+def logprobs_entropy_bwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], state: torch.Tensor,
                          entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
                          grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int,
                          grad_out3d: torch.Tensor) -> torch.Tensor:
-    """Writes dL/dlogits (AEM_SPEC section 6) into grad_out3d ([B, T, V], may be logits3d itself) and returns it."""
-    torch.ops.aem_kernels.logprobs_entropy_bwd_(logits3d, labels, lse, entropy, grad_logprobs, grad_entropy,
+    """Writes dL/dlogits (AEM_SPEC section 6) into grad_out3d ([B, T, V], may be logits3d itself) and returns it;
+    `state` is what `logprobs_entropy_fwd` returned for these logits."""
+    torch.ops.aem_kernels.logprobs_entropy_bwd_(logits3d, labels, state, entropy, grad_logprobs, grad_entropy,
                                                 float(temperature), int(ignore_index), grad_out3d)
     return grad_out3d
 
@@ -95,15 +96,15 @@ def _register_op_python_parts() -> None:
         rows = logits.shape[0] * logits.shape[1]
         dtype = compute_dtype(logits.dtype)
         logprobs = logits.new_empty((rows if labels is not None else 0,), dtype=dtype)
-        return logprobs, logits.new_empty((rows,), dtype=dtype), logits.new_empty((rows,), dtype=dtype)
+        return logprobs, logits.new_empty((rows,), dtype=dtype), logits.new_empty((rows, 2), dtype=dtype)
 
     @torch.library.register_fake(lib + "logprobs_entropy_bwd_")
-    def _bwd_inplace_fake(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+    def _bwd_inplace_fake(logits, labels, state, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
                           grad_out):
         return None
 
     @torch.library.register_fake(lib + "logprobs_entropy_bwd")
-    def _bwd_fake(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):
+    def _bwd_fake(logits, labels, state, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake(lib + "segment_sum")
@@ -112,24 +113,17 @@ def _register_op_python_parts() -> None:
 
     def _fwd_setup(ctx, inputs, output):
         logits, labels, temperature, ignore_index = inputs
-        _, entropy, lse = output
-        ctx.save_for_backward(logits, labels, lse, entropy)
+        _, entropy, state = output
+        ctx.save_for_backward(logits, labels, state, entropy)
+        # The state (row max, log d) is what the backward consumes, not a differentiable output.
+        ctx.mark_non_differentiable(state)
         ctx.temperature, ctx.ignore_index = temperature, ignore_index
         ctx.set_materialize_grads(False)
 
-    def _fwd_backward(ctx, grad_logprobs, grad_entropy, grad_lse):
-        logits, labels, lse, entropy = ctx.saved_tensors
-        grad = torch.ops.aem_kernels.logprobs_entropy_bwd(logits, labels, lse, entropy, grad_logprobs,
+    def _fwd_backward(ctx, grad_logprobs, grad_entropy, grad_state):
+        logits, labels, state, entropy = ctx.saved_tensors
+        grad = torch.ops.aem_kernels.logprobs_entropy_bwd(logits, labels, state, entropy, grad_logprobs,
                                                           grad_entropy, ctx.temperature, ctx.ignore_index)
-        if grad_lse is not None:
-            # d lse / d logits = softmax / tau (lse is 0, a constant, on ignored rows). lse is an auxiliary
-            # output, so this rare path may use torch ops and an N x V temporary.
-            row_shape = logits.shape[:-1] + (1,)
-            z = logits.to(lse.dtype) / ctx.temperature
-            coef = grad_lse.to(lse.dtype).view(row_shape)
-            if labels is not None:
-                coef = torch.where((labels != ctx.ignore_index).view(row_shape), coef, 0.0)
-            grad = grad + (coef * (z - lse.view(row_shape)).exp() / ctx.temperature).to(grad.dtype)
         return grad, None, None, None
 
     torch.library.register_autograd(lib + "logprobs_entropy_fwd", _fwd_backward, setup_context=_fwd_setup)

@@ -3,21 +3,30 @@
 This is a production path (what "auto" uses where neither Triton nor the C++ extension can serve a tensor, and
 the readable baseline of the benchmarks); the test oracle is `reference.py`, which this module does not use.
 
-Token log-prob and entropy (AEM_SPEC.md eq. 1-2) with temperature tau, in a numerically careful form. With
-z = logits / tau, m = max_v z_v, s = z - m (exact near the max by Sterbenz's lemma) and d = sum_v exp(s_v):
+Token log-prob and entropy (AEM_SPEC.md eq. 1-2) with temperature tau. With m = max_v x_v the row max of
+the logits themselves (an exact logit value), s_v = (x_v - m) / tau (x_v - m is exact near the max by
+Sterbenz's lemma, so s is accurate to an ulp of s, not of x / tau) and d = sum_v exp(s_v):
 
-    lse = m + log d,    l_t = s[y_t] - log d,    h_t = log d - (sum_v exp(s_v) s_v) / d        (1, 2)
+    log p_v = s_v - log d,    l_t = s[y_t] - log d,    h_t = log d - (sum_v exp(s_v) s_v) / d        (1, 2)
 
-The entropy never subtracts two O(|z|) numbers, so logits of magnitude 1e4 keep full relative accuracy in
-fp32. Entries equal to -inf have p_v = 0 and contribute 0 to the entropy (p log p -> 0).
+The per-row epilogue (log d, l_t, h_t) is evaluated in fp64 from the exact logits x_y and m and the exact
+tau, so l_t is the correctly rounded fp32 value up to the rounding of d; eager fp32
+`log_softmax(x / tau)` instead rounds x_y / tau and m / tau (an ulp of |x| / tau each). The entropy never
+subtracts two O(|z|) numbers, so logits of magnitude 1e4 keep full accuracy in fp32. Entries equal to -inf
+have p_v = 0 and contribute 0 to the entropy (p log p -> 0).
+
+Per-row state: the forward returns `state` = [B*T, 2] of (m, log d) in the compute dtype, what its own
+backward needs. They are kept apart rather than folded into lse = m / tau + log d: near the max, s_v is
+exact and log d is small, so log p_v = s_v - log d has an error of an ulp of log p_v, while z_v - lse
+would carry the rounding of lse (an ulp of |lse|, 5e-4 at |lse| ~ 1e4) into every p_v.
 
 Gradients (section 6), with p = softmax(z), for upstream scalars a_t = dL/dl_t and b_t = dL/dh_t:
 
     dL/dlogits_t = [ a_t (onehot(y_t) - p_t) - b_t p_t * (log p_t + h_t) ] / tau
 
 Both directions walk the rows in chunks, so the fp32 working set is a few chunk-sized buffers, never an
-fp32 copy of the whole logits. Rows whose label is ignore_index produce 0 (both outputs) and a zero
-gradient. A row whose logits are all -inf has no distribution: its outputs are NaN (not silently 0).
+fp32 copy of the whole logits. Rows whose label is ignore_index produce 0 (both outputs and the state) and
+a zero gradient. A row whose logits are all -inf has no distribution: its outputs are NaN (not silently 0).
 """
 
 from __future__ import annotations
@@ -52,38 +61,45 @@ def logprobs_entropy_fwd(
     ignore_index: int,
     chunk_rows: Optional[int] = None,
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Forward over [B, T, V] logits; `labels` is [B*T] or None. Returns (logprobs|None, entropy, lse),
-    each [B*T] in fp32 (fp64 for fp64 logits); lse is of logits / temperature."""
+    """Forward over [B, T, V] logits; `labels` is [B*T] or None. Returns (logprobs|None, entropy, state):
+    logprobs and entropy [B*T], state [B*T, 2] = (row max of the logits, log d), all fp32 (fp64 for fp64
+    logits); see the module docstring."""
     batch, rows, _ = logits3d.shape
     n_rows = batch * rows
     dtype = compute_dtype(logits3d.dtype)
-    lse = torch.empty(n_rows, dtype=dtype, device=logits3d.device)
-    entropy = torch.empty_like(lse)
-    logprobs = torch.zeros_like(lse) if labels is not None else None
+    state = torch.empty(n_rows, 2, dtype=dtype, device=logits3d.device)
+    entropy = torch.empty(n_rows, dtype=dtype, device=logits3d.device)
+    logprobs = torch.zeros_like(entropy) if labels is not None else None
+    zero = torch.zeros((), dtype=dtype, device=logits3d.device)
     for start, block in _row_chunks(logits3d, chunk_rows):
         stop = start + block.shape[0]
-        z = block.to(dtype) / temperature
-        row_max = z.amax(dim=-1, keepdim=True)
-        shifted = z - row_max
+        x = block.to(dtype)
+        row_max = x.amax(dim=-1, keepdim=True)
+        shifted = (x - row_max) / temperature
         expv = shifted.exp()
-        denom = expv.sum(dim=-1)
+        # The O(rows) epilogue in fp64: log d and h from the fp32 sums, l from the exact x_y, m and tau.
+        denom = expv.sum(dim=-1).double()
         log_denom = denom.log()
-        weighted = torch.where(expv > 0, expv * shifted, torch.zeros((), dtype=dtype, device=z.device))
-        lse[start:stop] = row_max.squeeze(-1) + log_denom
-        entropy[start:stop] = log_denom - weighted.sum(dim=-1) / denom
+        weighted = torch.where(expv > 0, expv * shifted, zero).sum(dim=-1).double()
+        row_entropy = log_denom - weighted / denom
+        state[start:stop, 0] = row_max.squeeze(-1)
+        state[start:stop, 1] = log_denom.to(dtype)
         if labels is not None:
             rows_labels = labels[start:stop]
             active = rows_labels != ignore_index
-            target = shifted.gather(1, torch.where(active, rows_labels, 0).unsqueeze(1)).squeeze(1)
-            logprobs[start:stop] = torch.where(active, target - log_denom, 0.0)
-            entropy[start:stop] = torch.where(active, entropy[start:stop], 0.0)
-    return logprobs, entropy, lse
+            target = block.gather(1, torch.where(active, rows_labels, 0).unsqueeze(1)).squeeze(1).double()
+            row_logprob = (target - row_max.squeeze(-1).double()) / temperature - log_denom
+            logprobs[start:stop] = torch.where(active, row_logprob, 0.0).to(dtype)
+            row_entropy = torch.where(active, row_entropy, 0.0)
+            state[start:stop] = torch.where(active.unsqueeze(1), state[start:stop], zero)
+        entropy[start:stop] = row_entropy.to(dtype)
+    return logprobs, entropy, state
 
 
 def logprobs_entropy_bwd(
     logits3d: torch.Tensor,
     labels: Optional[torch.Tensor],
-    lse: torch.Tensor,
+    state: torch.Tensor,
     entropy: torch.Tensor,
     grad_logprobs: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor],
@@ -92,19 +108,22 @@ def logprobs_entropy_bwd(
     grad_out3d: torch.Tensor,
     chunk_rows: Optional[int] = None,
 ) -> torch.Tensor:
-    """Writes dL/dlogits (section 6) into `grad_out3d` ([B, T, V], may alias `logits3d`) and returns it."""
+    """Writes dL/dlogits (section 6) into `grad_out3d` ([B, T, V], may alias `logits3d`) and returns it.
+    `state` is the [B*T, 2] (row max, log d) of `logprobs_entropy_fwd` on the same logits."""
     dtype = compute_dtype(logits3d.dtype)
     batch, rows, _ = logits3d.shape
+    zero = torch.zeros((), dtype=dtype, device=logits3d.device)
     for start, block in _row_chunks(logits3d, chunk_rows):
         stop = start + block.shape[0]
-        z = block.to(dtype) / temperature
-        log_p = z - lse[start:stop].to(dtype).unsqueeze(1)
+        row_state = state[start:stop].to(dtype)
+        # log p = s - log d with s = (x - m) / tau as in the forward (exact near the max).
+        log_p = (block.to(dtype) - row_state[:, :1]) / temperature - row_state[:, 1:]
         prob = log_p.exp()
-        grad = torch.zeros_like(z)
+        grad = torch.zeros_like(log_p)
         if grad_entropy is not None:
             h = entropy[start:stop].to(dtype).unsqueeze(1)
             b_t = grad_entropy[start:stop].to(dtype).unsqueeze(1)
-            grad = -b_t * torch.where(prob > 0, prob * (log_p + h), torch.zeros((), dtype=dtype, device=z.device))
+            grad = -b_t * torch.where(prob > 0, prob * (log_p + h), zero)
         if labels is not None:
             rows_labels = labels[start:stop]
             active = rows_labels != ignore_index
@@ -112,7 +131,7 @@ def logprobs_entropy_bwd(
                 a_t = torch.where(active, grad_logprobs[start:stop].to(dtype), 0.0)
                 grad = grad - a_t.unsqueeze(1) * prob
                 grad.scatter_add_(1, torch.where(active, rows_labels, 0).unsqueeze(1), a_t.unsqueeze(1))
-            grad = torch.where(active.unsqueeze(1), grad, torch.zeros((), dtype=dtype, device=z.device))
+            grad = torch.where(active.unsqueeze(1), grad, zero)
         b, row = divmod(start, rows)
         grad_out3d[b, row:row + (stop - start)] = (grad / temperature).to(grad_out3d.dtype)
     return grad_out3d

@@ -1,9 +1,9 @@
 """Public token ops: the autograd Function over all backends, and the drop-in functions built on it.
 
-`LogprobsEntropyFunction` computes (eq. 1-2) per row of logits and saves only O(N) state (lse, entropy) plus a
-reference to the logits. Its backward is the section-6 formula evaluated by the chosen backend in one read
-of the logits and one write of the gradient (optionally into the logits' own storage), never autograd
-through a softmax copy.
+`LogprobsEntropyFunction` computes (eq. 1-2) per row of logits and saves only O(N) state (the backend's per-row
+state, entropy) plus a reference to the logits. Its backward is the section-6 formula evaluated by the chosen
+backend in one read of the logits and one write of the gradient (optionally into the logits' own storage),
+never autograd through a softmax copy.
 """
 
 from __future__ import annotations

@@ -4,9 +4,14 @@ Token ops: backend "auto", "triton", "cpu" (the C++ extension) or "torch". Every
 two functions on the canonical layout (see `_layout.py`):
 
     forward(logits3d [B,T,V], labels [B*T] | None, temperature, ignore_index)
-        -> (logprobs [B*T] | None, entropy [B*T], state)     fp32 (fp64 for fp64 logits); state is opaque
+        -> (logprobs [B*T] | None, entropy [B*T], state)     fp32 (fp64 for fp64 logits)
     backward(logits3d, labels | None, state, entropy, grad_logprobs | None, grad_entropy | None,
              temperature, ignore_index, grad_out3d) -> grad_out3d   (grad_out3d may alias logits3d)
+
+`state` is opaque to callers: whatever the backend's own backward needs, and only its own forward's output
+may be passed to it. Every backend today returns a [B*T, 2] tensor of (row max of the logits, log d) with
+d = sum_v exp((x_v - max) / tau), zero on ignored rows (kept apart rather than folded into one log-sum-exp:
+see `_torch.py`).
 
 What each backend serves (declared by the backend modules, read here):
     triton  CUDA tensors (CPU tensors under TRITON_INTERPRET=1); fp16/bf16/fp32 (fp32 math, so not fp64);

@@ -21,7 +21,7 @@ p_v = w_k p^_v and log p_v = log p^_v + log w_k:
     dLoss/dz_v = [ a delta_{v y} - a p_v - b p_v (log p_v + h_t) ] / tau
                = [ a delta_{v y} - (a w_k) p^_v - (b w_k) p^_v (log p^_v + (log w_k + h_t)) ] / tau.
 That is rank k's own backend backward on its slice with the per-row scalars a' = a w_k, b' = b w_k and the
-entropy slot h' = log w_k + h_t (the saved lse_k gives p^), run with a local label y^ (y - start_k when y is in
+entropy slot h' = log w_k + h_t (the slice's saved state gives p^), run with a local label y^ (y - start_k when y is in
 V_k, any column, here 0, otherwise), except at the one column y^ of each row, where the backend adds a' for its
 onehot and the true value has a [y in V_k]. That column is recomputed exactly from the logit there and written
 over (an O(N) gather and scatter). No collective runs in the backward: like Megatron's vocab-parallel cross
@@ -44,7 +44,7 @@ import torch
 
 from . import _collectives as C
 from . import _validation as V
-from ._layout import as_rows3d
+from ._layout import as_rows3d, gradient_buffer
 from .dispatch import Backend, resolve_backend
 
 __all__ = ["VocabParallelLogprobsEntropyFunction", "vocab_parallel_logprobs_and_entropy"]
@@ -98,19 +98,22 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, local_labels: torch.Tensor, in_shard: torch.Tensor,
                 temperature: float, backend: Backend, group, inplace_backward: bool):
         logits3d = as_rows3d(logits)
-        _, h_k, lse_k = backend.forward(logits3d, local_labels, temperature, _LOCAL_IGNORE)
+        _, h_k, state_k = backend.forward(logits3d, local_labels, temperature, _LOCAL_IGNORE)
+        # The backends' per-row state is (row max m of the raw logits, log d): lse_k = m / tau + log d, in fp64.
+        lse_k = state_k[:, 0].double() / temperature + state_k[:, 1].double()
         lse_k, h_k = _empty_slices(logits3d, lse_k, h_k)
         active = local_labels != _LOCAL_IGNORE
         column = torch.where(active, local_labels, 0).view(logits3d.shape[:-1] + (1,))
         target = logits3d.gather(2, column).reshape(-1).double() / temperature  # O(N) read of the label logits
         logprobs, entropy, w, log_w, has_mass = _combine_shards(lse_k, target, h_k, in_shard, active, group)
-        dtype = lse_k.dtype
-        # backward state, O(N): p^ needs lse_k (0 where the slice is empty: its logits are -inf, p^ = 0)
-        lse_b = torch.where(has_mass, lse_k, 0.0)
+        dtype = h_k.dtype
+        # backward state, O(N): p^ needs the slice's own (m, log d) (0 where the slice is empty: its logits are
+        # -inf, p^ = 0)
+        state_b = torch.where(has_mass.unsqueeze(1), state_k, 0.0)
         h_slot = torch.where(has_mass, log_w + entropy, 0.0).to(dtype)
         w = w.to(dtype)
         logprobs, entropy = logprobs.to(dtype), entropy.to(dtype)
-        ctx.save_for_backward(logits, local_labels, in_shard, lse_b, h_slot, w)
+        ctx.save_for_backward(logits, local_labels, in_shard, state_b, h_slot, w)
         ctx.config = (temperature, backend, inplace_backward)
         ctx.set_materialize_grads(False)
         shape = logits.shape[:-1]
@@ -118,38 +121,32 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
-        logits, local_labels, in_shard, lse_b, h_slot, w = ctx.saved_tensors
+        logits, local_labels, in_shard, state_b, h_slot, w = ctx.saved_tensors
         temperature, backend, inplace_backward = ctx.config
         none = (None,) * 6
         if grad_logprobs is None and grad_entropy is None:
             return (None,) + none
-        dtype = lse_b.dtype
+        dtype = h_slot.dtype
         active = local_labels != _LOCAL_IGNORE
-        a = grad_logprobs.reshape(-1).to(dtype) if grad_logprobs is not None else torch.zeros_like(lse_b)
-        b = grad_entropy.reshape(-1).to(dtype) if grad_entropy is not None else torch.zeros_like(lse_b)
+        a = grad_logprobs.reshape(-1).to(dtype) if grad_logprobs is not None else torch.zeros_like(h_slot)
+        b = grad_entropy.reshape(-1).to(dtype) if grad_entropy is not None else torch.zeros_like(h_slot)
         logits3d = as_rows3d(logits)
         column = torch.where(active, local_labels, 0).view(logits3d.shape[:-1] + (1,))
         # read the label column before an in-place backward overwrites the logits
-        s_col = logits3d.gather(2, column).reshape(-1).to(dtype) / temperature
-        if inplace_backward:
-            grad, grad3d = logits, logits3d
-        else:
-            grad3d = torch.empty(logits3d.shape, dtype=logits.dtype, device=logits.device)
-            grad = grad3d.view(logits.shape)
+        x_col = logits3d.gather(2, column).reshape(-1).to(dtype)
+        buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
         scaled = (lambda g, present: (g * w).contiguous() if present else None)  # noqa: E731
-        out3d = backend.backward(logits3d, local_labels, lse_b, h_slot, scaled(a, grad_logprobs is not None),
-                                 scaled(b, grad_entropy is not None), temperature, _LOCAL_IGNORE, grad3d)
-        # the label column, exactly: [a [y in V_k] - a w p^ - b w p^ (log p^ + h')] / tau
-        log_p = s_col - lse_b
+        out3d = backend.backward(logits3d, local_labels, state_b, h_slot, scaled(a, grad_logprobs is not None),
+                                 scaled(b, grad_entropy is not None), temperature, _LOCAL_IGNORE, buffer.rows3d)
+        # the label column, exactly: [a [y in V_k] - a w p^ - b w p^ (log p^ + h')] / tau, with
+        # log p^ = (x - m) / tau - log d as the backends compute it
+        log_p = (x_col - state_b[:, 0]) / temperature - state_b[:, 1]
         p = log_p.exp()
         entropy_term = torch.where(p > 0, p * (log_p + h_slot), 0.0)
         col_grad = (a * in_shard.to(dtype) - a * w * p - b * w * entropy_term) / temperature
         col_grad = torch.where(active, col_grad, 0.0)
         out3d.scatter_(2, column, col_grad.view(column.shape).to(out3d.dtype))
-        if inplace_backward and logits3d is not logits and not logits3d._is_view():
-            grad.copy_(out3d.view(grad.shape))  # as_rows3d had to copy (>3-d, non-mergeable dims)
-        elif not inplace_backward and out3d is not grad3d:
-            grad = out3d.view(logits.shape)
+        grad = buffer.finish()
         return (grad,) + none
 
 

@@ -68,7 +68,7 @@ def logprobs_entropy_fwd_ref(
 def logprobs_entropy_bwd_ref(
     logits3d: torch.Tensor,
     labels: Optional[torch.Tensor],
-    lse: torch.Tensor,
+    state: torch.Tensor,
     entropy: torch.Tensor,
     grad_logprobs: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor],

@@ -167,8 +167,8 @@ class _WarmBufferLogprobsEntropy(torch.autograd.Function):
 
         rows3d = logits.detach().reshape(1, -1, logits.shape[-1])
         flat_labels = labels.reshape(-1)
-        logprobs, entropy, lse = _cpu.logprobs_entropy_fwd(rows3d, flat_labels, 1.0, -100)
-        ctx.save_for_backward(rows3d, flat_labels, lse, entropy)
+        logprobs, entropy, state = _cpu.logprobs_entropy_fwd(rows3d, flat_labels, 1.0, -100)
+        ctx.save_for_backward(rows3d, flat_labels, state, entropy)
         ctx.shape = logits.shape
         return logprobs.view(labels.shape), entropy.view(labels.shape)
 
@@ -176,14 +176,14 @@ class _WarmBufferLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         from aem_kernels import _cpu
 
-        rows3d, flat_labels, lse, entropy = ctx.saved_tensors
+        rows3d, flat_labels, state, entropy = ctx.saved_tensors
         key = (tuple(rows3d.shape), rows3d.dtype)
         if key not in _WarmBufferLogprobsEntropy._buffer:
             _WarmBufferLogprobsEntropy._buffer.clear()      # one buffer at a time: the current point's
             _WarmBufferLogprobsEntropy._buffer[key] = torch.zeros_like(rows3d)
         grad = _WarmBufferLogprobsEntropy._buffer[key]
         flat = lambda g: None if g is None else g.reshape(-1).float().contiguous()  # noqa: E731
-        _cpu.logprobs_entropy_bwd(rows3d, flat_labels, lse, entropy, flat(grad_logprobs), flat(grad_entropy), 1.0,
+        _cpu.logprobs_entropy_bwd(rows3d, flat_labels, state, entropy, flat(grad_logprobs), flat(grad_entropy), 1.0,
                                   -100, grad)
         return grad.view(ctx.shape), None
 

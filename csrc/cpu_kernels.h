@@ -29,18 +29,22 @@ struct RowLayout {
 };
 
 // Forward (AEM_SPEC eq. 1-2). Outputs are float* (double* for kDouble); logprobs is null when labels are.
+// state is [B*T, 2] row-major: (m, log d) per row, m the row max of the logits and d = sum exp((x - m) / tau),
+// what the backward needs (kept apart rather than folded into lse = m / tau + log d; see row_kernels_impl.h).
 struct ForwardArgs {
   const void* logits;
   RowLayout layout;
   const int64_t* labels;  // [B*T] or null (entropy only); values in [0, V) or ignore_index (checked before)
   int64_t ignore_index;
-  double inv_temperature;
+  double temperature;      // the per-row epilogue divides by it in double
+  double inv_temperature;  // the per-element shifts are scaled by it in the accumulation type
   void* logprobs;
   void* entropy;
-  void* lse;
+  void* state;
 };
 
-// Backward (AEM_SPEC section 6). lse/entropy/grad_* are float* (double* for kDouble); either grad may be null.
+// Backward (AEM_SPEC section 6). state ([B*T, 2], as the forward wrote it), entropy and grad_* are float*
+// (double* for kDouble); either grad may be null.
 // grad_out has the logits' dtype and may be the logits themselves (same pointer and layout: in place).
 struct BackwardArgs {
   const void* logits;
@@ -50,7 +54,7 @@ struct BackwardArgs {
   const int64_t* labels;
   int64_t ignore_index;
   double inv_temperature;
-  const void* lse;
+  const void* state;
   const void* entropy;
   const void* grad_logprobs;
   const void* grad_entropy;

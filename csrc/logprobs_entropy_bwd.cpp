@@ -32,7 +32,7 @@ void check_aliasing(const at::Tensor& logits, const at::Tensor& grad_out) {
 }  // namespace
 
 void logprobs_entropy_bwd_(const at::Tensor& logits, const c10::optional<at::Tensor>& labels,
-                           const at::Tensor& lse, const at::Tensor& entropy,
+                           const at::Tensor& state, const at::Tensor& entropy,
                            const c10::optional<at::Tensor>& grad_logprobs,
                            const c10::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index,
                            const at::Tensor& grad_out) {
@@ -47,9 +47,9 @@ void logprobs_entropy_bwd_(const at::Tensor& logits, const c10::optional<at::Ten
   check_aliasing(logits, grad_out);
   const int64_t rows = logits.size(0) * logits.size(1);
   const at::ScalarType acc = compute_dtype(logits);
-  at::Tensor labels64, lse_c, entropy_c, grad_lp, grad_h;
+  at::Tensor labels64, state_c, entropy_c, grad_lp, grad_h;
   if (labels.has_value()) labels64 = checked_labels(*labels, rows, layout.vocab, ignore_index);
-  lse_c = checked_row_vector(lse, "lse", rows, acc);
+  state_c = checked_row_state(state, "state", rows, acc);
   entropy_c = checked_row_vector(entropy, "entropy", rows, acc);
   // Without labels there is no log-prob, so its gradient is ignored (as in the reference).
   if (grad_logprobs.has_value() && labels.has_value())
@@ -63,7 +63,7 @@ void logprobs_entropy_bwd_(const at::Tensor& logits, const c10::optional<at::Ten
                           labels.has_value() ? labels64.const_data_ptr<int64_t>() : nullptr,
                           ignore_index,
                           1.0 / temperature,
-                          lse_c.const_data_ptr(),
+                          state_c.const_data_ptr(),
                           entropy_c.const_data_ptr(),
                           grad_lp.defined() ? grad_lp.const_data_ptr() : nullptr,
                           grad_h.defined() ? grad_h.const_data_ptr() : nullptr};
@@ -74,12 +74,12 @@ void logprobs_entropy_bwd_(const at::Tensor& logits, const c10::optional<at::Ten
 
 // Functional form (a new gradient tensor), used by the op's autograd formula and by torch.compile users.
 at::Tensor logprobs_entropy_bwd(const at::Tensor& logits, const c10::optional<at::Tensor>& labels,
-                                const at::Tensor& lse, const at::Tensor& entropy,
+                                const at::Tensor& state, const at::Tensor& entropy,
                                 const c10::optional<at::Tensor>& grad_logprobs,
                                 const c10::optional<at::Tensor>& grad_entropy, double temperature,
                                 int64_t ignore_index) {
   at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  logprobs_entropy_bwd_(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, grad);
+  logprobs_entropy_bwd_(logits, labels, state, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, grad);
   return grad;
 }
 

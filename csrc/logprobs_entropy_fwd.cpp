@@ -1,5 +1,5 @@
-// torch.ops.aem_kernels.logprobs_entropy_fwd: token log-probs, entropies and log-sum-exps (AEM_SPEC eq. 1-2)
-// of [B, T, V] CPU logits in one read of each row (the row kernels are in row_kernels_impl.h).
+// torch.ops.aem_kernels.logprobs_entropy_fwd: token log-probs, entropies (AEM_SPEC eq. 1-2) and the per-row
+// softmax state of [B, T, V] CPU logits in one read of each row (the row kernels are in row_kernels_impl.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -10,8 +10,9 @@
 namespace aem_kernels {
 namespace cpu {
 
-// Returns (logprobs [B*T] or an empty [0] tensor when labels is None, entropy [B*T], lse [B*T]), fp32 (fp64 for
-// fp64 logits). Rows whose label is ignore_index give 0 in all three and are not read.
+// Returns (logprobs [B*T] or an empty [0] tensor when labels is None, entropy [B*T], state [B*T, 2] = (row max
+// of the logits, log d) for the backward), fp32 (fp64 for fp64 logits). Rows whose label is ignore_index give 0
+// in all three and are not read.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_entropy_fwd(const at::Tensor& logits,
                                                                     const c10::optional<at::Tensor>& labels,
                                                                     double temperature, int64_t ignore_index) {
@@ -25,20 +26,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_entropy_fwd(const at::Te
 
   at::Tensor logprobs = at::empty({labels.has_value() ? rows : 0}, options);
   at::Tensor entropy = at::empty({rows}, options);
-  at::Tensor lse = at::empty({rows}, options);
+  at::Tensor state = at::empty({rows, 2}, options);
   const ForwardArgs args{logits.const_data_ptr(),
                          layout,
                          labels.has_value() ? labels64.const_data_ptr<int64_t>() : nullptr,
                          ignore_index,
+                         temperature,
                          1.0 / temperature,
                          labels.has_value() ? logprobs.data_ptr() : nullptr,
                          entropy.data_ptr(),
-                         lse.data_ptr()};
+                         state.data_ptr()};
   const ForwardRowsFn kernel = active_kernels().forward[static_cast<int>(dtype)];
   // Each row is reduced by one thread in a fixed order: the result does not depend on the thread count.
   at::parallel_for(0, rows, row_grain(layout.vocab),
                    [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
-  return {logprobs, entropy, lse};
+  return {logprobs, entropy, state};
 }
 
 }  // namespace cpu

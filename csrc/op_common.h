@@ -77,6 +77,17 @@ inline at::Tensor checked_row_vector(const at::Tensor& t, const char* name, int6
   return t.reshape({rows}).to(dtype).contiguous();
 }
 
+// The forward's per-row state ([rows, 2] of (m, log d), any float dtype) as a contiguous tensor of the
+// compute dtype.
+inline at::Tensor checked_row_state(const at::Tensor& t, const char* name, int64_t rows, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "aem_kernels: ", name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "aem_kernels: ", name,
+                   " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == 2, "aem_kernels: ", name,
+              " must be the [", rows, ", 2] state the forward returned, got shape ", t.sizes());
+  return t.to(dtype).contiguous();
+}
+
 // Rows of ~64 KiB per task at least: parallel_for's grain is in rows.
 inline int64_t row_grain(int64_t vocab) {
   const int64_t elements = int64_t(1) << 14;

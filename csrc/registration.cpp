@@ -72,10 +72,10 @@ bool select_kernels(const char* isa) {
 
 TORCH_LIBRARY(aem_kernels, m) {
   m.def("logprobs_entropy_fwd(Tensor logits, Tensor? labels, float temperature, int ignore_index) "
-        "-> (Tensor logprobs, Tensor entropy, Tensor lse)");
-  m.def("logprobs_entropy_bwd_(Tensor logits, Tensor? labels, Tensor lse, Tensor entropy, Tensor? grad_logprobs, "
+        "-> (Tensor logprobs, Tensor entropy, Tensor state)");
+  m.def("logprobs_entropy_bwd_(Tensor logits, Tensor? labels, Tensor state, Tensor entropy, Tensor? grad_logprobs, "
         "Tensor? grad_entropy, float temperature, int ignore_index, Tensor(a!) grad_out) -> ()");
-  m.def("logprobs_entropy_bwd(Tensor logits, Tensor? labels, Tensor lse, Tensor entropy, Tensor? grad_logprobs, "
+  m.def("logprobs_entropy_bwd(Tensor logits, Tensor? labels, Tensor state, Tensor entropy, Tensor? grad_logprobs, "
         "Tensor? grad_entropy, float temperature, int ignore_index) -> Tensor");
   m.def("segment_sum(Tensor values, Tensor segment_ids, int num_segments) -> Tensor");
 }

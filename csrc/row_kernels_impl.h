@@ -7,13 +7,20 @@
 // Math (AEM_SPEC eq. 1-2, section 6), z = x / tau for one row x of V logits:
 //   forward, ONE read of the row: blocks of kBlock elements are loaded into L1 (converted to fp32 for
 //     bf16/fp16); per block the block max raises the running max m (raw logits units), and with
-//     s = (x - m) / tau <= 0 (exact near the max) it accumulates d = sum exp(s) and t = sum exp(s) * s.
+//     s = (x - m) / tau <= 0 (x - m exact near the max, then one scaling: s is accurate to an ulp of s, where
+//     eager fp32 rounds x / tau and m / tau) it accumulates d = sum exp(s) and t = sum exp(s) * s.
 //     When m grows to m', with shift = (m - m') / tau:  d' = e^shift d,  t' = e^shift (t + shift d).
-//     Then lse = m / tau + log d,  l_y = s_y - log d,  h = log d - t / d  (both terms >= 0: no cancellation,
-//     so logits of +-1e4 keep fp32 accuracy). exp(s) = 0 entries (-inf logits) add 0 to t, never 0 * -inf.
-//   backward, one read and one write: with log p = z - lse, p = exp(log p) and per-row scalars a = dL/dl,
-//     b = dL/dh:  g = [a (onehot(y) - p) - b p (log p + h)] / tau, staged through an L1 block so that the
-//     output may be the input's own storage (in place).
+//     The per-row epilogue is in double (a few flops per row): log d, h = log d - t / d (both terms >= 0: no
+//     cancellation) and l_y = (x_y - m) / tau - log d with x_y - m exact and the exact double tau, i.e. the
+//     correctly rounded fp32 log-prob up to the rounding of d. exp(s) = 0 entries (-inf logits) add 0 to t,
+//     never 0 * -inf. The state saved for the backward is (m, log d), not lse = m / tau + log d: one fp32
+//     lse would put its rounding (an ulp of |lse|, 5e-4 at 1e4) into every p of the backward.
+//   backward, one read and one write: log p = (x - m) / tau - log d (exact at the max), p = exp(log p) and
+//     per-row scalars a = dL/dl, b = dL/dh:  g = [a (onehot(y) - p) - b p (log p + h)] / tau, staged through
+//     an L1 block so that the output may be the input's own storage (in place). Written so that floating-point
+//     contraction (GCC contracts a * b + c into an FMA by default, which the AVX2 unit has) can only make it
+//     more accurate. A form x * (1/tau) - lse would not be: contracted to fma(x, 1/tau, -lse), it gives at the
+//     max the rounding error of x / tau itself (~1e-3 at |x| ~ 1e4) instead of exactly 0 (a 2e-2 gradient error).
 // Determinism: a row is reduced by one thread, in kLanes fixed partial sums combined in a fixed tree, so the
 // results do not depend on the thread count or on which thread handles the row.
 // Vectorisation: the per-block loops are plain element-wise loops writing local L1 buffers (no aliasing for
@@ -249,12 +256,12 @@ inline void prefetch_block(const T* next, int64_t n) {
 
 template <class Fmt>
 struct RowForward {
-  typename Fmt::Acc lse, entropy, logprob;
+  typename Fmt::Acc max, log_denom, entropy, logprob;
 };
 
 template <class Fmt>
-RowForward<Fmt> forward_row(const typename Fmt::Storage* row, int64_t vocab, typename Fmt::Acc inv_tau,
-                            int64_t label) {
+RowForward<Fmt> forward_row(const typename Fmt::Storage* row, int64_t vocab, double tau,
+                            typename Fmt::Acc inv_tau, int64_t label) {
   using Acc = typename Fmt::Acc;
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
   alignas(64) Acc stage[kBlock];
@@ -289,21 +296,26 @@ RowForward<Fmt> forward_row(const typename Fmt::Storage* row, int64_t vocab, typ
   }
   RowForward<Fmt> out;
   if (!(running_max > kNegInf)) {  // every logit is -inf (or NaN): no distribution, as in the reference
-    out.lse = out.entropy = out.logprob = std::numeric_limits<Acc>::quiet_NaN();
+    out.max = out.log_denom = out.entropy = out.logprob = std::numeric_limits<Acc>::quiet_NaN();
     return out;
   }
-  const Acc log_denom = std::log(denom);
-  out.lse = running_max * inv_tau + log_denom;
-  out.entropy = log_denom - weighted_sum / denom;
-  out.logprob = label >= 0 ? (Fmt::load(row[label]) - running_max) * inv_tau - log_denom : Acc(0);
+  // The epilogue in double (once per row).
+  const double log_denom = std::log(static_cast<double>(denom));
+  out.max = running_max;
+  out.log_denom = static_cast<Acc>(log_denom);
+  out.entropy = static_cast<Acc>(log_denom - static_cast<double>(weighted_sum) / static_cast<double>(denom));
+  out.logprob = label >= 0 ? static_cast<Acc>((static_cast<double>(Fmt::load(row[label])) -
+                                               static_cast<double>(running_max)) / tau - log_denom)
+                           : Acc(0);
   return out;
 }
 
-// Gradient of one row into `out` (which may be `row` itself). a: dL/dl_y (0 without labels), b: dL/dh.
+// Gradient of one row into `out` (which may be `row` itself). a: dL/dl_y (0 without labels), b: dL/dh;
+// (row_max, log_denom) is the forward's state of this row.
 template <class Fmt>
 void backward_row(const typename Fmt::Storage* row, typename Fmt::Storage* out, int64_t vocab,
-                  typename Fmt::Acc inv_tau, typename Fmt::Acc lse, typename Fmt::Acc entropy,
-                  typename Fmt::Acc a, typename Fmt::Acc b, int64_t label) {
+                  typename Fmt::Acc inv_tau, typename Fmt::Acc row_max, typename Fmt::Acc log_denom,
+                  typename Fmt::Acc entropy, typename Fmt::Acc a, typename Fmt::Acc b, int64_t label) {
   using Acc = typename Fmt::Acc;
   alignas(64) Acc stage[kBlock];
   alignas(64) Acc grad[kBlock];
@@ -314,7 +326,7 @@ void backward_row(const typename Fmt::Storage* row, typename Fmt::Storage* out, 
   Acc label_grad = 0;
   if (label >= 0) {
     Acc log_p;
-    const Acc p = exp_acc(Fmt::load(row[label]) * inv_tau - lse, log_p);
+    const Acc p = exp_acc((Fmt::load(row[label]) - row_max) * inv_tau - log_denom, log_p);
     label_grad = a * inv_tau + p * (coef_p + coef_logp * log_p);
   }
   for (int64_t start = 0; start < vocab; start += kBlock) {
@@ -322,7 +334,7 @@ void backward_row(const typename Fmt::Storage* row, typename Fmt::Storage* out, 
     const Acc* x = load_block<Fmt>(row + start, stage, n);
     for (int64_t i = 0; i < n; ++i) {
       Acc log_p;  // floored: finite where p == 0 (a -inf logit), so the term is 0, never 0 * -inf
-      const Acc p = exp_acc(x[i] * inv_tau - lse, log_p);
+      const Acc p = exp_acc((x[i] - row_max) * inv_tau - log_denom, log_p);
       grad[i] = p * (coef_p + coef_logp * log_p);
     }
     if (label >= start && label < start + n) grad[label - start] = label_grad;
@@ -338,17 +350,19 @@ void forward_rows(const ForwardArgs& args, int64_t row_begin, int64_t row_end) {
   const auto* logits = static_cast<const typename Fmt::Storage*>(args.logits);
   auto* logprobs = static_cast<Acc*>(args.logprobs);
   auto* entropy = static_cast<Acc*>(args.entropy);
-  auto* lse = static_cast<Acc*>(args.lse);
+  auto* state = static_cast<Acc*>(args.state);  // [rows, 2]: (m, log d)
   const Acc inv_tau = static_cast<Acc>(args.inv_temperature);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t label = args.labels != nullptr ? args.labels[r] : -1;
     if (args.labels != nullptr && label == args.ignore_index) {  // ignored: outputs 0, the row is not read
-      logprobs[r] = entropy[r] = lse[r] = Acc(0);
+      logprobs[r] = entropy[r] = state[2 * r] = state[2 * r + 1] = Acc(0);
       continue;
     }
-    const RowForward<Fmt> res = forward_row<Fmt>(logits + args.layout.offset(r), args.layout.vocab, inv_tau, label);
+    const RowForward<Fmt> res =
+        forward_row<Fmt>(logits + args.layout.offset(r), args.layout.vocab, args.temperature, inv_tau, label);
     entropy[r] = res.entropy;
-    lse[r] = res.lse;
+    state[2 * r] = res.max;
+    state[2 * r + 1] = res.log_denom;
     if (logprobs != nullptr) logprobs[r] = res.logprob;
   }
 }
@@ -359,7 +373,7 @@ void backward_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end)
   using Storage = typename Fmt::Storage;
   const auto* logits = static_cast<const Storage*>(args.logits);
   auto* grad_out = static_cast<Storage*>(args.grad_out);
-  const auto* lse = static_cast<const Acc*>(args.lse);
+  const auto* state = static_cast<const Acc*>(args.state);  // [rows, 2]: (m, log d)
   const auto* entropy = static_cast<const Acc*>(args.entropy);
   const auto* grad_logprobs = static_cast<const Acc*>(args.grad_logprobs);
   const auto* grad_entropy = static_cast<const Acc*>(args.grad_entropy);
@@ -374,7 +388,8 @@ void backward_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end)
     }
     const Acc a = (grad_logprobs != nullptr && label >= 0) ? grad_logprobs[r] : Acc(0);
     const Acc b = grad_entropy != nullptr ? grad_entropy[r] : Acc(0);
-    backward_row<Fmt>(logits + args.layout.offset(r), out, vocab, inv_tau, lse[r], entropy[r], a, b, label);
+    backward_row<Fmt>(logits + args.layout.offset(r), out, vocab, inv_tau, state[2 * r], state[2 * r + 1],
+                      entropy[r], a, b, label);
   }
 }
 

@@ -21,7 +21,8 @@ from aem_kernels.ops import aem_loss, logprobs, segment  # noqa: E402
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Argument types by name; the logits/gradient pointers get the dtype of the variant.
 _TYPES = {"labels_ptr": "*i64", "token_response_ptr": "*i64", "order_ptr": "*i64", "bounds_ptr": "*i64",
-          "rows_per_batch": "i32", "vocab": "i32", "ignore_index": "i32", "scale": "fp32", "clip_low": "fp32",
+          "rows_per_batch": "i32", "vocab": "i32", "ignore_index": "i32", "inv_temperature": "fp32",
+          "tau_hi": "fp32", "tau_lo": "fp32", "clip_low": "fp32",
           "clip_high": "fp32", "dual_clip": "fp32", "entropy_coef": "fp32", "kl_coef": "fp32"}
 # Triton's launcher marks pointers and integers divisible by 16 (V = 151936, its strides): mirror that here.
 _ALIGNED = re.compile(r"_ptr$|^stride|^grad_stride|^vocab$")
@@ -56,9 +57,8 @@ def compile_variant(kernel, data_type, constexprs, num_warps=8):
 
 def variants():
     for data_type, block in (("*bf16", 8192), ("*fp16", 8192), ("*fp32", 4096)):
-        for has_labels, accumulate in ((True, False), (False, False), (True, True)):
-            yield logprobs._logprobs_entropy_fwd_kernel, data_type, dict(
-                HAS_LABELS=has_labels, ACCUMULATE=accumulate, BLOCK_V=block)
+        for has_labels in (True, False):
+            yield logprobs._logprobs_entropy_fwd_kernel, data_type, dict(HAS_LABELS=has_labels, BLOCK_V=block)
     for data_type, block in (("*bf16", 4096), ("*fp32", 2048)):
         for flags in ((True, True, True), (False, False, True), (True, True, False)):
             yield logprobs._logprobs_entropy_bwd_kernel, data_type, dict(

@@ -157,8 +157,8 @@ def test_neg_inf_entries(isa, dtype):
 def test_all_neg_inf_row_is_nan_like_reference(isa):
     logits = _logits((1, 3, 40), torch.float32)
     logits[0, 1] = -math.inf
-    lp, h, lse = _cpu.logprobs_entropy_fwd(logits, torch.tensor([1, 2, 3]), 1.0, -100)
-    assert lp[1].isnan() and h[1].isnan() and lse[1].isnan()
+    lp, h, state = _cpu.logprobs_entropy_fwd(logits, torch.tensor([1, 2, 3]), 1.0, -100)
+    assert lp[1].isnan() and h[1].isnan() and state[1].isnan().all()
     assert torch.isfinite(lp[[0, 2]]).all() and torch.isfinite(h[[0, 2]]).all()
 
 
@@ -280,24 +280,25 @@ def test_kernel_variants_agree():
             outs[name] = _cpu.logprobs_entropy_fwd(as_rows3d(logits), labels.view(-1), 1.0, -100)
     _cpu._EXTENSION._select_kernels("auto")
     exact = logprobs_entropy_fwd_ref(logits.double(), labels.view(-1), 1.0, -100)
-    for name, out in outs.items():
-        for got, ref in zip(out, exact):
-            active = labels.view(-1) != -100
+    active = labels.view(-1) != -100
+    for name, (logprobs, entropy, state) in outs.items():
+        lse = state[:, 0].double() + state[:, 1].double()  # (row max, log d) at temperature 1
+        for got, ref in zip((logprobs, entropy, lse), exact):
             assert (got[active].double() - ref[active]).abs().max() < 5e-6, name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_loads_are_exact_for_every_bit_pattern(isa, dtype):
-    """With V = 1 and tau = 1, lse = log-sum-exp of one logit = the logit itself, so the forward returns every
-    16-bit pattern converted to fp32: it must equal torch's conversion bit for bit (non-finite logits have no
+    """With V = 1 the state's row max is the logit itself (and log d = 0), so the forward returns every 16-bit
+    pattern converted to fp32: it must equal torch's conversion bit for bit (non-finite logits have no
     distribution and give NaN)."""
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     logits = bits.view(dtype).view(1, -1, 1)
-    _, _, lse = _cpu.logprobs_entropy_fwd(logits, None, 1.0, -100)
+    _, _, state = _cpu.logprobs_entropy_fwd(logits, None, 1.0, -100)
     expected = logits.view(-1).float()
     finite = torch.isfinite(expected)
-    assert torch.equal(lse[finite], expected[finite])
-    assert lse[~finite].isnan().all()
+    assert torch.equal(state[finite, 0], expected[finite]) and (state[finite, 1] == 0).all()
+    assert state[~finite, 1].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -49,24 +49,28 @@ def test_ops_check_temperature(temperature):
     with pytest.raises(RuntimeError, match="temperature must be a finite float > 0"):
         OPS.logprobs_entropy_fwd(x, y, temperature, -100)
     with pytest.raises(RuntimeError, match="temperature must be a finite float > 0"):
-        OPS.logprobs_entropy_bwd(x, y, torch.zeros(10), torch.zeros(10), None, None, temperature, -100)
+        OPS.logprobs_entropy_bwd(x, y, torch.zeros(10, 2), torch.zeros(10), None, None, temperature, -100)
 
 
 def test_backward_op_checks_its_inputs():
     x, y = _inputs()
-    _, h, lse = OPS.logprobs_entropy_fwd(x, y, 1.0, -100)
+    _, h, state = OPS.logprobs_entropy_fwd(x, y, 1.0, -100)
     grad = torch.ones(10)
     with pytest.raises(RuntimeError, match="grad_out must have the logits' shape"):
-        OPS.logprobs_entropy_bwd_(x, y, lse, h, grad, None, 1.0, -100, torch.empty(2, 5, 36))
+        OPS.logprobs_entropy_bwd_(x, y, state, h, grad, None, 1.0, -100, torch.empty(2, 5, 36))
     with pytest.raises(TypeError, match="grad_out must have the logits' dtype"):
-        OPS.logprobs_entropy_bwd_(x, y, lse, h, grad, None, 1.0, -100, torch.empty(2, 5, 37, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="lse must have one value per row"):
-        OPS.logprobs_entropy_bwd(x, y, lse[:-1], h, grad, None, 1.0, -100)
+        OPS.logprobs_entropy_bwd_(x, y, state, h, grad, None, 1.0, -100, torch.empty(2, 5, 37, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"state must be the \[10, 2\] state the forward returned"):
+        OPS.logprobs_entropy_bwd(x, y, state[:-1], h, grad, None, 1.0, -100)
+    with pytest.raises(RuntimeError, match=r"state must be the \[10, 2\] state"):  # a per-row lse is not a state
+        OPS.logprobs_entropy_bwd(x, y, state[:, 0], h, grad, None, 1.0, -100)
+    with pytest.raises(TypeError, match="state must be a floating-point tensor"):
+        OPS.logprobs_entropy_bwd(x, y, state.long(), h, grad, None, 1.0, -100)
     with pytest.raises(TypeError, match="grad_entropy must be a floating-point tensor"):
-        OPS.logprobs_entropy_bwd(x, y, lse, h, grad, torch.ones(10, dtype=torch.long), 1.0, -100)
+        OPS.logprobs_entropy_bwd(x, y, state, h, grad, torch.ones(10, dtype=torch.long), 1.0, -100)
     storage = torch.randn(2, 6, 37)
     with pytest.raises(RuntimeError, match="partial overlap"):  # the gradient shifted by one row
-        OPS.logprobs_entropy_bwd_(storage[:, :-1], y, lse, h, grad, None, 1.0, -100, storage[:, 1:])
+        OPS.logprobs_entropy_bwd_(storage[:, :-1], y, state, h, grad, None, 1.0, -100, storage[:, 1:])
 
 
 def test_segment_sum_op_checks_its_inputs():
@@ -109,13 +113,13 @@ def test_validation_errors_match_torch_backend(case):
 
 def test_opcheck_all_ops():
     x, y = _inputs((2, 3, 41))
-    _, h, lse = OPS.logprobs_entropy_fwd(x, y, 0.7, -100)
+    _, h, state = OPS.logprobs_entropy_fwd(x, y, 0.7, -100)
     a, b = torch.randn(6), torch.randn(6)
     cases = [
         (OPS.logprobs_entropy_fwd.default, (x.clone().requires_grad_(), y, 0.7, -100)),
         (OPS.logprobs_entropy_fwd.default, (x.clone().requires_grad_(), None, 1.3, -100)),
-        (OPS.logprobs_entropy_bwd.default, (x, y, lse, h, a, b, 0.7, -100)),
-        (OPS.logprobs_entropy_bwd_.default, (x, y, lse, h, a, None, 0.7, -100, torch.empty_like(x))),
+        (OPS.logprobs_entropy_bwd.default, (x, y, state, h, a, b, 0.7, -100)),
+        (OPS.logprobs_entropy_bwd_.default, (x, y, state, h, a, None, 0.7, -100, torch.empty_like(x))),
         (OPS.segment_sum.default, (torch.randn(30, requires_grad=True), torch.randint(-1, 4, (30,)), 4)),
     ]
     for op, args in cases:
@@ -124,20 +128,21 @@ def test_opcheck_all_ops():
 
 
 def test_raw_forward_op_gradient_matches_reference():
-    """The op's registered autograd formula, including the rarely used gradient through lse."""
+    """The op's registered autograd formula; the state output is what the backward consumes and carries no
+    gradient."""
     x = torch.randn(2, 3, 29, dtype=torch.float64)
     y = torch.tensor([0, 5, -100, 7, 28, 1])
     leaf = x.clone().requires_grad_()
-    lp, h, lse = OPS.logprobs_entropy_fwd(leaf, y, 0.6, -100)
-    (lp.sum() + 2 * h.sum() + 0.5 * lse.sum()).backward()
+    lp, h, state = OPS.logprobs_entropy_fwd(leaf, y, 0.6, -100)
+    assert lp.requires_grad and h.requires_grad and not state.requires_grad
+    (lp.sum() + 2 * h.sum()).backward()
     exact = x.clone().requires_grad_()
     z = exact / 0.6
     logp = z.log_softmax(-1).view(6, 29)
     active = y != -100
     lp_x = torch.where(active, logp.gather(1, y.clamp(min=0)[:, None])[:, 0], 0.0)
     h_x = torch.where(active, -(logp.exp() * logp).sum(-1), 0.0)
-    lse_x = torch.where(active, z.logsumexp(-1).view(6), 0.0)
-    (lp_x.sum() + 2 * h_x.sum() + 0.5 * lse_x.sum()).backward()
+    (lp_x.sum() + 2 * h_x.sum()).backward()
     assert torch.allclose(leaf.grad, exact.grad, atol=1e-12)
 
 

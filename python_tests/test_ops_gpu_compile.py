@@ -36,7 +36,7 @@ def compiled():
 
 
 def test_every_kernel_compiles_without_spills(compiled):
-    assert len(compiled) == 23  # 22 + the one-value segment sum
+    assert len(compiled) == 20  # 19 + the one-value segment sum
     for result in compiled:
         assert result["local_bytes"] == 0, result  # no register spills
         if result["kernel"] != "_segment_sum_kernel":  # (gathers by token index: nothing to vectorise)
@@ -45,10 +45,10 @@ def test_every_kernel_compiles_without_spills(compiled):
 
 def test_forward_register_budget_and_atomics(compiled):
     forward = [r for r in compiled if r["kernel"] == "_logprobs_entropy_fwd_kernel"]
-    assert len(forward) == 9
+    assert len(forward) == 6
     for result in forward:
         assert result["registers"] <= 80, result  # 3 x 256 threads x 80 registers <= one SM's 65536
-        assert result["atomics"] == ("'ACCUMULATE': True" in result["variant"]), result
+    assert not any(result["atomics"] for result in compiled)  # (the segment sums are fixed-order, not atomic)
 
 
 def test_gradient_kernels_store_vectors(compiled):

@@ -47,15 +47,19 @@ def _batch(b=3, t=5, v=300, scale=3.0, dtype=torch.float32, ignore=(2, 9), neg_i
 def test_forward_matches_fp64_reference():
     logits3d, labels = _batch()
     assert not logits3d.is_contiguous()
-    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.7, IGNORE)
-    lp_ref, h_ref, lse_ref = reference_forward(logits3d, labels, 0.7)
-    assert lp.dtype == h.dtype == lse.dtype == torch.float32
+    lp, h, state = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.7, IGNORE)
+    lp_ref, h_ref, state_ref = reference_forward(logits3d, labels, 0.7)
+    assert lp.dtype == h.dtype == state.dtype == torch.float32 and state.shape == (labels.numel(), 2)
     active = labels != IGNORE
-    # fp32 math on O(10) values: a few ulps (measured ~2e-6); 1e-5 leaves margin for the 1/tau rounding.
-    torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse[active].double(), lse_ref[active], rtol=1e-5, atol=1e-5)
-    assert (lp[~active] == 0).all() and (h[~active] == 0).all()
+    # fp32 outputs of an fp64 row epilogue on O(10) values: within an ulp or two (measured ~5e-7).
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=2e-7, atol=1e-6)
+    torch.testing.assert_close(h.double(), h_ref, rtol=2e-7, atol=1e-6)
+    # state = (row max of the logits: exact, log d: fp32 of an fp32 sum), zero on ignored rows
+    assert torch.equal(state[active, 0], logits3d.reshape(-1, logits3d.shape[-1])[active].amax(-1))
+    # the oracle gives lse of logits / tau; the state folds into it as m / tau + log d
+    lse = state[active, 0].double() / 0.7 + state[active, 1].double()
+    torch.testing.assert_close(lse, state_ref[active], rtol=1e-6, atol=1e-6)
+    assert (lp[~active] == 0).all() and (h[~active] == 0).all() and (state[~active] == 0).all()
 
 
 @pytest.mark.parametrize("grads", ["both", "logprobs", "entropy"])
@@ -66,13 +70,13 @@ def test_backward_matches_fp64_reference(grads, inplace):
     grad_lp = torch.randn(n, device=DEVICE) if grads != "entropy" else None
     grad_h = torch.randn(n, device=DEVICE) if grads != "logprobs" else None
     expected = reference_backward(logits3d, labels, 0.7, grad_lp, grad_h)
-    _, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.7, IGNORE)
+    _, h, state = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.7, IGNORE)
     source = logits3d
     if inplace:  # a private copy with the same non-contiguous layout, overwritten by its own gradient
         source = torch.empty(logits3d.shape[0], logits3d.shape[1] + 1, logits3d.shape[2], device=DEVICE)[:, :-1]
         source.copy_(logits3d)
     out = source if inplace else torch.empty_like(logits3d)
-    result = tl_ops.logprobs_entropy_bwd(source, labels, lse, h, grad_lp, grad_h, 0.7, IGNORE, out)
+    result = tl_ops.logprobs_entropy_bwd(source, labels, state, h, grad_lp, grad_h, 0.7, IGNORE, out)
     assert result.data_ptr() == out.data_ptr()
     # fp32 gradient entries of size <= |a| + |b| log V ~ 10: measured max error ~1e-6.
     torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)
@@ -87,20 +91,19 @@ def test_large_magnitudes_keep_precision():
     logits3d = base + torch.randn(1, 4, v, device=DEVICE)
     logits3d[0, 3] = torch.randn(v, device=DEVICE) * 1e4  # spread 1e4: a near one-hot row
     labels = torch.randint(0, v, (4,), device=DEVICE)
-    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
-    lp_ref, h_ref, lse_ref = reference_forward(logits3d, labels, 1.0)
+    lp, h, state = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    lp_ref, h_ref, state_ref = reference_forward(logits3d, labels, 1.0)
     torch.testing.assert_close(h.double(), h_ref, rtol=0, atol=2e-6)
     torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-6, atol=2e-6)
-    # lse itself is an fp32 number of size 1e4: its rounding (half an ulp, 4.9e-4) is the error.
-    torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=5e-4)
+    assert torch.equal(state[:, 0], logits3d[0].amax(-1))  # the row max itself, not an fp32 lse of size 1e4
     grad = torch.empty_like(logits3d)
     a, b = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
-    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, a, b, 1.0, IGNORE, grad)
+    tl_ops.logprobs_entropy_bwd(logits3d, labels, state, h, a, b, 1.0, IGNORE, grad)
     expected = reference_backward(logits3d, labels, 1.0, a, b)
-    # p = exp(z - lse) inherits the lse rounding as a relative error exp(4.9e-4) - 1 on every entry; the
-    # fp32 torch reference saves the same lse and has the same bound. Entries are <= |a| + |b| (log V + 1).
+    # log p = (x - m) / tau - log d is exact near the max, so p has no ulp(lse) error (an fp32 lse of 1e4 would
+    # put exp(4.9e-4) - 1 on every entry); measured max error ~3e-7 on entries <= |a| + |b| (log V + 1).
     assert torch.isfinite(grad).all()
-    torch.testing.assert_close(grad.double(), expected, rtol=0, atol=5e-3)
+    torch.testing.assert_close(grad.double(), expected, rtol=0, atol=2e-6)
 
 
 def test_neg_inf_rows_and_targets():
@@ -110,14 +113,14 @@ def test_neg_inf_rows_and_targets():
     logits3d[0, 1, 5] = float("-inf")            # target at -inf: log-prob -inf, like the reference
     logits3d[0, 2] = float("-inf")               # no distribution at all: NaN, like the reference
     labels = torch.tensor([0, 5, 3], device=DEVICE)
-    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    lp, h, state = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
     assert lp[0] == 0 and h[0] == 0
     assert lp[1] == float("-inf") and torch.isfinite(h[1])
     assert torch.isnan(lp[2]) and torch.isnan(h[2])
     _, h_ref, _ = reference_forward(logits3d, labels, 1.0)
     torch.testing.assert_close(h[:2].double(), h_ref[:2], rtol=1e-5, atol=1e-6)
     grad = torch.empty_like(logits3d)
-    tl_ops.logprobs_entropy_bwd(logits3d[:, :1], labels[:1], lse[:1], h[:1], torch.ones(1), torch.ones(1), 1.0,
+    tl_ops.logprobs_entropy_bwd(logits3d[:, :1], labels[:1], state[:1], h[:1], torch.ones(1), torch.ones(1), 1.0,
                                 IGNORE, grad[:, :1])
     assert (grad[0, 0] == 0).all()  # one-hot: p = onehot, so a (onehot - p) = 0 and p log p terms vanish
 
@@ -125,9 +128,9 @@ def test_neg_inf_rows_and_targets():
 def test_all_rows_ignored_reads_nothing_and_zeroes_gradient():
     logits3d = torch.randn(2, 3, 150, device=DEVICE)
     labels = torch.full((6,), IGNORE, device=DEVICE)
-    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
-    assert (lp == 0).all() and (h == 0).all() and (lse == 0).all()
-    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, torch.randn(6), torch.randn(6), 1.0, IGNORE, logits3d)
+    lp, h, state = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    assert (lp == 0).all() and (h == 0).all() and (state == 0).all()
+    tl_ops.logprobs_entropy_bwd(logits3d, labels, state, h, torch.randn(6), torch.randn(6), 1.0, IGNORE, logits3d)
     assert (logits3d == 0).all()  # in place: every row's gradient is 0
 
 
@@ -135,7 +138,7 @@ def test_all_rows_ignored_reads_nothing_and_zeroes_gradient():
 def test_one_token_tiny_and_exact_tile_vocabularies(rows, vocab):
     logits3d = torch.randn(1, rows, vocab, device=DEVICE)
     labels = torch.randint(0, vocab, (rows,), device=DEVICE)
-    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.3, IGNORE)
+    lp, h, state = tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.3, IGNORE)
     lp_ref, h_ref, _ = reference_forward(logits3d, labels, 1.3)
     torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-6)
@@ -148,13 +151,13 @@ def test_half_precision_inputs(dtype):
     to the logits' dtype once: at most half an ulp, 2^-8 (bf16) / 2^-11 (fp16) of each entry (measured max
     errors: 3.2e-3 bf16 and 2.4e-4 fp16 on entries of size ~1-2)."""
     logits3d, labels = _batch(b=2, t=4, dtype=dtype, ignore=(3,), neg_inf=False)
-    lp, h, lse = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.9, IGNORE)
+    lp, h, state = tl_ops.logprobs_entropy_fwd(logits3d, labels, 0.9, IGNORE)
     lp_ref, h_ref, _ = reference_forward(logits3d, labels, 0.9)
     torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
     a, b = torch.randn(8, device=DEVICE), torch.randn(8, device=DEVICE)
     grad = torch.empty_like(logits3d)
-    tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, h, a, b, 0.9, IGNORE, grad)
+    tl_ops.logprobs_entropy_bwd(logits3d, labels, state, h, a, b, 0.9, IGNORE, grad)
     assert grad.dtype == dtype
     expected = reference_backward(logits3d, labels, 0.9, a, b)
     half_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
@@ -168,9 +171,10 @@ def test_fp64_logits_are_refused_and_auto_routes_them():
     logits3d, labels = _batch(b=1, t=3, v=50, dtype=torch.float64, ignore=(1,), neg_inf=False)
     with pytest.raises(ak.BackendUnavailableError, match="compute in fp32.*backend=\"auto\""):
         tl_ops.logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
-    lse = torch.zeros(3, dtype=torch.float64)
+    state, per_row = torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     with pytest.raises(ak.BackendUnavailableError, match="fp64"):
-        tl_ops.logprobs_entropy_bwd(logits3d, labels, lse, lse, lse, None, 1.0, IGNORE, torch.empty_like(logits3d))
+        tl_ops.logprobs_entropy_bwd(logits3d, labels, state, per_row, per_row, None, 1.0, IGNORE,
+                                    torch.empty_like(logits3d))
     with pytest.raises(ak.BackendUnavailableError, match='backend="triton".*fp64'):
         ak.logprobs_and_entropy(logits3d, labels.view(1, 3), backend="triton")
     assert "fp64" in ak.available_backends(DEVICE, torch.float64)["triton"]
@@ -207,32 +211,6 @@ def test_public_api_autograd_on_triton():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
-def _response_map(n, responses, device):
-    token_response = torch.randint(-1, responses - 1, (n,), device=device)  # response R-1 stays empty
-    return token_response
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_response_sums(deterministic):
-    logits3d, labels = _batch(b=2, t=6, v=150, neg_inf=False, ignore=(4,))
-    token_response = _response_map(12, 5, DEVICE)
-    token_response[4] = 1  # an ignored label inside a response adds nothing
-    out = tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, token_response, 5,
-                                                         deterministic=deterministic)
-    lp, h, _, sums_lp, sums_h = out
-    lp_ref, h_ref, _ = reference_forward(logits3d, labels, 1.0)
-    torch.testing.assert_close(sums_lp.double(), ref.segment_sum(lp_ref, token_response, 5), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sums_h.double(), ref.segment_sum(h_ref, token_response, 5), rtol=1e-5, atol=1e-5)
-    assert sums_lp[4] == 0 and sums_h[4] == 0  # empty response
-    if deterministic:
-        again = tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, token_response, 5,
-                                                               deterministic=True)
-        assert torch.equal(again[3], sums_lp) and torch.equal(again[4], sums_h)
-    no_labels = tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, None, 1.0, IGNORE, token_response, 5,
-                                                               deterministic=deterministic)
-    assert no_labels[0] is None and (no_labels[3] == 0).all()
-
-
 def test_deterministic_sums_depend_only_on_each_response_tokens():
     """The fixed-order reduction gives bit-identical sums whatever the interleaving of other responses'
     tokens (the property scheduling-independent reproducibility needs); atomics promise only closeness."""
@@ -258,20 +236,18 @@ def test_launcher_errors():
         tl_ops.logprobs_entropy_fwd(logits3d, labels[:1], 1.0, IGNORE)
     with pytest.raises(ValueError, match="labels is on meta"):
         tl_ops.logprobs_entropy_fwd(logits3d, labels.to("meta"), 1.0, IGNORE)
-    with pytest.raises(ValueError, match="token_response must have 2 entries"):
-        tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, torch.zeros(3).long(), 1)
-    with pytest.raises(TypeError, match="token_response"):
-        tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, [0, 0], 1)
-    with pytest.raises(TypeError, match="deterministic"):
-        tl_ops.logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, torch.zeros(2).long(), 1,
-                                                       deterministic=1)
+    state = torch.zeros(2, 2)
     with pytest.raises(ValueError, match="grad_out3d"):
-        tl_ops.logprobs_entropy_bwd(logits3d, labels, row, row, None, None, 1.0, IGNORE, torch.empty(1, 2, 19))
-    for name in ("lse", "entropy", "grad_logprobs", "grad_entropy"):
-        args = dict(lse=row, entropy=row, grad_logprobs=row, grad_entropy=row)
+        tl_ops.logprobs_entropy_bwd(logits3d, labels, state, row, None, None, 1.0, IGNORE, torch.empty(1, 2, 19))
+    for bad in (row, torch.zeros(3, 2), torch.zeros(2, 2, device="meta")):  # an lse-like [N] vector is rejected
+        with pytest.raises(ValueError, match=r"state must be the \[2, 2\] tensor"):
+            tl_ops.logprobs_entropy_bwd(logits3d, labels, bad, row, None, None, 1.0, IGNORE,
+                                        torch.empty_like(logits3d))
+    for name in ("entropy", "grad_logprobs", "grad_entropy"):
+        args = dict(entropy=row, grad_logprobs=row, grad_entropy=row)
         args[name] = torch.zeros(5)
         with pytest.raises(ValueError, match=f"{name} must have 2 entries"):
-            tl_ops.logprobs_entropy_bwd(logits3d, labels, temperature=1.0, ignore_index=IGNORE,
+            tl_ops.logprobs_entropy_bwd(logits3d, labels, state, temperature=1.0, ignore_index=IGNORE,
                                         grad_out3d=torch.empty_like(logits3d), **args)
 
 
@@ -309,18 +285,17 @@ def test_custom_ops_fake_shapes_and_opcheck():
 
     with FakeTensorMode():
         logits = torch.empty(2, 3, 1000, dtype=torch.bfloat16)
-        lp, h, lse = torch.ops.aem_kernels.triton_logprobs_entropy_fwd(logits, torch.zeros(6, dtype=torch.long),
-                                                                       1.0, IGNORE)
-        assert lp.shape == h.shape == lse.shape == (6,) and lp.dtype == torch.float32
-        out = torch.ops.aem_kernels.triton_logprobs_entropy_fwd_segmented(
-            logits, None, 1.0, IGNORE, torch.zeros(6, dtype=torch.long), 4, True)
-        assert out[0].shape == (0,) and out[3].shape == (4,)
+        lp, h, state = torch.ops.aem_kernels.triton_logprobs_entropy_fwd(logits, torch.zeros(6, dtype=torch.long),
+                                                                         1.0, IGNORE)
+        assert lp.shape == h.shape == (6,) and state.shape == (6, 2) and state.dtype == lp.dtype == torch.float32
+        out = torch.ops.aem_kernels.triton_logprobs_entropy_fwd(logits, None, 1.0, IGNORE)
+        assert out[0].shape == (0,) and out[2].shape == (6, 2)
     logits = torch.randn(1, 2, 16, device=DEVICE)
     labels = torch.tensor([3, IGNORE], device=DEVICE)
     torch.library.opcheck(torch.ops.aem_kernels.triton_logprobs_entropy_fwd.default, (logits, labels, 1.0, IGNORE),
                           test_utils=("test_schema", "test_faketensor"))
-    _, h, lse = tl_ops.logprobs_entropy_fwd(logits, labels, 1.0, IGNORE)
-    args = (logits, labels, lse, h, torch.ones(2), None, 1.0, IGNORE, torch.empty_like(logits))
+    _, h, state = tl_ops.logprobs_entropy_fwd(logits, labels, 1.0, IGNORE)
+    args = (logits, labels, state, h, torch.ones(2), None, 1.0, IGNORE, torch.empty_like(logits))
     torch.library.opcheck(torch.ops.aem_kernels.triton_logprobs_entropy_bwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -9,6 +9,9 @@ import torch
 import aem_kernels as ak
 from helpers import reference_backward, reference_forward
 
+triton = pytest.importorskip("triton")
+from aem_kernels.ops.segment import segment_sums_deterministic  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 IGNORE = -100
 
@@ -32,14 +35,14 @@ def test_large_vocab_non_contiguous_matches_reference():
     logits3d = full[:, :-1]
     labels = torch.randint(0, vocab, (b * t,), device="cuda")
     labels[[5, 700]] = IGNORE
-    lp, h, lse = _ops().logprobs_entropy_fwd(logits3d, labels, 0.8, IGNORE)
+    lp, h, state = _ops().logprobs_entropy_fwd(logits3d, labels, 0.8, IGNORE)
     lp_ref, h_ref, _ = reference_forward(logits3d, labels, 0.8)
     # fp32 sums over 151936 terms: ~1e-6 relative; 1e-4 absolute covers log-probs of size ~10-20.
     torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-4)
     a, g = torch.randn_like(lp), torch.randn_like(lp)
     grad = torch.empty(logits3d.shape, dtype=logits3d.dtype, device="cuda")
-    _ops().logprobs_entropy_bwd(logits3d, labels, lse, h, a, g, 0.8, IGNORE, grad)
+    _ops().logprobs_entropy_bwd(logits3d, labels, state, h, a, g, 0.8, IGNORE, grad)
     assert _within_half_ulp(grad, reference_backward(logits3d, labels, 0.8, a, g), torch.bfloat16)
 
 
@@ -52,12 +55,12 @@ def test_more_than_2_31_elements():
     labels = torch.randint(0, vocab, (n,), device="cuda")
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device="cuda")
     sub = logits3d[:, rows].clone()  # the reference of 2e9 elements would not fit: check a few rows
-    lp, h, lse = _ops().logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+    lp, h, state = _ops().logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
     lp_ref, h_ref, _ = reference_forward(sub, labels[rows])
     torch.testing.assert_close(lp[rows].double(), lp_ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(h[rows].double(), h_ref, rtol=1e-5, atol=1e-4)
     ones = torch.ones(n, device="cuda")
-    _ops().logprobs_entropy_bwd(logits3d, labels, lse, h, ones, None, 1.0, IGNORE, logits3d)
+    _ops().logprobs_entropy_bwd(logits3d, labels, state, h, ones, None, 1.0, IGNORE, logits3d)
     expected = reference_backward(sub, labels[rows], 1.0, ones[:5], None)
     assert _within_half_ulp(logits3d[:, rows], expected, torch.bfloat16)
 
@@ -72,9 +75,9 @@ def test_cuda_graph_capture_and_replay():
     tr = torch.randint(-1, 16, (n,), device="cuda")
 
     def step():
-        lp, h, lse, sums_lp, sums_h = _ops().logprobs_entropy_fwd_with_response_sums(
-            logits3d, labels, 1.0, IGNORE, tr, 16, deterministic=True)
-        _ops().logprobs_entropy_bwd(logits3d, labels, lse, h, a, b, 1.0, IGNORE, grad)
+        lp, h, state = _ops().logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+        _, sums_h = segment_sums_deterministic((lp, h), tr, 16)
+        _ops().logprobs_entropy_bwd(logits3d, labels, state, h, a, b, 1.0, IGNORE, grad)
         return lp, h, sums_h
 
     side = torch.cuda.Stream()
@@ -100,13 +103,14 @@ def test_deterministic_response_sums_are_bit_identical():
     logits3d = torch.randn(1, n, vocab, device="cuda", dtype=torch.bfloat16) * 4
     labels = torch.randint(0, vocab, (n,), device="cuda")
     tr = torch.randint(-1, responses, (n,), device="cuda")
-    runs = [_ops().logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, tr, responses,
-                                                           deterministic=True) for _ in range(3)]
+    runs = []
+    for _ in range(3):
+        lp, h, _ = _ops().logprobs_entropy_fwd(logits3d, labels, 1.0, IGNORE)
+        runs.append(segment_sums_deterministic((lp, h), tr, responses))
     for other in runs[1:]:
-        assert torch.equal(other[3], runs[0][3]) and torch.equal(other[4], runs[0][4])
-    atomic = _ops().logprobs_entropy_fwd_with_response_sums(logits3d, labels, 1.0, IGNORE, tr, responses)
-    torch.testing.assert_close(atomic[4], runs[0][4], rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(atomic[3], runs[0][3], rtol=1e-5, atol=1e-3)
+        assert torch.equal(other[0], runs[0][0]) and torch.equal(other[1], runs[0][1])
+    atomic = torch.zeros(responses + 1, device="cuda").index_add_(0, torch.where(tr >= 0, tr, responses), h)
+    torch.testing.assert_close(atomic[:responses], runs[0][1], rtol=1e-5, atol=1e-3)
 
 
 def test_torch_compile_inductor_fullgraph():

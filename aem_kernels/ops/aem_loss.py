@@ -44,8 +44,8 @@ import triton.language as tl
 
 from .._constants import KL_VALUE_CLAMP, LOG_RATIO_CLAMP
 from .._layout import as_rows3d, gradient_buffer
-from .utils import (BWD_TILE_BYTES, FWD_TILE_BYTES, check_triton_device, launch_config, row_offset,
-                    store_row_grad, streaming_softmax_stats, to_storage)
+from .utils import (BWD_TILE_BYTES, FWD_TILE_BYTES, check_triton_device, launch_config, row_epilogue, row_offset,
+                    store_row_grad, streaming_softmax_stats, temperature_args, to_storage)
 
 __all__ = ["aem_loss_fused_fwd", "aem_loss_single_pass", "FusedGradientFunction"]
 
@@ -94,8 +94,8 @@ def _kl_grad(logprob, ref, KL_TYPE: tl.constexpr):
 @triton.jit
 def _aem_loss_fused_kernel(
     logits_ptr, grad_ptr, labels_ptr, adv_ptr, weight_ptr, old_ptr, ref_ptr, logprobs_ptr, entropy_ptr,
-    rows_per_batch, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab, scale, ignore_index,
-    clip_low, clip_high, dual_clip, entropy_coef, kl_coef,
+    rows_per_batch, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab, inv_temperature, tau_hi, tau_lo,
+    ignore_index, clip_low, clip_high, dual_clip, entropy_coef, kl_coef,
     HAS_OLD: tl.constexpr, DUAL_CLIP: tl.constexpr, KL_TYPE: tl.constexpr, HAS_ENTROPY_BONUS: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, GRAD_BLOCK_V: tl.constexpr,
 ):
@@ -103,11 +103,13 @@ def _aem_loss_fused_kernel(
     in_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
-    m, d, t = streaming_softmax_stats(in_ptr, tl.where(active, vocab, 0), vocab, scale, BLOCK_V)
-    log_d = tl.log(d)
-    entropy = tl.where(active, log_d - t / d, 0.0)
-    target = tl.load(in_ptr + tl.where(active, label, 0)).to(tl.float32) * scale
-    logprob = tl.where(active, (target - m) - log_d, 0.0)
+    # The same streaming stats and fp64 row epilogue as the two-pass forward (see ops/logprobs.py), so l_t
+    # and h_t are the same numbers; the gradient loop uses (m, log d) kept apart, as the two-pass backward.
+    m, d, t = streaming_softmax_stats(in_ptr, tl.where(active, vocab, 0), vocab, inv_temperature, BLOCK_V)
+    target = tl.load(in_ptr + tl.where(active, label, 0), mask=active, other=0.0).to(tl.float32)
+    log_d, entropy, logprob = row_epilogue(m, d, t, target, tau_hi, tau_lo)
+    entropy = tl.where(active, entropy, 0.0)
+    logprob = tl.where(active, logprob, 0.0)
     tl.store(entropy_ptr + row, entropy)
     tl.store(logprobs_ptr + row, logprob)
     if WRITE_GRAD:
@@ -122,8 +124,9 @@ def _aem_loss_fused_kernel(
         a = tl.where(weight != 0, weight * grad_l, 0.0)  # `aggregate` drops tokens with c_t = 0
         b = -weight * entropy_coef
         out_ptr = grad_ptr + row_offset(row, rows_per_batch, grad_stride_b, grad_stride_t)
-        store_row_grad(in_ptr, out_ptr, vocab, scale, tl.where(active, m, 0.0), tl.where(active, log_d, 0.0),
-                       entropy, a, b, label, active, True, HAS_ENTROPY_BONUS, GRAD_BLOCK_V)
+        store_row_grad(in_ptr, out_ptr, vocab, inv_temperature, tl.where(active, m, 0.0),
+                       tl.where(active, log_d.to(tl.float32), 0.0), entropy, a, b, label, active, True,
+                       HAS_ENTROPY_BONUS, GRAD_BLOCK_V)
 
 
 @triton.jit
@@ -169,8 +172,8 @@ def aem_loss_fused_fwd(
         logits3d, grad, labels, advantages, token_weights,
         old_logprobs if old_logprobs is not None else advantages,
         ref_logprobs if ref_logprobs is not None else advantages, logprobs, entropy,
-        rows, logits3d.stride(0), logits3d.stride(1), grad.stride(0), grad.stride(1), vocab, 1.0 / temperature,
-        ignore_index, clip_low, clip_high, dual_clip if dual_clip is not None else 0.0, entropy_coef, kl_coef,
+        rows, logits3d.stride(0), logits3d.stride(1), grad.stride(0), grad.stride(1), vocab,
+        *temperature_args(temperature), ignore_index, clip_low, clip_high, dual_clip if dual_clip is not None else 0.0, entropy_coef, kl_coef,
         HAS_OLD=old_logprobs is not None, DUAL_CLIP=dual_clip is not None, KL_TYPE=kl_code,
         HAS_ENTROPY_BONUS=entropy_coef != 0, WRITE_GRAD=write_grad, BLOCK_V=block_v,
         GRAD_BLOCK_V=grad_block_v, num_warps=num_warps)

@@ -5,7 +5,7 @@ vocabulary in tiles of BLOCK_V columns; the work per byte is a handful of flops 
 are bound by HBM bandwidth (3.35 TB/s H100 SXM, 4.8 TB/s H200). What matters is the number of bytes in
 flight per SM, which must cover bandwidth x latency (~600 ns): about 15 KB per SM on H100 and 22 KB on H200.
 A tile of 16 KB (8192 bf16/fp16 or 4096 fp32 values) over 8 warps gives every thread four 16-byte vector
-loads per tile; ptxas (sm_90, Triton 3.9) allocates 63-79 registers for the bf16 forward, so three or four
+loads per tile; ptxas (sm_90, Triton 3.9) allocates 58-63 registers for the bf16 forward, so three or four
 programs fit on an SM: 48-64 KB in flight, enough on both chips, while a row of 150k columns is still ~19-37 tiles (plenty
 of iterations to amortise the per-tile reductions). The backward (and the gradient loop of the fused loss)
 keeps more values live per element (z, log p, p, the gradient) and also stores, so it takes 8 KB tiles
@@ -26,6 +26,7 @@ several tiles per row on small vocabularies and stay fast.
 from __future__ import annotations
 
 import os
+import struct
 from typing import Tuple
 
 import torch
@@ -35,7 +36,7 @@ import triton.language as tl
 from ..errors import BackendUnavailableError
 
 __all__ = ["INTERPRET_MAX_BLOCK_V", "FWD_TILE_BYTES", "BWD_TILE_BYTES", "is_interpreting", "check_triton_device",
-           "launch_config"]
+           "launch_config", "temperature_args"]
 
 INTERPRET_MAX_BLOCK_V = 128
 FWD_TILE_BYTES = 16384
@@ -77,16 +78,35 @@ def row_offset(row, rows_per_batch, stride_b, stride_t):
     return (row64 // rows_per_batch) * stride_b + (row64 % rows_per_batch) * stride_t
 
 
-@triton.jit
-def streaming_softmax_stats(row_ptr, n_cols, vocab, scale, BLOCK_V: tl.constexpr):
-    """One read of a row: (m, d, t) with z = x * scale, m = max z, d = sum exp(z - m), t = sum exp(z - m) (z - m).
+def temperature_args(temperature: float) -> Tuple[float, float, float]:
+    """(1 / tau, tau_hi, tau_lo) for the kernels: the reciprocal scales the per-element shifts; tau is split
+    into two fp32-exact parts (tau_hi + tau_lo = tau to ~48 bits) because Triton passes Python floats as
+    fp32, and the per-row epilogue (`row_epilogue`) divides by tau in fp64."""
+    tau_hi = _to_fp32(temperature)
+    return 1.0 / temperature, tau_hi, _to_fp32(temperature - tau_hi)
 
-    Online form: when a tile raises the max from m to m' (delta = m - m' <= 0), the sums over the columns seen
-    so far become d' = e^delta d and t' = e^delta (t + delta d), since exp(s + delta)(s + delta) =
-    e^delta (e^s s + delta e^s). The shifts s = z - m are exact near the max (Sterbenz), so the entropy
-    h = log d - t / d never cancels two O(|z|) numbers. -inf entries have exp = 0 and add nothing to t
-    (p log p -> 0); a row that is -inf so far keeps m = -inf with d = t = 0 (the shift is taken as 0 so no
-    inf - inf appears). `n_cols` is `vocab`, or 0 to skip the row without touching memory.
+
+def _to_fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+@triton.jit
+def streaming_softmax_stats(row_ptr, n_cols, vocab, inv_temperature, BLOCK_V: tl.constexpr):
+    """One read of a row x: (m, d, t) with m = max x (raw logit units, an exact logit value),
+    s = (x - m) / tau, d = sum exp(s), t = sum exp(s) s.
+
+    Online form: when a tile raises the max from m to m' (delta = (m - m') / tau <= 0), the sums over the
+    columns seen so far become d' = e^delta d and t' = e^delta (t + delta d), since exp(s + delta)(s + delta)
+    = e^delta (e^s s + delta e^s). x - m is exact near the max (Sterbenz) and is scaled after the
+    subtraction, so s is accurate to an ulp of s (eager fp32 rounds x / tau and m / tau first: an ulp of
+    |x| / tau); the entropy h = log d - t / d never cancels two O(|z|) numbers. The per-element work is
+    the same as scaling first (one subtract, one multiply; the sm_90 PTX of the tile loop has as many
+    instructions as with z = x * scale, z - m): no division on the hot path. Triton lowers fp32 `/` to the
+    approximate div.full.f32 (2 ulp) on NVIDIA; a correctly rounded x / tau would need `tl.math.div_rn`
+    (div.rn.f32, a multi-instruction sequence in SASS) per element.
+    -inf entries have exp = 0 and add nothing to t (p log p -> 0); a row that is -inf so far keeps
+    m = -inf with d = t = 0 (the shift is taken as 0 so no inf - inf appears). `n_cols` is `vocab`, or 0
+    to skip the row without touching memory.
     """
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([], float("-inf"), tl.float32)
@@ -94,12 +114,12 @@ def streaming_softmax_stats(row_ptr, n_cols, vocab, scale, BLOCK_V: tl.constexpr
     t = tl.zeros([], tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         idx = start + cols
-        z = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32) * scale
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = z - shift
+        s = (x - shift) * inv_temperature
         e = tl.exp(s)
-        delta = m - shift
+        delta = (m - shift) * inv_temperature
         alpha = tl.exp(delta)
         # d > 0 implies m finite, so delta is finite where it is used.
         t = tl.where(d > 0, alpha * (t + delta * d), 0.0) + tl.sum(tl.where(e > 0, e * s, 0.0), axis=0)
@@ -109,25 +129,43 @@ def streaming_softmax_stats(row_ptr, n_cols, vocab, scale, BLOCK_V: tl.constexpr
 
 
 @triton.jit
-def store_row_grad(in_ptr, out_ptr, vocab, scale, shift, log_norm, entropy, a, b, label, active,
+def row_epilogue(m, d, t, target, tau_hi, tau_lo):
+    """Per-row outputs from the streaming stats, in fp64 (a few flops per row, nothing per element):
+    (log d, h = log d - t / d, l = (x_y - m) / tau - log d), the last two rounded once to fp32. x_y - m is
+    exact in fp64 and tau is the Python float to ~48 bits (tau_hi + tau_lo), so l is the correctly rounded
+    fp32 log-prob up to the rounding of d (eager fp32 rounds x_y / tau, m / tau and their difference). log d
+    stays fp64 here; the caller stores it as fp32 state."""
+    d64 = d.to(tl.float64)
+    log_d = tl.log(d64)
+    entropy = (log_d - t.to(tl.float64) / d64).to(tl.float32)
+    zero64 = tl.zeros([], tl.float64)  # (fp32 kernel arguments on GPU, Python floats in the interpreter)
+    tau = (tau_hi + zero64) + (tau_lo + zero64)
+    logprob = ((target.to(tl.float64) - m.to(tl.float64)) / tau - log_d).to(tl.float32)
+    return log_d, entropy, logprob
+
+
+@triton.jit
+def store_row_grad(in_ptr, out_ptr, vocab, inv_temperature, m, log_d, entropy, a, b, label, active,
                    HAS_A: tl.constexpr, HAS_B: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One read and one write of a row: grad = [a (onehot(label) - p) - b p (log p + h)] * scale (section 6),
-    with log p = (z - shift) - log_norm. An inactive row reads nothing and writes zeros. The tile is read
-    before it is written, so `out_ptr` may equal `in_ptr` (in-place gradient)."""
+    """One read and one write of a row: grad = [a (onehot(label) - p) - b p (log p + h)] / tau (section 6),
+    with log p = (x - m) / tau - log d from the forward's state (m, log d): exact at the max, where
+    p ~ 1 matters most (z - lse would carry the rounding of lse into every p). If the compiler contracts
+    the multiply-subtract into an FMA, log p only gets more accurate. An inactive row reads nothing and
+    writes zeros. The tile is read before it is written, so `out_ptr` may equal `in_ptr` (in place)."""
     cols = tl.arange(0, BLOCK_V)
     n_read = tl.where(active, vocab, 0)  # (a bound rather than `mask & active`: cheaper, and interpreter-safe)
     for start in range(0, vocab, BLOCK_V):
         idx = start + cols
         in_row = idx < vocab
-        z = tl.load(in_ptr + idx, mask=idx < n_read, other=float("-inf")).to(tl.float32) * scale
-        log_p = (z - shift) - log_norm
+        x = tl.load(in_ptr + idx, mask=idx < n_read, other=float("-inf")).to(tl.float32)
+        log_p = (x - m) * inv_temperature - log_d
         p = tl.exp(log_p)
         grad = tl.zeros([BLOCK_V], tl.float32)
         if HAS_A:
             grad = tl.where(idx == label, a, 0.0) - a * p
         if HAS_B:
             grad -= b * tl.where(p > 0, p * (log_p + entropy), 0.0)
-        tl.store(out_ptr + idx, to_storage(grad * scale, out_ptr.dtype.element_ty), mask=in_row)
+        tl.store(out_ptr + idx, to_storage(grad * inv_temperature, out_ptr.dtype.element_ty), mask=in_row)
 
 
 # Triton's interpreter truncates fp32 -> bf16 where GPUs round to nearest even; the interpreter emulates the GPU.
