@@ -16,6 +16,8 @@ from ._validation import skip_value_checks
 from .config import AEMConfig
 from .dispatch import BackendUnavailableError, available_backends
 from .loss import AEMLoss, aem_policy_loss
+from .fused_linear import (FusedLinearLogprobsEntropyFunction, fused_linear_aem_policy_loss,
+                           fused_linear_logprobs_and_entropy)
 from .modulation import aem_weights, modulate_advantages, relative_uncertainty
 from .packing import turn_ids_to_token_response
 
@@ -25,11 +27,14 @@ __all__ = [
     "AEMConfig",
     "AEMLoss",
     "BackendUnavailableError",
+    "FusedLinearLogprobsEntropyFunction",
     "LogprobsEntropyFunction",
     "aem_policy_loss",
     "aem_weights",
     "available_backends",
     "entropy_from_logits",
+    "fused_linear_aem_policy_loss",
+    "fused_linear_logprobs_and_entropy",
     "logprobs_and_entropy",
     "logprobs_from_logits",
     "modulate_advantages",
