@@ -13,6 +13,7 @@ from .api import (
     selective_log_softmax,
 )
 from ._validation import skip_value_checks
+from .causal_lm import causal_lm_aem_policy_loss, causal_lm_logprobs_and_entropy
 from .config import AEMConfig
 from .dispatch import BackendUnavailableError, available_backends
 from .loss import AEMLoss, aem_policy_loss
@@ -31,6 +32,8 @@ __all__ = [
     "LogprobsEntropyFunction",
     "aem_policy_loss",
     "aem_weights",
+    "causal_lm_aem_policy_loss",
+    "causal_lm_logprobs_and_entropy",
     "available_backends",
     "entropy_from_logits",
     "fused_linear_aem_policy_loss",

@@ -159,7 +159,7 @@ def _fused_linear_fwd_kernel(
         delta = tl.where(d > 0, m - shift, 0.0)  # d = 0: nothing to rescale (and no -inf * 0)
         alpha = tl.exp(delta)
         if WITH_ENTROPY:
-            t = tl.where(d > 0, alpha * (t + delta * d), 0.0) + tl.sum(tl.where(e > 0, e * s, 0.0), axis=1)
+            t = tl.where(d > 0, alpha * (t + delta * d), 0.0) + tl.sum(e * tl.where(e > 0, s, 0.0), axis=1)
         d = alpha * d + tl.sum(e, axis=1)
         m = m_new
     log_d = tl.log(d)
