@@ -44,18 +44,18 @@ _TOKEN_TOL = {torch.float64: (1e-2, 1e-3), torch.float32: (1e-2, 1e-3), torch.fl
 _GRAD_STORAGE_TOL = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 _GRAD_WORKING_TOL = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 0.2}
 _LOSS_TOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-RELATIVE_OUTPUTS = ("grad_logits", "loss")
+RELATIVE_OUTPUTS = ("grad_logits", "grad_hidden", "grad_weight", "loss")
 
 
 def working_dtype(outputs: Dict[str, torch.Tensor]) -> torch.dtype:
     """The lowest-precision dtype among a line's outputs other than the gradient."""
-    dtypes = [t.dtype for name, t in outputs.items() if name != "grad_logits" and t.is_floating_point()]
+    dtypes = [t.dtype for name, t in outputs.items() if not name.startswith("grad_") and t.is_floating_point()]
     return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
 
 
 def tolerance(name: str, dtype: torch.dtype, work: torch.dtype) -> Tuple[float, float]:
     """(atol, rtol) for per-token outputs; (0, relative tolerance) for the gradient and the loss."""
-    if name == "grad_logits":
+    if name.startswith("grad_"):
         return 0.0, max(_GRAD_STORAGE_TOL[dtype], _GRAD_WORKING_TOL[work])
     if name == "loss":
         return 0.0, _LOSS_TOL[work]

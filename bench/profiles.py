@@ -117,7 +117,22 @@ def summary_profile(device_type: str) -> Profile:
         exclude={"torch.compile": _COMPILE_TOO_SLOW})
 
 
-PROFILES = {"quick": quick_profile, "cpu": cpu_profile, "gpu": gpu_profile, "gpu-short": gpu_short_profile}
+def fused_linear_cpu_profile() -> Profile:
+    # The CPU points (H = 1024): each fwd+bwd is 6-8 N V H flops (2.7e11-1.3e12 per call at V=32000,
+    # 5x that at V=151936), tens of seconds to minutes on a shared 2-core VM, hence one timed call per line
+    # after the checked one and a 16 GiB limit (eager at 4096 x 151936 fp32 needs more).
+    return Profile(
+        name="fused-linear-cpu",
+        description="hidden states -> log-probs (+ entropies), fwd+bwd, N=4096, H=1024, V=32000 and 151936",
+        sweeps=[Sweep("V=32000", ((4096, 32000, "float32"), (4096, 32000, "bfloat16"))),
+                Sweep("V=151936", ((4096, 151936, "float32"), (4096, 151936, "bfloat16")))],
+        timing=TimingPolicy(warmup=0, min_reps=1, max_reps=1, min_time_s=0.0),
+        seq_len=256, cases=["fused_linear_fwd_bwd", "fused_linear_logprob_fwd_bwd"], max_call_s=300.0,
+        mem_limit_bytes=16 * GiB, budget_s=100 * 60,
+        exclude={"fused[torch]": "the chunked path over the torch row kernels is a checking path on the CPU"})
+
+
+PROFILES = {"quick": quick_profile, "fused-linear-cpu": fused_linear_cpu_profile, "cpu": cpu_profile, "gpu": gpu_profile, "gpu-short": gpu_short_profile}
 
 
 def get_profile(name: str, device_type: str) -> Profile:

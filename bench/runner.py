@@ -164,7 +164,9 @@ def run_profile(profile: Profile, lines: List[Implementation], reference: Implem
                 log(f"[{point.key()}] {case.name}: skipped: {reason}")
                 continue
             def case_inputs() -> Inputs:
-                return case.extend(base_inputs() if case.input_kind == "logits" else None, device, seed)
+                if case.input_kind == "hidden":   # hidden states and a classifier, built from the point
+                    return case.make_inputs(point, device, seed)
+                return case.extend(base_inputs(), device, seed)
 
             records += _run_case(case, point, sweeps, case_inputs, lines, reference, excluded, limits, predictor,
                                  timer, profile, lambda: roofline.bytes_per_s(point), device, log)
