@@ -132,7 +132,8 @@ def fused_linear_cpu_profile() -> Profile:
         exclude={"fused[torch]": "the chunked path over the torch row kernels is a checking path on the CPU"})
 
 
-PROFILES = {"quick": quick_profile, "fused-linear-cpu": fused_linear_cpu_profile, "cpu": cpu_profile, "gpu": gpu_profile, "gpu-short": gpu_short_profile}
+PROFILES = {"quick": quick_profile, "fused-linear-cpu": fused_linear_cpu_profile, "cpu": cpu_profile,
+            "gpu": gpu_profile, "gpu-short": gpu_short_profile}
 
 
 def get_profile(name: str, device_type: str) -> Profile:
