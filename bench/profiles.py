@@ -102,7 +102,8 @@ def quick_profile() -> Profile:
         sweeps=[_n_sweep(4096, "float32", (32, 128)), Sweep("bf16", ((32, 4096, "bfloat16"),))],
         timing=TimingPolicy(warmup=1, min_reps=3, max_reps=5, min_time_s=0.0),
         seq_len=32, max_call_s=10.0, mem_limit_bytes=2 * GiB, budget_s=5 * 60,
-        exclude={"torch.compile": _COMPILE_TOO_SLOW})
+        exclude={"torch.compile": _COMPILE_TOO_SLOW, "torch.compile-linear": _COMPILE_TOO_SLOW,
+                 "cce[torch_compile]": _COMPILE_TOO_SLOW})
 
 
 def summary_profile(device_type: str) -> Profile:

@@ -14,6 +14,11 @@ from aem_kernels.dispatch import BackendUnavailableError, resolve_fused_linear_b
 BACKENDS = ["cpu", "torch", "triton"]
 
 
+def _device(backend: str) -> str:
+    """Triton runs on CUDA tensors where a GPU is present (else in the interpreter on CPU tensors)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def _inputs(shape=(37,), hidden=29, vocab=301, dtype=torch.float32, scale=1.0, ignore=(3, 11), bias=True,
             seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -60,12 +65,14 @@ def _assert_rule(name, ours, eager, truth):
 
 
 def _check_against_rule(backend, x, w, b, labels, ga, gb, temperature=1.0, with_entropy=True, **kwargs):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-    lp, ent = ak.fused_linear_logprobs_and_entropy(leaves[0], leaves[1], labels, bias=leaves[2],
+    dev = _device(backend)
+    leaves = [t.detach().to(dev).requires_grad_() if t is not None else None for t in (x, w, b)]
+    lp, ent = ak.fused_linear_logprobs_and_entropy(leaves[0], leaves[1], labels.to(dev), bias=leaves[2],
                                                    temperature=temperature, with_entropy=with_entropy,
                                                    backend=backend, **kwargs)
     assert lp.dtype == torch.float32 and lp.shape == labels.shape
-    ours_grads = _grads((lp, ent), leaves, ga, gb if with_entropy else None)
+    ours_grads = [g.cpu() for g in _grads((lp, ent), leaves, ga.to(dev), gb.to(dev) if with_entropy else None)]
+    lp, ent = lp.cpu(), (ent.cpu() if ent is not None else None)
     eager = _materialised(x, w, b, labels, temperature, torch.float32)
     truth = _materialised(x, w, b, labels, temperature, torch.float64)
     gb_used = gb if with_entropy else None
@@ -124,8 +131,10 @@ def test_without_entropy(backend):
     x, w, b, labels, ga, gb = _inputs(vocab=407, hidden=33)
     lp, ent, _ = _check_against_rule(backend, x, w, b, labels, ga, gb, with_entropy=False)
     assert ent is None
-    full, _ = ak.fused_linear_logprobs_and_entropy(x, w, labels, bias=b, backend=backend)
-    torch.testing.assert_close(lp, full, rtol=0, atol=1e-6)
+    dev = _device(backend)
+    full, _ = ak.fused_linear_logprobs_and_entropy(x.to(dev), w.to(dev), labels.to(dev), bias=b.to(dev),
+                                                   backend=backend)
+    torch.testing.assert_close(lp, full.cpu(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("budget", [1, 4 * 301 * 5, 10 ** 9])
@@ -153,18 +162,21 @@ def test_default_budget():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignored_rows_give_zero_and_no_gradient(backend):
     x, w, b, labels, ga, gb = _inputs(shape=(21,), ignore=range(21))
-    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    lp, ent = ak.fused_linear_logprobs_and_entropy(*leaves[:2], labels, bias=leaves[2], backend=backend)
-    assert torch.equal(lp, torch.zeros(21)) and torch.equal(ent, torch.zeros(21))
-    for g in _grads((lp, ent), leaves, ga, gb):
+    dev = _device(backend)
+    leaves = [t.to(dev).requires_grad_() for t in (x, w, b)]
+    lp, ent = ak.fused_linear_logprobs_and_entropy(*leaves[:2], labels.to(dev), bias=leaves[2], backend=backend)
+    assert torch.equal(lp.cpu(), torch.zeros(21)) and torch.equal(ent.cpu(), torch.zeros(21))
+    for g in _grads((lp, ent), leaves, ga.to(dev), gb.to(dev)):
         assert torch.equal(g, torch.zeros_like(g))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     x, w, b, _, _, _ = _inputs()
-    hidden = x[:0].clone().requires_grad_()
-    lp, ent = ak.fused_linear_logprobs_and_entropy(hidden, w, torch.zeros(0, dtype=torch.long), backend=backend)
+    dev = _device(backend)
+    hidden = x[:0].to(dev).requires_grad_()
+    lp, ent = ak.fused_linear_logprobs_and_entropy(hidden, w.to(dev), torch.zeros(0, dtype=torch.long, device=dev),
+                                                   backend=backend)
     assert lp.shape == (0,) and ent.shape == (0,)
     (lp.sum() + ent.sum()).backward()
     assert hidden.grad.shape == (0, 29)
@@ -206,7 +218,8 @@ def test_fp64_inputs_take_the_torch_path():
     truth = _materialised(x, w, b, labels, 1.0, torch.float64)
     assert lp.dtype == torch.float64 and _err(lp, truth[0]) < 1e-12 and _err(ent, truth[1]) < 1e-12
     with pytest.raises(BackendUnavailableError, match="fp64"):
-        ak.fused_linear_logprobs_and_entropy(x, w, labels, backend="triton")
+        dev = _device("triton")
+        ak.fused_linear_logprobs_and_entropy(x.to(dev), w.to(dev), labels.to(dev), backend="triton")
 
 
 # ---- validation ------------------------------------------------------------------------------------------
@@ -246,3 +259,12 @@ def test_bad_input_names_the_argument(index):
 
 def test_bad_inputs_list_is_complete():
     assert len(_bad_calls()) == 19
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_gpu_llm_like_shapes(dtype, deterministic):
+    # several full 64 x 128 tiles and ragged edges in every dimension, compiled kernels (not the interpreter)
+    x, w, b, labels, ga, gb = _inputs(shape=(3, 333), hidden=520, vocab=5003, dtype=dtype, ignore=(0, 500))
+    _check_against_rule("triton", x, w, b, labels, ga, gb, temperature=0.8, deterministic=deterministic)
