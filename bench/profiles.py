@@ -133,8 +133,21 @@ def fused_linear_cpu_profile() -> Profile:
         exclude={"fused[torch]": "the chunked path over the torch row kernels is a checking path on the CPU"})
 
 
-PROFILES = {"quick": quick_profile, "fused-linear-cpu": fused_linear_cpu_profile, "cpu": cpu_profile,
-            "gpu": gpu_profile, "gpu-short": gpu_short_profile}
+def fused_linear_gpu_profile() -> Profile:
+    # The GPU point (H = 4096 on CUDA): N = 16384, V = 151936 bf16 (eager needs > 10 GB there), with
+    # a 4096-token point first so the predictor sees each line's scale. Not run yet (no GPU so far).
+    return Profile(
+        name="fused-linear-gpu",
+        description="H100/H200: hidden states -> log-probs (+ entropies), fwd+bwd, H=4096, V=151936 bf16",
+        sweeps=[_n_sweep(151936, "bfloat16", (4096, 16384))],
+        timing=TimingPolicy(warmup=2, min_reps=5, max_reps=20, min_time_s=0.2),
+        seq_len=1024, cases=["fused_linear_fwd_bwd", "fused_linear_logprob_fwd_bwd"], max_call_s=10.0,
+        budget_s=4 * 60)
+
+
+PROFILES = {"quick": quick_profile, "fused-linear-cpu": fused_linear_cpu_profile,
+            "fused-linear-gpu": fused_linear_gpu_profile, "cpu": cpu_profile, "gpu": gpu_profile,
+            "gpu-short": gpu_short_profile}
 
 
 def get_profile(name: str, device_type: str) -> Profile:
