@@ -8,11 +8,12 @@ in place), then grad_hidden_chunk = dz @ W, grad_W += dz^T @ hidden_chunk, grad_
 label is ignore_index contribute nothing and are dropped before any matmul (RL batches are full of prompt and
 padding tokens): their outputs and gradients are exact zeros.
 
-Working precision: fp32 (fp64 for fp64 inputs, a checking path). fp32 weights are used as they are. Half
-precision (bf16/fp16) operands are upcast in vocab blocks of at most a quarter of the budget (CPU BLAS has no
-bf16 x bf16 -> fp32 product, and rounding the chunk logits to bf16 would lose eager fp32's accuracy); their
-weight gradient accumulates in an fp32 [V, H] buffer (one rounding at the end instead of one per chunk),
-so for half-precision weights the extra memory is the budget plus 4 V H bytes.
+Working precision: fp32 (fp64 for fp64 inputs, a checking path). fp32 weights are used as they are. A half
+precision (bf16/fp16) weight is upcast to fp32 once in the forward and once in the backward (CPU BLAS has no
+bf16 x bf16 -> fp32 product, and bf16 chunk logits would lose eager fp32's accuracy; upcasting per chunk or in
+vocab blocks was measured 3-5x slower: the conversion costs about half a chunk's matmul), and its gradient
+accumulates in an fp32 [V, H] buffer (one rounding at the end instead of one per chunk). So for half-precision
+weights the extra memory is the budget plus 4 V H bytes in the forward and 8 V H bytes in the backward.
 
 Memory budget: the chunk buffer holds `rows = budget // (4 V)` rows. The default budget is 1/16 of the
 materialised logits in the inputs' dtype, clamped to [16 MiB, 1 GiB]: extra peak memory ~0.06-0.1 x the
@@ -34,16 +35,13 @@ DEFAULT_MIN_BUDGET = 16 << 20
 DEFAULT_MAX_BUDGET = 1 << 30
 
 
-def chunk_plan(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype,
-               budget: Optional[int] = None) -> Tuple[int, int]:
-    """(rows per chunk, vocab block of the half-precision upcast) for a budget in bytes (None: default)."""
+def chunk_plan(n_rows: int, vocab: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
+    """Rows per chunk for a budget in bytes of the chunk's logits buffer (None: the default, see above)."""
     element = torch.finfo(dtype).bits // 8
     if budget is None:
         budget = min(max(n_rows * vocab * element // 16, DEFAULT_MIN_BUDGET), DEFAULT_MAX_BUDGET)
     work = torch.finfo(compute_dtype(dtype)).bits // 8
-    rows = max(1, min(max(n_rows, 1), budget // (work * max(vocab, 1))))
-    vocab_block = vocab if dtype in (torch.float32, torch.float64) else max(1, budget // (4 * work * max(hidden, 1)))
-    return rows, vocab_block
+    return max(1, min(max(n_rows, 1), budget // (work * max(vocab, 1))))
 
 
 def _active_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
@@ -54,19 +52,18 @@ def _active_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tens
     return active.nonzero().squeeze(1)
 
 
-def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-                  vocab_block: int) -> torch.Tensor:
-    """out [n, V] (working dtype) = x @ W^T + b; x is already in the working dtype."""
-    vocab = weight.shape[0]
-    if weight.dtype == out.dtype:
-        torch.mm(x, weight.t(), out=out)
-    else:
-        for start in range(0, vocab, vocab_block):
-            block = weight[start:start + vocab_block].to(out.dtype)
-            out[:, start:start + block.shape[0]] = x @ block.t()
+def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  out: torch.Tensor) -> torch.Tensor:
+    """out [n, V] = x @ W^T + b, all in the working dtype."""
+    torch.mm(x, weight.t(), out=out)
     if bias is not None:
-        out += bias.to(out.dtype)
+        out += bias
     return out
+
+
+def _in_work_dtype(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch.dtype):
+    """The weight and bias in the working dtype: themselves for fp32/fp64, one fp32 copy for half precision."""
+    return weight.to(work), (bias.to(work) if bias is not None else None)
 
 
 def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -83,27 +80,28 @@ def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
     x_all = hidden2d if index is None else hidden2d.index_select(0, index)
     labels_all = (labels if index is None else labels.index_select(0, index)).long()
     n_active = x_all.shape[0]
-    rows, vocab_block = chunk_plan(n_rows, vocab, hidden, hidden2d.dtype, budget)
+    rows = chunk_plan(n_rows, vocab, hidden2d.dtype, budget)
     lp_active = torch.empty(n_active, dtype=work, device=hidden2d.device)
     ent_active = torch.empty_like(lp_active)
     states: List[object] = []
     if n_active:
+        w_work, b_work = _in_work_dtype(weight, bias, work)
         buffer = torch.empty(min(rows, n_active), vocab, dtype=work, device=hidden2d.device)
         for start in range(0, n_active, rows):
             x = x_all[start:start + rows].to(work)
-            z = _chunk_logits(x, weight, bias, buffer[:x.shape[0]], vocab_block)
+            z = _chunk_logits(x, w_work, b_work, buffer[:x.shape[0]])
             lp, ent, state = row_backend.forward(z.unsqueeze(0), labels_all[start:start + rows], temperature,
                                                  ignore_index)
             lp_active[start:start + x.shape[0]] = lp
             ent_active[start:start + x.shape[0]] = ent
             states.append(state)
-        del buffer
+        del buffer, w_work, b_work
     if index is None:
         logprobs, entropy = lp_active, ent_active
     else:
         logprobs.index_copy_(0, index, lp_active)
         entropy.index_copy_(0, index, ent_active)
-    saved = (index, rows, vocab_block, states, ent_active)
+    saved = (index, rows, states, ent_active)
     return logprobs, (entropy if with_entropy else None), saved
 
 
@@ -112,7 +110,7 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
                 grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int,
                 needs: Tuple[bool, bool, bool]):
     """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the inputs' dtypes; None where not needed."""
-    index, rows, vocab_block, states, ent_active = saved
+    index, rows, states, ent_active = saved
     n_rows, hidden = hidden2d.shape
     vocab, device = weight.shape[0], hidden2d.device
     work = compute_dtype(hidden2d.dtype)
@@ -127,11 +125,12 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
     dw = torch.zeros(vocab, hidden, dtype=work, device=device) if need_dw else None
     db = torch.zeros(vocab, dtype=work, device=device) if need_db else None
     if n_active and (glp is not None or gent is not None) and (need_dx or need_dw or need_db):
+        w_work, b_work = _in_work_dtype(weight, bias, work)
         buffer = torch.empty(min(rows, n_active), vocab, dtype=work, device=device)
         for chunk, start in enumerate(range(0, n_active, rows)):
             stop = min(start + rows, n_active)
             x = x_all[start:stop].to(work)
-            z = _chunk_logits(x, weight, bias, buffer[:stop - start], vocab_block)
+            z = _chunk_logits(x, w_work, b_work, buffer[:stop - start])
             z3 = z.unsqueeze(0)
             row_backend.backward(z3, labels_all[start:stop], states[chunk], ent_active[start:stop],
                                  glp[start:stop] if glp is not None else None,
@@ -139,21 +138,11 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
                                  temperature, ignore_index, z3)   # dL/dz overwrites z
             if need_db:
                 db += z.sum(0)
-            if weight.dtype == work:
-                if need_dx:
-                    torch.mm(z, weight, out=dx_active[start:stop])
-                if need_dw:
-                    dw.addmm_(z.t(), x)
-            else:
-                if need_dx:
-                    dx_active[start:stop].zero_()
-                for vs in range(0, vocab, vocab_block):
-                    dz = z[:, vs:vs + vocab_block]
-                    if need_dx:
-                        dx_active[start:stop].addmm_(dz, weight[vs:vs + vocab_block].to(work))
-                    if need_dw:
-                        dw[vs:vs + vocab_block].addmm_(dz.t(), x)
-        del buffer
+            if need_dx:
+                torch.mm(z, w_work, out=dx_active[start:stop])
+            if need_dw:
+                dw.addmm_(z.t(), x)
+        del buffer, w_work, b_work
     elif dx_active is not None:
         dx_active.zero_()
     grad_hidden = None
