@@ -268,9 +268,11 @@ def _interpreting() -> bool:
 
 
 def block_config(dtype: torch.dtype) -> dict:
-    """Tile sizes. GPU: 64 x 128 logit tiles over 64-wide K slices (bf16/fp16: 32 KB of operands per stage,
-    tensor-core shaped); fp32 operands halve the K slice. Interpreter: 16-wide tiles so that small odd
-    test shapes cross several tiles in every dimension."""
+    """Tile sizes. GPU: 64 x 128 logit tiles over 64-wide K slices (bf16/fp16: 24 KB of operands per K step,
+    tensor-core shaped); fp32 operands halve the K slice. Untuned: compiled ahead of time for sm_90
+    (python_tests/sm90_compile_fused_linear.py) ptxas allocates 206-255 registers per thread without spills,
+    i.e. one 8-warp program per SM; the tile table awaits a GPU to be measured on. Interpreter: 16-wide tiles
+    so that small odd test shapes cross several tiles in every dimension."""
     if _interpreting():
         return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "BLOCK_H": 16, "num_warps": 1}
     block_k = 32 if dtype == torch.float32 else 64
