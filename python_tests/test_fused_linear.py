@@ -153,7 +153,9 @@ def test_half_precision_several_chunks():
 
 def test_default_budget():
     rows = _chunked_linear.chunk_plan(4096, 151936, torch.float32)
-    assert rows * 151936 * 4 <= 4096 * 151936 * 4 // 16 and rows >= 16
+    assert rows == 256   # = logits / 16 at fp32
+    assert _chunked_linear.chunk_plan(4096, 151936, torch.bfloat16) == 256   # the row floor (budget: 128 rows)
+    assert _chunked_linear.chunk_plan(100000, 32000, torch.bfloat16) == 100000 * 2 // 64
     rows = _chunked_linear.chunk_plan(8, 1000, torch.float32)
     assert rows == 8   # the 16 MiB floor holds every row of a small batch
 
