@@ -92,7 +92,7 @@ def _check_against_rule(backend, x, w, b, labels, ga, gb, temperature=1.0, with_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_values_and_three_gradients_follow_the_accuracy_rule(backend, dtype):
     x, w, b, labels, ga, gb = _inputs(dtype=dtype)
     _check_against_rule(backend, x, w, b, labels, ga, gb, temperature=0.7)
