@@ -14,10 +14,13 @@ from .api import (
     selective_log_softmax,
 )
 from ._validation import skip_value_checks
+from .causal_lm import causal_lm_aem_policy_loss, causal_lm_logprobs_and_entropy
 from .config import AEMConfig
 from .dispatch import available_backends
 from .errors import BackendUnavailableError
 from .loss import AEMLoss, aem_policy_loss
+from .fused_linear import (FusedLinearLogprobsEntropyFunction, fused_linear_aem_policy_loss,
+                           fused_linear_logprobs_and_entropy)
 from .modulation import aem_weights, modulate_advantages, relative_uncertainty
 from .packing import turn_ids_to_token_response
 
@@ -27,11 +30,16 @@ __all__ = [
     "AEMConfig",
     "AEMLoss",
     "BackendUnavailableError",
+    "FusedLinearLogprobsEntropyFunction",
     "LogprobsEntropyFunction",
     "aem_policy_loss",
     "aem_weights",
+    "causal_lm_aem_policy_loss",
+    "causal_lm_logprobs_and_entropy",
     "available_backends",
     "entropy_from_logits",
+    "fused_linear_aem_policy_loss",
+    "fused_linear_logprobs_and_entropy",
     "logprobs_and_entropy",
     "logprobs_from_logits",
     "modulate_advantages",

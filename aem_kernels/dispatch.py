@@ -42,8 +42,8 @@ import torch
 from . import _validation as V
 from .errors import BackendUnavailableError
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "SinglePassLoss", "available_backends",
-           "resolve_backend", "resolve_segment_sum"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "FusedLinearBackend", "SinglePassLoss",
+           "available_backends", "resolve_backend", "resolve_fused_linear_backend", "resolve_segment_sum"]
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 
@@ -208,3 +208,54 @@ def resolve_segment_sum(device: torch.device) -> Callable[[torch.Tensor, torch.T
     from . import _torch
 
     return _torch.segment_sum
+
+
+@dataclass(frozen=True)
+class FusedLinearBackend:
+    """The fused linear + log-prob op (`aem_kernels.fused_linear`): `forward(hidden2d, weight, bias, labels,
+    temperature, ignore_index, with_entropy) -> (logprobs, entropy | None, saved)` and `backward(hidden2d,
+    weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, needs,
+    deterministic) -> (grad_hidden, grad_weight, grad_bias)`."""
+
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+_FUSED_LINEAR_CACHE: Dict[str, FusedLinearBackend] = {}
+
+
+def resolve_fused_linear_backend(backend: str, device: torch.device, dtype: torch.dtype) -> FusedLinearBackend:
+    """The fused-linear path for hidden states of `dtype` on `device`: the token backend's choice (same names,
+    same errors), where "triton" means the tiled kernels of `ops/fused_linear.py` and "cpu"/"torch" the
+    chunked BLAS path over that row backend (`_chunked_linear.py`). "auto" with fp64 hidden states (a checking
+    path; Triton computes in fp32) takes the chunked torch path."""
+    if backend == "auto" and dtype == torch.float64:
+        backend = "torch"
+    row = resolve_backend(backend, device, dtype)
+    if row.name == "triton" and dtype == torch.float64:
+        raise BackendUnavailableError('backend="triton" is not available for fp64 hidden states (the fused '
+                                      'linear kernels compute in fp32); use backend="torch"')
+    if row.name not in _FUSED_LINEAR_CACHE:
+        if row.name == "triton":
+            from .ops import fused_linear as triton_fused
+
+            def triton_forward(*args, budget=None):   # the tile is the working set: no budget to honour
+                return triton_fused.fused_linear_fwd(*args)
+
+            impl = FusedLinearBackend("triton", triton_forward, triton_fused.fused_linear_bwd)
+        else:
+            from . import _chunked_linear as chunked
+
+            def forward(*args, budget=None, _row=row):
+                return chunked.chunked_fwd(_row, *args, budget=budget)
+
+            def backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy,
+                         temperature, ignore_index, needs, deterministic=False, _row=row):
+                # always deterministic: fixed chunk order, BLAS reductions
+                return chunked.chunked_bwd(_row, hidden2d, weight, bias, labels, saved, grad_logprobs,
+                                           grad_entropy, temperature, ignore_index, needs)
+
+            impl = FusedLinearBackend(row.name, forward, backward)
+        _FUSED_LINEAR_CACHE[row.name] = impl
+    return _FUSED_LINEAR_CACHE[row.name]

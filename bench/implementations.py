@@ -293,7 +293,9 @@ def competitor_implementations(device: torch.device) -> List[Implementation]:
 
 
 def all_implementations(device: torch.device) -> List[Implementation]:
-    return our_implementations(device) + competitor_implementations(device)
+    from .cases.fused_linear import hidden_implementations   # the hidden-state lines live with their cases
+
+    return our_implementations(device) + competitor_implementations(device) + hidden_implementations(device)
 
 
 def reference_implementation(lines: List[Implementation]) -> Implementation:

@@ -7,8 +7,9 @@ One training step on a batch of trajectories (see `loop.py` for the whole step):
 2. the trajectories are split into minibatches *by group* (AEM's min-max and its weight normalisation are
    taken over a response's group, so a group is never cut in two);
 3. old log-probs (and reference log-probs for the KL term) are computed once, before any update;
-4. `ppo_epochs` passes over the minibatches, each an `ak.aem_policy_loss` call on logits[:, :-1] with the
-   packed token_response / response_group: AEM turns A_r into w_r A_r (AEM_SPEC eq. 7), then the clipped
+4. `ppo_epochs` passes over the minibatches, each an `ak.causal_lm_aem_policy_loss` call (the policy's
+   hidden states through its LM head by the fused linear op: the logits are never built) with the packed
+   token_response / response_group: AEM turns A_r into w_r A_r (AEM_SPEC eq. 7), then the clipped
    surrogate (eq. 8), then Adam with gradient-norm clipping.
 """
 
@@ -21,7 +22,6 @@ import torch
 import aem_kernels as ak
 
 from .batching import PolicyBatch
-from .model import forward_logits
 
 __all__ = ["METHODS", "loss_config", "grpo_advantages", "split_by_group", "policy_terms", "ppo_update"]
 
@@ -55,18 +55,16 @@ def split_by_group(groups: Sequence[int], num_minibatches: int) -> List[List[int
     return [[i for i, g in enumerate(groups) if g in chunk] for chunk in chunks]
 
 
-def _logits(model: torch.nn.Module, batch: PolicyBatch) -> torch.Tensor:
-    # [B, T-1, V]: a strided view of the model's logits (the loss reads rows in place, no copy)
-    return forward_logits(model, batch.input_ids, batch.attention_mask)[:, :-1]
-
-
 @torch.no_grad()
 def policy_terms(model: torch.nn.Module, batch: PolicyBatch, temperature: float = 1.0
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token (log-prob, entropy) [B, T-1] of the labels under `model`, without gradient."""
     was_training = model.training
     model.eval()
-    logprobs, entropy = ak.logprobs_and_entropy(_logits(model, batch), batch.labels, temperature=temperature)
+    # labels [B, T-1] = input_ids[:, 1:]: position t predicts token t+1 (no logits are built)
+    logprobs, entropy = ak.causal_lm_logprobs_and_entropy(model, batch.input_ids,
+                                                          attention_mask=batch.attention_mask,
+                                                          labels=batch.labels, temperature=temperature)
     model.train(was_training)
     return logprobs, entropy
 
@@ -89,8 +87,8 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, minibat
     last: Dict[str, List[float]] = {}
     for epoch in range(epochs):
         for i, batch in enumerate(minibatches):
-            loss, metrics = ak.aem_policy_loss(
-                _logits(model, batch), batch.labels, batch.advantages,
+            loss, metrics = ak.causal_lm_aem_policy_loss(
+                model, batch.input_ids, batch.advantages, attention_mask=batch.attention_mask, labels=batch.labels,
                 token_response=batch.token_response, response_group=batch.response_group,
                 old_logprobs=old_logprobs[i], ref_logprobs=None if ref_logprobs is None else ref_logprobs[i],
                 config=config, num_groups=batch.num_groups)

@@ -3,6 +3,7 @@ is a module with a `Case` subclass and one entry in CASES below; `base.py` docum
 
 from .aem_loss import AEMLossForwardBackward
 from .base import Case, Inputs, Point
+from .fused_linear import FusedLinearForwardBackward, FusedLinearLogprobForwardBackward
 from .logprobs_fwd import LogprobsForward
 from .logprobs_fwd_bwd import LogprobsForwardBackward
 from .precision import LogprobsPrecision
@@ -13,6 +14,8 @@ CASES = {case.name: case for case in (
     LogprobsForwardBackward(),
     AEMLossForwardBackward(),
     LogprobsPrecision(),
+    FusedLinearForwardBackward(),
+    FusedLinearLogprobForwardBackward(),
 )}
 DEFAULT_CASES = [name for name, case in CASES.items() if case.default]
 

@@ -1,0 +1,162 @@
+"""The chunked fused-linear path (CPU, and any device with backend="torch"): hidden states -> log-probs and
+entropies through BLAS matmuls on row chunks and a row backend of `dispatch.py`, never an N x V buffer.
+
+Forward, per chunk of rows: z = hidden_chunk @ W^T (+ b) into one reused fp32 [rows, V] buffer, then the row
+backend's `forward` (log-prob, entropy and its opaque per-row state, kept per chunk). Backward, per chunk:
+z is recomputed into the same buffer, the row backend's `backward` overwrites it with dL/dz (section 6,
+in place), then grad_hidden_chunk = dz @ W, grad_W += dz^T @ hidden_chunk, grad_b += sum_rows dz. Rows whose
+label is ignore_index contribute nothing and are dropped before any matmul (RL batches are full of prompt and
+padding tokens): their outputs and gradients are exact zeros.
+
+Working precision: fp32 (fp64 for fp64 inputs, a checking path). fp32 weights are used as they are. A half
+precision (bf16/fp16) weight is upcast to fp32 once in the forward and once in the backward (CPU BLAS has no
+bf16 x bf16 -> fp32 product, and bf16 chunk logits would lose eager fp32's accuracy; upcasting per chunk or in
+vocab blocks was measured 3-5x slower: the conversion costs about half a chunk's matmul), and its gradient
+accumulates in an fp32 [V, H] buffer (one rounding at the end instead of one per chunk). So for half-precision
+weights the extra memory is the budget plus 4 V H bytes in the forward and 8 V H bytes in the backward.
+
+Memory budget: the chunk buffer holds `rows = budget // (4 V)` rows. The default budget is 1/16 of the
+materialised logits in the inputs' dtype, clamped to [16 MiB, 1 GiB], with at least `MIN_DEFAULT_ROWS` = 256
+rows (or all of them) per chunk: every chunk reads all of W (and updates all of grad_W), so thin chunks make
+the products bound by that traffic (32-row chunks measured 10x slower than torch.compile at V = 151936 on a
+2-core VM). Extra peak memory: max(logits / 16, 1 KiB x V) fp32 bytes, ~0.06-0.13 x the logits at N = 4096.
+`chunk_budget_bytes` sets the budget exactly (any row count >= 1). The matmuls use torch's BLAS threads.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ._layout import compute_dtype
+
+__all__ = ["DEFAULT_MIN_BUDGET", "DEFAULT_MAX_BUDGET", "MIN_DEFAULT_ROWS", "chunk_plan", "chunked_fwd",
+           "chunked_bwd"]
+
+DEFAULT_MIN_BUDGET = 16 << 20
+DEFAULT_MAX_BUDGET = 1 << 30
+MIN_DEFAULT_ROWS = 256
+
+
+def chunk_plan(n_rows: int, vocab: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
+    """Rows per chunk for a budget in bytes of the chunk's logits buffer (None: the default, see above)."""
+    element = torch.finfo(dtype).bits // 8
+    work = torch.finfo(compute_dtype(dtype)).bits // 8
+    floor = 1
+    if budget is None:
+        budget = min(max(n_rows * vocab * element // 16, DEFAULT_MIN_BUDGET), DEFAULT_MAX_BUDGET)
+        floor = MIN_DEFAULT_ROWS
+    return max(1, min(max(n_rows, 1), max(floor, budget // (work * max(vocab, 1)))))
+
+
+def _active_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """Indices of the rows to compute, or None when every row is active (no copy then)."""
+    active = labels != ignore_index
+    if bool(active.all()):
+        return None
+    return active.nonzero().squeeze(1)
+
+
+def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  out: torch.Tensor) -> torch.Tensor:
+    """out [n, V] = x @ W^T + b, all in the working dtype."""
+    torch.mm(x, weight.t(), out=out)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def _in_work_dtype(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch.dtype):
+    """The weight and bias in the working dtype: themselves for fp32/fp64, one fp32 copy for half precision."""
+    return weight.to(work), (bias.to(work) if bias is not None else None)
+
+
+def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool,
+                budget: Optional[int] = None):
+    """hidden2d [N, H], weight [V, H], bias [V] | None, labels [N] -> (logprobs [N], entropy [N] | None, saved)
+    where `saved` is what `chunked_bwd` needs (the row backend's states, opaque, per chunk)."""
+    n_rows, hidden = hidden2d.shape
+    vocab = weight.shape[0]
+    work = compute_dtype(hidden2d.dtype)
+    logprobs = torch.zeros(n_rows, dtype=work, device=hidden2d.device)
+    entropy = torch.zeros_like(logprobs)
+    index = _active_rows(labels, ignore_index) if n_rows else None
+    x_all = hidden2d if index is None else hidden2d.index_select(0, index)
+    labels_all = (labels if index is None else labels.index_select(0, index)).long()
+    n_active = x_all.shape[0]
+    rows = chunk_plan(n_rows, vocab, hidden2d.dtype, budget)
+    lp_active = torch.empty(n_active, dtype=work, device=hidden2d.device)
+    ent_active = torch.empty_like(lp_active)
+    states: List[object] = []
+    if n_active:
+        w_work, b_work = _in_work_dtype(weight, bias, work)
+        buffer = torch.empty(min(rows, n_active), vocab, dtype=work, device=hidden2d.device)
+        for start in range(0, n_active, rows):
+            x = x_all[start:start + rows].to(work)
+            z = _chunk_logits(x, w_work, b_work, buffer[:x.shape[0]])
+            lp, ent, state = row_backend.forward(z.unsqueeze(0), labels_all[start:start + rows], temperature,
+                                                 ignore_index)
+            lp_active[start:start + x.shape[0]] = lp
+            ent_active[start:start + x.shape[0]] = ent
+            states.append(state)
+        del buffer, w_work, b_work
+    if index is None:
+        logprobs, entropy = lp_active, ent_active
+    else:
+        logprobs.index_copy_(0, index, lp_active)
+        entropy.index_copy_(0, index, ent_active)
+    saved = (index, rows, states, ent_active)
+    return logprobs, (entropy if with_entropy else None), saved
+
+
+def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                labels: torch.Tensor, saved, grad_logprobs: Optional[torch.Tensor],
+                grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int,
+                needs: Tuple[bool, bool, bool]):
+    """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the inputs' dtypes; None where not needed."""
+    index, rows, states, ent_active = saved
+    n_rows, hidden = hidden2d.shape
+    vocab, device = weight.shape[0], hidden2d.device
+    work = compute_dtype(hidden2d.dtype)
+    need_dx, need_dw, need_db = needs[0], needs[1], needs[2] and bias is not None
+    pick = (lambda t: t if t is None or index is None else t.index_select(0, index))  # noqa: E731
+    x_all, labels_all = pick(hidden2d), pick(labels).long()
+    glp = pick(grad_logprobs.to(work)) if grad_logprobs is not None else None
+    gent = pick(grad_entropy.to(work)) if grad_entropy is not None else None
+    n_active = x_all.shape[0]
+    dx_active = torch.empty(n_active, hidden, dtype=work, device=device) if need_dx else None
+    # fp32 weights accumulate into their own gradient; half-precision ones into an fp32 buffer (docstring)
+    dw = torch.zeros(vocab, hidden, dtype=work, device=device) if need_dw else None
+    db = torch.zeros(vocab, dtype=work, device=device) if need_db else None
+    if n_active and (glp is not None or gent is not None) and (need_dx or need_dw or need_db):
+        w_work, b_work = _in_work_dtype(weight, bias, work)
+        buffer = torch.empty(min(rows, n_active), vocab, dtype=work, device=device)
+        for chunk, start in enumerate(range(0, n_active, rows)):
+            stop = min(start + rows, n_active)
+            x = x_all[start:stop].to(work)
+            z = _chunk_logits(x, w_work, b_work, buffer[:stop - start])
+            z3 = z.unsqueeze(0)
+            row_backend.backward(z3, labels_all[start:stop], states[chunk], ent_active[start:stop],
+                                 glp[start:stop] if glp is not None else None,
+                                 gent[start:stop] if gent is not None else None,
+                                 temperature, ignore_index, z3)   # dL/dz overwrites z
+            if need_db:
+                db += z.sum(0)
+            if need_dx:
+                torch.mm(z, w_work, out=dx_active[start:stop])
+            if need_dw:
+                dw.addmm_(z.t(), x)
+        del buffer, w_work, b_work
+    elif dx_active is not None:
+        dx_active.zero_()
+    grad_hidden = None
+    if need_dx:
+        if index is None:
+            grad_hidden = dx_active.to(hidden2d.dtype)
+        else:
+            grad_hidden = torch.zeros(n_rows, hidden, dtype=hidden2d.dtype, device=device)
+            grad_hidden.index_copy_(0, index, dx_active.to(hidden2d.dtype))
+    return (grad_hidden, dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None)

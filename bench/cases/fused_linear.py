@@ -1,0 +1,216 @@
+"""Cases (d, e): from hidden states to log-probs (and entropies), forward + backward, gradients to the hidden
+states and the classifier weight; ours never builds the logits (`ak.fused_linear_logprobs_and_entropy`).
+
+    fused_linear_fwd_bwd          log-probs and entropies, a gradient through both (random upstream weights)
+    fused_linear_logprob_fwd_bwd  log-probs only (cross-entropy's work: the case Cut-Cross-Entropy, Liger's
+                                  fused linear cross-entropy and verl's kernel compete in); ours runs with
+                                  with_entropy=False there
+
+Inputs: hidden [N / seq_len, seq_len, H] ~ N(0, 1), weight [V, H] ~ N(0, (2.5 / sqrt(H))^2) (logits of std
+~2.5, LLM-like), labels uniform in [0, V); H = 1024 on the CPU, 4096 on CUDA. The lines, each written the way
+its users write it (all take hidden states; the logits-input lines of the other cases do not run here):
+
+    fused[<backend>]        ours, every backend that can serve the device (CPU: the chunked C++ path)
+    eager-linear            logits = hidden @ weight.T in the inputs' dtype, then the eager log_softmax formula
+    torch.compile-linear    torch.compile of eager-linear
+    trl-chunked-linear      TRL's per-sequence loop: logits of one row of the batch at a time, then TRL's
+                            selective_log_softmax / entropy_from_logits (autograd keeps every row's graph)
+    cce[torch_compile]      Cut-Cross-Entropy's `linear_cross_entropy(..., impl="torch_compile")`, negated
+    cut-cross-entropy       CCE's Triton kernel (CUDA)
+    liger-flce              -LigerFusedLinearCrossEntropyLoss(reduction="none") (CUDA)
+    verl-linear-ce          verl's `utils.kernel.linear_cross_entropy` (log-probs and entropies; CUDA)
+
+Lines whose logits are rounded to the inputs' dtype (the materialising ones, at bf16/fp16) report their
+per-token outputs in that dtype, so the checker applies that dtype's tolerance to them (as for TRL and verl in
+the logits cases). The reference is our chunked C++ path (the torch one where the extension is not built).
+Peak memory includes the gradients of hidden and weight, which every line returns; the README subtracts them.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+import aem_kernels as ak
+
+from ..implementations import (Implementation, _compile_reason, _import_reason, eager_logprobs_entropy,
+                               trl_entropy_from_logits, trl_selective_log_softmax)
+from .base import Case, Inputs, Outputs, Point
+
+LOGIT_STD = 2.5
+_ROUNDS_LOGITS = {"eager-linear", "torch.compile-linear", "trl-chunked-linear", "cce[torch_compile]"}
+
+
+def hidden_size(device: torch.device) -> int:
+    return 4096 if device.type == "cuda" else 1024
+
+
+# --- the lines: fn(hidden [B, T, H], weight [V, H], labels [B, T], with_entropy) -> (logprobs, entropy | None)
+def _ours(backend: str):
+    def fused(hidden, weight, labels, with_entropy):
+        return ak.fused_linear_logprobs_and_entropy(hidden, weight, labels, with_entropy=with_entropy,
+                                                    backend=backend)
+    return fused
+
+
+def eager_linear(hidden, weight, labels, with_entropy):
+    logprobs, entropy = eager_logprobs_entropy(hidden @ weight.T, labels, entropy_grad=with_entropy)
+    return logprobs, (entropy if with_entropy else None)
+
+
+_COMPILED: Dict[str, object] = {}
+
+
+def compiled_linear(hidden, weight, labels, with_entropy):
+    if "fn" not in _COMPILED:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        _COMPILED["fn"] = torch.compile(eager_linear)
+    return _COMPILED["fn"](hidden, weight, labels, with_entropy)
+
+
+def trl_chunked_linear(hidden, weight, labels, with_entropy):
+    logprobs, entropy = [], []
+    for row, row_labels in zip(hidden, labels):       # one sequence of the batch at a time
+        logits = (row @ weight.T).unsqueeze(0)
+        logprobs.append(trl_selective_log_softmax(logits, row_labels.unsqueeze(0))[0])
+        if with_entropy:
+            entropy.append(trl_entropy_from_logits(logits)[0])
+    return torch.stack(logprobs), (torch.stack(entropy) if with_entropy else None)
+
+
+def cce_torch_compile(hidden, weight, labels, with_entropy):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return -linear_cross_entropy(hidden, weight, labels, reduction="none", impl="torch_compile"), None
+
+
+def liger_flce(hidden, weight, labels, with_entropy):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden.reshape(-1, hidden.shape[-1]),
+                                                               labels.reshape(-1))
+    return -loss.view(labels.shape), None
+
+
+def verl_linear_ce(hidden, weight, labels, with_entropy):
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    logprobs, entropy = linear_cross_entropy(hidden, weight, labels, 1.0, "none")
+    return logprobs.view(labels.shape), (entropy.view(labels.shape) if with_entropy else None)
+
+
+_LINES: Dict[str, List[Implementation]] = {}
+
+
+def hidden_implementations(device: torch.device) -> List[Implementation]:
+    """The hidden-state lines for `device` (built once per device type, the same objects every call)."""
+    if device.type in _LINES:
+        return _LINES[device.type]
+    lines = []
+    for backend, reason in ak.available_backends(device).items():
+        if reason is None and backend == "triton" and device.type != "cuda":
+            reason = "Triton on CPU tensors runs in the interpreter, a correctness tool whose speed means nothing"
+        lines.append(Implementation(f"fused[{backend}]", f"ak.fused_linear_logprobs_and_entropy(backend='{backend}')",
+                                    _ours(backend) if reason is None else None, input_kind="hidden",
+                                    unavailable=reason, ours=True, backend=backend))
+    gpu = None if device.type == "cuda" else "needs a CUDA device (Triton kernels)"
+    compile_reason = _compile_reason(device)
+    cce = _import_reason("cut_cross_entropy", "gpu-bench")
+    lines += [
+        Implementation("eager-linear", "hidden @ weight.T, then log_softmax(logits.float()) + gather + entropy",
+                       eager_linear, input_kind="hidden"),
+        Implementation("torch.compile-linear", "torch.compile(eager-linear); compile time reported apart",
+                       None if compile_reason else compiled_linear, input_kind="hidden", unavailable=compile_reason,
+                       compiled=True),
+        Implementation("trl-chunked-linear", "per sequence: logits = hidden[b] @ weight.T, TRL selective_log_softmax"
+                       " + entropy_from_logits", trl_chunked_linear, input_kind="hidden"),
+        Implementation("cce[torch_compile]", "-cut_cross_entropy.linear_cross_entropy(impl='torch_compile'), "
+                       "log-probs only", None if cce else cce_torch_compile, input_kind="hidden", unavailable=cce,
+                       compiled=True),
+        Implementation("liger-flce", "-LigerFusedLinearCrossEntropyLoss(reduction='none'), log-probs only",
+                       liger_flce if not (gpu or _import_reason("liger_kernel", "gpu-bench")) else None,
+                       input_kind="hidden", unavailable=gpu or _import_reason("liger_kernel", "gpu-bench")),
+        Implementation("verl-linear-ce", "verl.utils.kernel.linear_cross_entropy (log-probs + entropies)",
+                       verl_linear_ce if not (gpu or _import_reason("verl", "verl")) else None, input_kind="hidden",
+                       unavailable=gpu or _import_reason("verl", "verl")),
+    ]
+    _LINES[device.type] = lines
+    return lines
+
+
+class FusedLinearForwardBackward(Case):
+    name = "fused_linear_fwd_bwd"
+    title = "hidden -> log-prob + entropy (fused linear), forward + backward"
+    input_kind = "hidden"
+    shared_logits = False   # builds hidden [N, H], the classifier [V, H] and the labels itself
+    default = False         # run by the fused-linear profiles (or --cases), not by every profile
+    backward = True
+    with_entropy = True
+    entropy_lines = None          # every line computes entropies, except the cross-entropy-only ones
+
+    def traffic_bytes(self, point: Point) -> int:
+        # read hidden and weight in the forward and twice in the backward, write their gradients
+        return 4 * (point.n + point.v) * self._h * torch.finfo(point.torch_dtype).bits // 8
+
+    _h = 1024
+
+    def extend(self, base: Optional[Inputs], point: Point, device: torch.device, seed: int) -> Inputs:
+        """This case's inputs for one point, built from the point alone (shared_logits = False: base is None)."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self._h = h = hidden_size(device)
+        dtype = point.torch_dtype
+        hidden = torch.randn(point.batch, point.rows, h, generator=gen, device=device).to(dtype)
+        weight = torch.empty(point.v, h, dtype=dtype, device=device)
+        for start in range(0, point.v, 8192):   # filled in pieces: no fp32 copy of a bf16 weight
+            piece = torch.randn(min(8192, point.v - start), h, generator=gen, device=device)
+            weight[start:start + piece.shape[0]] = piece * (LOGIT_STD / h ** 0.5)
+        labels = torch.randint(0, point.v, (point.batch, point.rows), generator=gen, device=device)
+        grads = torch.Generator(device=device).manual_seed(seed + 1)
+        extra = {"hidden": hidden, "weight": weight,
+                 "grad_logprobs": torch.randn(labels.shape, generator=grads, device=device),
+                 "grad_entropy": torch.randn(labels.shape, generator=grads, device=device)}
+        return Inputs(logits=None, labels=labels, extra=extra)
+
+    def reference_for(self, default: Implementation) -> Implementation:
+        # the same objects as the runner's lines: built by `hidden_implementations` for this process's device
+        usable = {line.name: line for lines in _LINES.values() for line in lines if line.fn is not None}
+        return usable.get("fused[cpu]") or usable.get("fused[triton]") or usable["fused[torch]"]
+
+    def skip_reason(self, impl: Implementation) -> Optional[str]:
+        reason = super().skip_reason(impl)
+        if reason is None and self.with_entropy and impl.name in ("cce[torch_compile]", "cut-cross-entropy",
+                                                                   "liger-flce"):
+            return "cross-entropy only (no entropy): it runs in fused_linear_logprob_fwd_bwd"
+        return reason
+
+    def prepare(self, impl: Implementation, inputs: Inputs, fresh: bool) -> Inputs:
+        extra = dict(inputs.extra)
+        extra["hidden"] = inputs.extra["hidden"].detach().requires_grad_()
+        extra["weight"] = inputs.extra["weight"].detach().requires_grad_()
+        return Inputs(logits=None, labels=inputs.labels, extra=extra)
+
+    def call(self, impl: Implementation, inputs: Inputs) -> Outputs:
+        hidden, weight = inputs.extra["hidden"], inputs.extra["weight"]
+        if impl.name == "cut-cross-entropy":   # the shared CCE line: fn(hidden, classifier, labels)
+            logprobs, entropy = impl.fn(hidden, weight, inputs.labels), None
+        else:
+            logprobs, entropy = impl.fn(hidden, weight, inputs.labels, self.with_entropy)
+        outputs, grad_outputs = [logprobs], [inputs.extra["grad_logprobs"].to(logprobs.dtype)]
+        if self.with_entropy:
+            outputs.append(entropy)
+            grad_outputs.append(inputs.extra["grad_entropy"].to(entropy.dtype))
+        grad_hidden, grad_weight = torch.autograd.grad(outputs, (hidden, weight), grad_outputs)
+        result = {"logprobs": logprobs.detach()}
+        if self.with_entropy:
+            result["entropy"] = entropy.detach()
+        if impl.name in _ROUNDS_LOGITS:
+            result = {k: v.to(hidden.dtype) for k, v in result.items()}
+        result.update(grad_hidden=grad_hidden, grad_weight=grad_weight)
+        return result
+
+
+class FusedLinearLogprobForwardBackward(FusedLinearForwardBackward):
+    name = "fused_linear_logprob_fwd_bwd"
+    title = "hidden -> log-prob only (cross-entropy work; ours with_entropy=False), forward + backward"
+    with_entropy = False
