@@ -163,3 +163,40 @@ def test_fused_linear_loss_errors():
                                         response_group=torch.tensor([0]))
     with pytest.raises(TypeError, match="config"):
         ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, config={}, **kw)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm", "seq-mean-token-mean"])
+def test_fused_linear_loss_takes_the_global_normalisers_and_a_process_group(mode, tmp_path):
+    """verl's normalisers and `process_group` reach the fused-linear loss exactly as aem_policy_loss's: the
+    same loss and gradients on the materialised logits; a one-rank gloo group changes nothing."""
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 9, 24, generator=gen, requires_grad=True)
+    weight = (torch.randn(301, 24, generator=gen) * 0.3).requires_grad_()
+    labels = torch.randint(0, 301, (2, 9), generator=gen)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    adv, group_ids = torch.tensor([0.7, -1.1]), torch.tensor([0, 0])
+    config = ak.AEMConfig(beta=1.5, loss_agg_mode=mode)
+    norms = dict(dp_size=2, batch_num_tokens=23.0, global_batch_size=5.0, loss_scale_factor=12.0)
+    common = dict(response_mask=mask, response_group=group_ids, config=config)
+    loss = ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, backend="torch", **common, **norms)[0]
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    logits = hidden @ weight.T
+    ref_loss = ak.aem_policy_loss(logits, labels, adv, backend="torch", **common, **norms)[0]
+    ref_grads = torch.autograd.grad(ref_loss, (hidden, weight))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    alone = ak.aem_policy_loss(logits, labels, adv, backend="torch", **common)[0]
+    assert not torch.allclose(alone, ref_loss)  # the normalisers did change the loss
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(TypeError, match="process_group"):
+            ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, process_group="world", **common)
+        grouped = ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, backend="torch",
+                                                  process_group=dist.group.WORLD, **common)[0]
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(grouped, alone, rtol=1e-6, atol=1e-7)
