@@ -36,14 +36,16 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy, backend, options):
-        deterministic, budget = options
+        deterministic, budget, shape = options
         logprobs, entropy, saved = backend.forward(hidden2d, weight, bias, labels, temperature, ignore_index,
                                                    with_entropy, budget=budget)
         ctx.save_for_backward(hidden2d, weight, bias, labels, entropy)
         ctx.saved = saved   # the backend's own O(N) state, opaque here
         ctx.config = (temperature, ignore_index, with_entropy, backend, deterministic)
         ctx.set_materialize_grads(False)
-        return logprobs, entropy
+        # O(N) private copies in labels' shape, not views: users edit their log-probs in place (masked_fill_),
+        # and such an edit must not reach the entropy (or backend state) saved above.
+        return logprobs.reshape(shape).clone(), (entropy.reshape(shape).clone() if entropy is not None else None)
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
@@ -53,7 +55,7 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
             grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 9
-        flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)  # noqa: E731
+        flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)  # noqa: E731 (labels' shape in)
         needs = tuple(ctx.needs_input_grad[:3])
         grads = backend.backward(hidden2d, weight, bias, labels, ctx.saved, entropy, flat(grad_logprobs),
                                  flat(grad_entropy), temperature, ignore_index, needs, deterministic)
@@ -116,11 +118,9 @@ def _check_budget(budget: object) -> Optional[int]:
 def _apply(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, deterministic, budget):
     be = resolve_fused_linear_backend(backend, hidden.device, hidden.dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    logprobs, entropy = FusedLinearLogprobsEntropyFunction.apply(
+    return FusedLinearLogprobsEntropyFunction.apply(
         hidden2d, weight, bias, labels.reshape(-1), temperature, ignore_index, with_entropy, be,
-        (deterministic, budget))
-    shape = labels.shape
-    return logprobs.view(shape), (entropy.view(shape) if entropy is not None else None)
+        (deterministic, budget, labels.shape))
 
 
 def fused_linear_logprobs_and_entropy(
