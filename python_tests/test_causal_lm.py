@@ -87,6 +87,39 @@ def test_explicit_labels_both_alignments():
         ak.causal_lm_logprobs_and_entropy(model, input_ids[0])
     with pytest.raises(TypeError, match="LM head"):
         ak.causal_lm_logprobs_and_entropy(torch.nn.Linear(3, 3), input_ids)
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        ak.causal_lm_logprobs_and_entropy(model, input_ids, labels=shifted.float())
+
+
+class _HeadOnly(torch.nn.Module):
+    """An LM head and no backbone (neither .model nor get_decoder())."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(8, 13, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+class _Backbone(torch.nn.Module):
+    def forward(self, **kwargs):
+        raise AssertionError("the backbone ran before the inputs were checked")
+
+
+def test_errors_name_the_missing_part_before_the_backbone_runs():
+    input_ids = torch.randint(0, 13, (2, 6))
+    with pytest.raises(TypeError, match="backbone"):
+        ak.causal_lm_logprobs_and_entropy(_HeadOnly(), input_ids)
+    model = _HeadOnly()
+    model.model = _Backbone()
+    with pytest.raises(ValueError, match=r"labels must have shape"):
+        ak.causal_lm_logprobs_and_entropy(model, input_ids, labels=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        ak.causal_lm_logprobs_and_entropy(model, input_ids, labels=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"labels must have shape"):
+        ak.causal_lm_aem_policy_loss(model, input_ids, torch.ones(2), labels=torch.zeros(3, 5, dtype=torch.long),
+                                     response_group=torch.zeros(2, dtype=torch.long))
 
 
 def _loss_batch(n_tokens_shape):
