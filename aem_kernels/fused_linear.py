@@ -23,8 +23,7 @@ import torch
 from . import _validation as V
 from .config import AEMConfig
 from .dispatch import resolve_fused_linear_backend
-from .loss import _loss_from_token_terms
-from .packing import pack_inputs
+from .loss import _loss_batch, _loss_from_token_terms
 
 __all__ = ["FusedLinearLogprobsEntropyFunction", "fused_linear_logprobs_and_entropy", "fused_linear_aem_policy_loss"]
 
@@ -191,6 +190,11 @@ def fused_linear_aem_policy_loss(
     single_pass: Optional[bool] = None,
     deterministic: bool = False,
     chunk_budget_bytes: Optional[int] = None,
+    dp_size: int = 1,
+    batch_num_tokens: Optional[float] = None,
+    global_batch_size: Optional[float] = None,
+    loss_scale_factor: Optional[float] = None,
+    process_group=None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """`aem_policy_loss` of the logits hidden @ weight.T + bias, computed without building them.
 
@@ -199,10 +203,10 @@ def fused_linear_aem_policy_loss(
     `fused_linear_logprobs_and_entropy` and feed the same loss code. `inplace_backward` is accepted for
     signature compatibility and changes nothing (the chunk buffers are always overwritten by their gradient);
     `single_pass=True` raises (the single-pass kernel reads materialised logits). `deterministic` and
-    `chunk_budget_bytes` as in `fused_linear_logprobs_and_entropy`.
+    `chunk_budget_bytes` as in `fused_linear_logprobs_and_entropy`; verl's global normalisers (`dp_size`,
+    `batch_num_tokens`, `global_batch_size`, `loss_scale_factor`) and `process_group` as in `aem_policy_loss`.
     """
-    if not isinstance(config, AEMConfig):
-        raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+    config = V.check_config(config)
     hidden, weight, bias = _check_linear(hidden, weight, bias)
     _check_bool("inplace_backward", inplace_backward)
     if single_pass is not None and not isinstance(single_pass, bool):
@@ -212,12 +216,12 @@ def fused_linear_aem_policy_loss(
                          "fused linear loss computes them tile by tile in two passes")
     deterministic = _check_bool("deterministic", deterministic)
     budget = _check_budget(chunk_budget_bytes)
-    batch = pack_inputs(_logits_like(hidden, weight.shape[0]), labels, advantages, token_response=token_response,
-                        response_group=response_group, response_mask=response_mask, turn_ids=turn_ids,
-                        old_logprobs=old_logprobs, old_entropy=old_entropy, ref_logprobs=ref_logprobs,
-                        ignore_index=config.ignore_index, advantage_level=advantage_level, num_groups=num_groups)
-    if config.kl_coef > 0 and batch.ref_logprobs is None:
-        raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
+    batch = _loss_batch(_logits_like(hidden, weight.shape[0]), labels, advantages, config,
+                        token_response=token_response, response_group=response_group, response_mask=response_mask,
+                        turn_ids=turn_ids, old_logprobs=old_logprobs, old_entropy=old_entropy,
+                        ref_logprobs=ref_logprobs, advantage_level=advantage_level, num_groups=num_groups,
+                        dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                        loss_scale_factor=loss_scale_factor, process_group=process_group)
     logprobs, entropy = _apply(hidden, weight, bias, batch.labels, config.temperature, config.ignore_index, True,
                                backend, deterministic, budget)
     return _loss_from_token_terms(batch, logprobs.reshape(-1), entropy.reshape(-1), config)

@@ -188,6 +188,24 @@ def _uncertainty(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tens
     return reduce(source.to(entropy.dtype), batch.token_response, batch.num_responses)
 
 
+def _loss_batch(logits: torch.Tensor, labels, advantages, config: AEMConfig, *, num_groups, dp_size,
+                batch_num_tokens, global_batch_size, loss_scale_factor, process_group, **forms) -> PackedBatch:
+    """The checked, packed batch of a loss call (`aem_policy_loss` and its fused-linear twin): input forms,
+    verl's global normalisers, the process group's shared statistics and the KL check. `logits` may be a
+    stand-in of the logits' shape, dtype and device (the fused-linear loss never builds them)."""
+    global_batch_info = _check_global_batch_info(config.loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+                                                loss_scale_factor)
+    group = C.resolve_group(process_group, "process_group", none_is_default=False)
+    batch = pack_inputs(logits, labels, advantages, ignore_index=config.ignore_index, num_groups=num_groups,
+                        **forms)
+    batch.global_batch_info = global_batch_info
+    if group is not None:
+        _share_over_ranks(batch, group, num_groups is None, dp_size == 1)
+    if config.kl_coef > 0 and batch.ref_logprobs is None:
+        raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
+    return batch
+
+
 def aem_policy_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -261,19 +279,13 @@ def aem_policy_loss(
         of `modulate_advantages`, and "aem/weights" [R].
     """
     config = V.check_config(config)
-    global_batch_info = _check_global_batch_info(config.loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
-                                                loss_scale_factor)
-    group = C.resolve_group(process_group, "process_group", none_is_default=False)
     logits = V.check_logits(logits)
-    batch = pack_inputs(logits, labels, advantages, token_response=token_response, response_group=response_group,
-                        response_mask=response_mask, turn_ids=turn_ids, old_logprobs=old_logprobs,
-                        old_entropy=old_entropy, ref_logprobs=ref_logprobs, ignore_index=config.ignore_index,
-                        advantage_level=advantage_level, num_groups=num_groups)
-    batch.global_batch_info = global_batch_info
-    if group is not None:
-        _share_over_ranks(batch, group, num_groups is None, dp_size == 1)
-    if config.kl_coef > 0 and batch.ref_logprobs is None:
-        raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
+    batch = _loss_batch(logits, labels, advantages, config, token_response=token_response,
+                        response_group=response_group, response_mask=response_mask, turn_ids=turn_ids,
+                        old_logprobs=old_logprobs, old_entropy=old_entropy, ref_logprobs=ref_logprobs,
+                        advantage_level=advantage_level, num_groups=num_groups, dp_size=dp_size,
+                        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                        loss_scale_factor=loss_scale_factor, process_group=process_group)
     be = resolve_backend(backend, logits.device, logits.dtype)
     single_pass = V.check_optional_bool("single_pass", single_pass)
     if single_pass is not False:

@@ -196,3 +196,35 @@ def test_fused_linear_loss_errors():
                                         response_group=torch.tensor([0]))
     with pytest.raises(TypeError, match="config"):
         ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, config={}, **kw)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_fused_linear_loss_takes_verls_global_normalisers(mode):
+    """dp_size / batch_num_tokens / global_batch_size / loss_scale_factor reach the fused-linear loss (and the
+    causal-LM loss, which passes its keywords on) as in aem_policy_loss on the materialised logits."""
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(11, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(53, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 53, (11,), generator=gen)
+    kwargs = dict(token_response=torch.tensor([0, 0, 1, 1, 1, -1, 2, 2, 3, 3, 3]),
+                  response_group=torch.tensor([0, 0, 1, 1]), old_logprobs=-torch.rand(11, generator=gen) * 3,
+                  config=ak.AEMConfig(loss_agg_mode=mode, surprisal_source="old", uncertainty="surprisal"),
+                  dp_size=2, batch_num_tokens=37, global_batch_size=9, loss_scale_factor=7.0)
+    adv = torch.tensor([1.0, -0.5, 0.3, -1.2])
+    loss, metrics = ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, backend="cpu", **kwargs)
+    ref_loss, ref_metrics = ak.aem_policy_loss(hidden @ weight.T, labels, adv, backend="torch", **kwargs)
+    local, _ = ak.aem_policy_loss(hidden @ weight.T, labels, adv, backend="torch",
+                                  **{k: v for k, v in kwargs.items() if k not in ("dp_size", "batch_num_tokens",
+                                                                                   "global_batch_size",
+                                                                                   "loss_scale_factor")})
+    assert not torch.allclose(local, ref_loss)  # the normalisers change the loss: the comparison can fail
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["actor/pg_loss"], ref_metrics["actor/pg_loss"], rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    for g, r in zip(grads, torch.autograd.grad(ref_loss, (hidden, weight))):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="dp_size"):
+        ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, **{**kwargs, "dp_size": 0})
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, process_group="dp",
+                                        **{k: v for k, v in kwargs.items() if k != "dp_size"})

@@ -540,9 +540,12 @@ def test_needs_an_initialised_process_group():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="not initialised"):
         vocab_parallel_logprobs_and_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="not initialised"):
+    # a process_group of the wrong type is named as such, initialised or not
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
         ak.modulate_advantages(torch.zeros(2, dtype=D), torch.zeros(2, dtype=D), torch.zeros(2, dtype=torch.long),
                                process_group=object())
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+        vocab_parallel_logprobs_and_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), group="tp")
 
 
 def _nccl_worker(rank, world, store_path, out_dir):
