@@ -31,13 +31,14 @@ def resolve_group(group: object, name: str, *, none_is_default: bool):
     dist = _dist()
     if not dist.is_available():
         raise ValueError(f"{name} needs torch.distributed, which this build of torch does not provide")
+    # the type first: a string or an int is a mistake whether or not torch.distributed is initialised
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if not dist.is_initialized():
         raise ValueError(f"{name}: torch.distributed is not initialised; call torch.distributed.init_process_group"
                          "() on every rank first")
     if group is None:
         group = dist.group.WORLD
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if dist.get_rank(group) < 0:
         raise ValueError(f"{name}: this process (global rank {dist.get_rank()}) is not a member of the group")
     return group

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._layout import compute_dtype
+from ._layout import compute_dtype, segment_sum_backward, segment_sum_setup_context
 
 _EXTENSION = None
 _IMPORT_ERROR: Optional[str] = None
@@ -127,20 +127,8 @@ def _register_op_python_parts() -> None:
         return grad, None, None, None
 
     torch.library.register_autograd(lib + "logprobs_entropy_fwd", _fwd_backward, setup_context=_fwd_setup)
-
-    def _segment_setup(ctx, inputs, output):
-        values, segment_ids, _ = inputs
-        ctx.save_for_backward(segment_ids)
-        ctx.values_shape = values.shape
-
-    def _segment_backward(ctx, grad):
-        (segment_ids,) = ctx.saved_tensors
-        ids = segment_ids.reshape(-1).long()
-        picked = grad[ids.clamp(min=0)] if grad.numel() else grad.new_zeros(ids.shape)
-        grad_values = torch.where(ids >= 0, picked, torch.zeros((), dtype=grad.dtype))
-        return grad_values.view(ctx.values_shape), None, None
-
-    torch.library.register_autograd(lib + "segment_sum", _segment_backward, setup_context=_segment_setup)
+    torch.library.register_autograd(lib + "segment_sum", segment_sum_backward,
+                                    setup_context=segment_sum_setup_context)
 
 
 if _EXTENSION is not None:

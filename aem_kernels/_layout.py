@@ -1,4 +1,5 @@
-"""The canonical row layout every backend works on: logits as a [B, T, V] view with a unit vocab stride.
+"""The canonical row layout every backend works on: logits as a [B, T, V] view with a unit vocab stride (and
+the gradient plumbing every backend shares: the gradient buffer, the segment sum's autograd).
 
 Users pass [..., V] logits, very often a slice such as `logits[:, :-1]` of a [B, T+1, V] tensor. Such a
 slice cannot be flattened to [N, V] without a copy, but row i is still at (i // T) * stride_b +
@@ -82,3 +83,21 @@ def gradient_buffer(target: torch.Tensor, *, inplace: bool,
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64 (for fp64 reference checks); every other dtype is computed in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- the segment sum's autograd, shared by the C++ and the Triton custom ops ----------------------------------
+
+def segment_sum_setup_context(ctx, inputs, output) -> None:
+    """setup_context of a segment-sum custom op (values [N], segment_ids [N] with -1 = none, num_segments)."""
+    values, segment_ids, _ = inputs
+    ctx.save_for_backward(segment_ids)
+    ctx.values_shape = values.shape
+
+
+def segment_sum_backward(ctx, grad: torch.Tensor):
+    """d(sum over a segment)/d(value) is 1 for its own segment: gather grad by id; 0 where the id is -1."""
+    (segment_ids,) = ctx.saved_tensors
+    ids = segment_ids.reshape(-1).long()
+    picked = grad[ids.clamp(min=0)] if grad.numel() else grad.new_zeros(ids.shape)
+    grad_values = torch.where(ids >= 0, picked, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return grad_values.view(ctx.values_shape), None, None

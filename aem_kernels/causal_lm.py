@@ -63,10 +63,14 @@ def causal_lm_hidden_and_head(model: torch.nn.Module, input_ids: torch.Tensor, *
             raise ValueError(f"labels must have shape [B, T-1] = {(batch, length - 1)} (shifted) or [B, T] = "
                              f"{(batch, length)} (per position), got "
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    # every check before the backbone's forward (the expensive part)
     weight, bias = _head(model)
+    backbone = _backbone(model)
     kwargs = dict(model_kwargs)
     kwargs.setdefault("use_cache", False)
-    hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
     if labels is None:
         labels = input_ids[:, 1:]
         if attention_mask is not None:

@@ -117,7 +117,9 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
         ctx.config = (temperature, backend, inplace_backward)
         ctx.set_materialize_grads(False)
         shape = logits.shape[:-1]
-        return logprobs.view(shape), entropy.view(shape)
+        # O(N) copies, not views: a view returned by a multi-output Function cannot be edited in place, and
+        # users masked_fill_ their log-probs
+        return logprobs.reshape(shape).clone(), entropy.reshape(shape).clone()
 
     @staticmethod
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):

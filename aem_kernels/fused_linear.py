@@ -23,7 +23,7 @@ import torch
 from . import _validation as V
 from .config import AEMConfig
 from .dispatch import resolve_fused_linear_backend
-from .loss import _loss_from_token_terms, prepare_loss_batch
+from .loss import _loss_batch, _loss_from_token_terms
 
 __all__ = ["FusedLinearLogprobsEntropyFunction", "fused_linear_logprobs_and_entropy", "fused_linear_aem_policy_loss"]
 
@@ -35,14 +35,16 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy, backend, options):
-        deterministic, budget = options
+        deterministic, budget, shape = options
         logprobs, entropy, saved = backend.forward(hidden2d, weight, bias, labels, temperature, ignore_index,
                                                    with_entropy, budget=budget)
         ctx.save_for_backward(hidden2d, weight, bias, labels, entropy)
         ctx.saved = saved   # the backend's own O(N) state, opaque here
         ctx.config = (temperature, ignore_index, with_entropy, backend, deterministic)
         ctx.set_materialize_grads(False)
-        return logprobs, entropy
+        # O(N) private copies in labels' shape, not views: users edit their log-probs in place (masked_fill_),
+        # and such an edit must not reach the entropy (or backend state) saved above.
+        return logprobs.reshape(shape).clone(), (entropy.reshape(shape).clone() if entropy is not None else None)
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
@@ -52,7 +54,7 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
             grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 9
-        flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)  # noqa: E731
+        flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)  # noqa: E731 (labels' shape in)
         needs = tuple(ctx.needs_input_grad[:3])
         grads = backend.backward(hidden2d, weight, bias, labels, ctx.saved, entropy, flat(grad_logprobs),
                                  flat(grad_entropy), temperature, ignore_index, needs, deterministic)
@@ -115,11 +117,9 @@ def _check_budget(budget: object) -> Optional[int]:
 def _apply(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, deterministic, budget):
     be = resolve_fused_linear_backend(backend, hidden.device, hidden.dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    logprobs, entropy = FusedLinearLogprobsEntropyFunction.apply(
+    return FusedLinearLogprobsEntropyFunction.apply(
         hidden2d, weight, bias, labels.reshape(-1), temperature, ignore_index, with_entropy, be,
-        (deterministic, budget))
-    shape = labels.shape
-    return logprobs.view(shape), (entropy.view(shape) if entropy is not None else None)
+        (deterministic, budget, labels.shape))
 
 
 def fused_linear_logprobs_and_entropy(
@@ -202,12 +202,11 @@ def fused_linear_aem_policy_loss(
     option and metric is that of `aem_policy_loss`; the per-token log-probs and entropies come from
     `fused_linear_logprobs_and_entropy` and feed the same loss code. `inplace_backward` is accepted for
     signature compatibility and changes nothing (the chunk buffers are always overwritten by their gradient);
-    `single_pass=True` raises (the single-pass kernel reads materialised logits). verl's normalisers
-    (`dp_size`, `batch_num_tokens`, `global_batch_size`, `loss_scale_factor`) and `process_group` as in
-    `aem_policy_loss`. `deterministic` and `chunk_budget_bytes` as in `fused_linear_logprobs_and_entropy`.
+    `single_pass=True` raises (the single-pass kernel reads materialised logits). `deterministic` and
+    `chunk_budget_bytes` as in `fused_linear_logprobs_and_entropy`; verl's global normalisers (`dp_size`,
+    `batch_num_tokens`, `global_batch_size`, `loss_scale_factor`) and `process_group` as in `aem_policy_loss`.
     """
-    if not isinstance(config, AEMConfig):
-        raise TypeError(f"config must be an AEMConfig, got {type(config).__name__}")
+    config = V.check_config(config)
     hidden, weight, bias = _check_linear(hidden, weight, bias)
     _check_bool("inplace_backward", inplace_backward)
     if single_pass is not None and not isinstance(single_pass, bool):
@@ -217,13 +216,12 @@ def fused_linear_aem_policy_loss(
                          "fused linear loss computes them tile by tile in two passes")
     deterministic = _check_bool("deterministic", deterministic)
     budget = _check_budget(chunk_budget_bytes)
-    batch = prepare_loss_batch(_logits_like(hidden, weight.shape[0]), labels, advantages, config,
-                               token_response=token_response, response_group=response_group,
-                               old_logprobs=old_logprobs, old_entropy=old_entropy, ref_logprobs=ref_logprobs,
-                               response_mask=response_mask, turn_ids=turn_ids, advantage_level=advantage_level,
-                               num_groups=num_groups, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                               global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
-                               process_group=process_group)
+    batch = _loss_batch(_logits_like(hidden, weight.shape[0]), labels, advantages, config,
+                        token_response=token_response, response_group=response_group, response_mask=response_mask,
+                        turn_ids=turn_ids, old_logprobs=old_logprobs, old_entropy=old_entropy,
+                        ref_logprobs=ref_logprobs, advantage_level=advantage_level, num_groups=num_groups,
+                        dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                        loss_scale_factor=loss_scale_factor, process_group=process_group)
     logprobs, entropy = _apply(hidden, weight, bias, batch.labels, config.temperature, config.ignore_index, True,
                                backend, deterministic, budget)
     return _loss_from_token_terms(batch, logprobs.reshape(-1), entropy.reshape(-1), config)

@@ -4,8 +4,9 @@ TRL's `selective_log_softmax(logits, index)` accepts an index of shape (..., K) 
 this is that op over every backend, with the backend contract unchanged (one label per row):
 
 Forward. The backend runs on one "anchor" label per row (of the row's labels that are not ignore_index, the
-first of largest logit) and reads the logits once for l_anchor = x_anchor - lse (eq. 1, x = z / tau). The
-K values are O(N K) gathers: l_k = l_anchor + (x_k - x_anchor), which is exactly l_anchor for y_k = y_anchor,
+first of largest logit) and reads the logits once for l_anchor = x_anchor - log sum_v e^{x_v} (eq. 1,
+x = z / tau; the backend keeps the row max and log d apart). The K values are O(N K) gathers:
+l_k = l_anchor + (x_k - x_anchor), which is exactly l_anchor for y_k = y_anchor,
 so K = 1 (and every duplicate of the anchor) gives the backend's own value. The state the backend returns is
 saved as it is.
 

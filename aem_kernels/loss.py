@@ -188,6 +188,24 @@ def _uncertainty(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tens
     return reduce(source.to(entropy.dtype), batch.token_response, batch.num_responses)
 
 
+def _loss_batch(logits: torch.Tensor, labels, advantages, config: AEMConfig, *, num_groups, dp_size,
+                batch_num_tokens, global_batch_size, loss_scale_factor, process_group, **forms) -> PackedBatch:
+    """The checked, packed batch of a loss call (`aem_policy_loss` and its fused-linear twin): input forms,
+    verl's global normalisers, the process group's shared statistics and the KL check. `logits` may be a
+    stand-in of the logits' shape, dtype and device (the fused-linear loss never builds them)."""
+    global_batch_info = _check_global_batch_info(config.loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+                                                loss_scale_factor)
+    group = C.resolve_group(process_group, "process_group", none_is_default=False)
+    batch = pack_inputs(logits, labels, advantages, ignore_index=config.ignore_index, num_groups=num_groups,
+                        **forms)
+    batch.global_batch_info = global_batch_info
+    if group is not None:
+        _share_over_ranks(batch, group, num_groups is None, dp_size == 1)
+    if config.kl_coef > 0 and batch.ref_logprobs is None:
+        raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
+    return batch
+
+
 def aem_policy_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -262,12 +280,12 @@ def aem_policy_loss(
     """
     config = V.check_config(config)
     logits = V.check_logits(logits)
-    batch = prepare_loss_batch(logits, labels, advantages, config, token_response=token_response,
-                               response_group=response_group, old_logprobs=old_logprobs, old_entropy=old_entropy,
-                               ref_logprobs=ref_logprobs, response_mask=response_mask, turn_ids=turn_ids,
-                               advantage_level=advantage_level, num_groups=num_groups, dp_size=dp_size,
-                               batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                               loss_scale_factor=loss_scale_factor, process_group=process_group)
+    batch = _loss_batch(logits, labels, advantages, config, token_response=token_response,
+                        response_group=response_group, response_mask=response_mask, turn_ids=turn_ids,
+                        old_logprobs=old_logprobs, old_entropy=old_entropy, ref_logprobs=ref_logprobs,
+                        advantage_level=advantage_level, num_groups=num_groups, dp_size=dp_size,
+                        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                        loss_scale_factor=loss_scale_factor, process_group=process_group)
     be = resolve_backend(backend, logits.device, logits.dtype)
     single_pass = V.check_optional_bool("single_pass", single_pass)
     if single_pass is not False:
@@ -280,29 +298,6 @@ def aem_policy_loss(
                                                       be, inplace_backward)
     logprobs, entropy = logprobs.reshape(-1), entropy.reshape(-1)
     return _loss_from_token_terms(batch, logprobs, entropy, config)
-
-
-def prepare_loss_batch(logits_like: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, config: AEMConfig,
-                       *, token_response=None, response_group, old_logprobs=None, old_entropy=None,
-                       ref_logprobs=None, response_mask=None, turn_ids=None, advantage_level: str = "auto",
-                       num_groups: Optional[int] = None, dp_size: int = 1, batch_num_tokens=None,
-                       global_batch_size=None, loss_scale_factor=None, process_group=None) -> PackedBatch:
-    """The checked, packed batch of a policy loss (every input form, verl's normalisers, the process group):
-    shared by `aem_policy_loss` and the losses that compute their token terms another way (fused linear).
-    `logits_like` needs only the logits' shape and device (a zero-stride stand-in will do)."""
-    global_batch_info = _check_global_batch_info(config.loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
-                                                loss_scale_factor)
-    group = C.resolve_group(process_group, "process_group", none_is_default=False)
-    batch = pack_inputs(logits_like, labels, advantages, token_response=token_response,
-                        response_group=response_group, response_mask=response_mask, turn_ids=turn_ids,
-                        old_logprobs=old_logprobs, old_entropy=old_entropy, ref_logprobs=ref_logprobs,
-                        ignore_index=config.ignore_index, advantage_level=advantage_level, num_groups=num_groups)
-    batch.global_batch_info = global_batch_info
-    if group is not None:
-        _share_over_ranks(batch, group, num_groups is None, dp_size == 1)
-    if config.kl_coef > 0 and batch.ref_logprobs is None:
-        raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
-    return batch
 
 
 def _share_over_ranks(batch: PackedBatch, group, infer_groups: bool, infer_dp_size: bool) -> None:

@@ -280,3 +280,39 @@ def test_config_backend_and_mask_checks_name_the_argument():
     loss, _ = ak.aem_policy_loss(logits, labels, torch.ones(2), response_mask=torch.ones(2, 4, dtype=torch.int64),
                                  **common)  # 0/1 integer masks (as verl passes them) are accepted
     assert torch.isfinite(loss)
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else len(text)]
+
+
+def _declared_all(path: pathlib.Path) -> list:
+    """`__all__` of a module, read from its source (the integrations import their frameworks)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{path} has no __all__")
+
+
+@pytest.mark.parametrize("module", ["__init__.py", "distributed.py", "integrations/__init__.py",
+                                    "integrations/verl.py", "integrations/trl.py"])
+def test_readme_api_table_lists_every_public_name(module):
+    api = _readme_section("API")
+    missing = [name for name in _declared_all(PACKAGE / module)
+               if not any(f"`{prefix}{name}" in api for prefix in ("", "aem_kernels.distributed.",
+                                                                  "aem_kernels.integrations.",
+                                                                  "aem_kernels.integrations.trl."))
+               and f" `{name}`" not in api and f"`{name}(" not in api and f"`{name}`" not in api]
+    assert not missing, f"README API table lacks {missing} of {module}"
+
+
+def test_readme_layout_names_every_module():
+    layout = _readme_section("Layout")
+    names = [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
+    names += [p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    names += [p.name for p in (PACKAGE / "ops").glob("*.py") if p.name != "__init__.py"]
+    missing = [name for name in sorted(names) if f"`{name}" not in layout and f"{name}`" not in layout]
+    assert not missing, f"README Layout section lacks {missing}"

@@ -87,6 +87,39 @@ def test_explicit_labels_both_alignments():
         ak.causal_lm_logprobs_and_entropy(model, input_ids[0])
     with pytest.raises(TypeError, match="LM head"):
         ak.causal_lm_logprobs_and_entropy(torch.nn.Linear(3, 3), input_ids)
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        ak.causal_lm_logprobs_and_entropy(model, input_ids, labels=shifted.float())
+
+
+class _HeadOnly(torch.nn.Module):
+    """An LM head and no backbone (neither .model nor get_decoder())."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(8, 13, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+class _Backbone(torch.nn.Module):
+    def forward(self, **kwargs):
+        raise AssertionError("the backbone ran before the inputs were checked")
+
+
+def test_errors_name_the_missing_part_before_the_backbone_runs():
+    input_ids = torch.randint(0, 13, (2, 6))
+    with pytest.raises(TypeError, match="backbone"):
+        ak.causal_lm_logprobs_and_entropy(_HeadOnly(), input_ids)
+    model = _HeadOnly()
+    model.model = _Backbone()
+    with pytest.raises(ValueError, match=r"labels must have shape"):
+        ak.causal_lm_logprobs_and_entropy(model, input_ids, labels=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        ak.causal_lm_logprobs_and_entropy(model, input_ids, labels=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"labels must have shape"):
+        ak.causal_lm_aem_policy_loss(model, input_ids, torch.ones(2), labels=torch.zeros(3, 5, dtype=torch.long),
+                                     response_group=torch.zeros(2, dtype=torch.long))
 
 
 def _loss_batch(n_tokens_shape):
@@ -200,3 +233,35 @@ def test_fused_linear_loss_takes_the_global_normalisers_and_a_process_group(mode
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(grouped, alone, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_fused_linear_loss_takes_verls_global_normalisers(mode):
+    """dp_size / batch_num_tokens / global_batch_size / loss_scale_factor reach the fused-linear loss (and the
+    causal-LM loss, which passes its keywords on) as in aem_policy_loss on the materialised logits."""
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(11, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(53, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 53, (11,), generator=gen)
+    kwargs = dict(token_response=torch.tensor([0, 0, 1, 1, 1, -1, 2, 2, 3, 3, 3]),
+                  response_group=torch.tensor([0, 0, 1, 1]), old_logprobs=-torch.rand(11, generator=gen) * 3,
+                  config=ak.AEMConfig(loss_agg_mode=mode, surprisal_source="old", uncertainty="surprisal"),
+                  dp_size=2, batch_num_tokens=37, global_batch_size=9, loss_scale_factor=7.0)
+    adv = torch.tensor([1.0, -0.5, 0.3, -1.2])
+    loss, metrics = ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, backend="cpu", **kwargs)
+    ref_loss, ref_metrics = ak.aem_policy_loss(hidden @ weight.T, labels, adv, backend="torch", **kwargs)
+    local, _ = ak.aem_policy_loss(hidden @ weight.T, labels, adv, backend="torch",
+                                  **{k: v for k, v in kwargs.items() if k not in ("dp_size", "batch_num_tokens",
+                                                                                   "global_batch_size",
+                                                                                   "loss_scale_factor")})
+    assert not torch.allclose(local, ref_loss)  # the normalisers change the loss: the comparison can fail
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["actor/pg_loss"], ref_metrics["actor/pg_loss"], rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    for g, r in zip(grads, torch.autograd.grad(ref_loss, (hidden, weight))):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="dp_size"):
+        ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, **{**kwargs, "dp_size": 0})
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, process_group="dp",
+                                        **{k: v for k, v in kwargs.items() if k != "dp_size"})

@@ -140,16 +140,8 @@ def _vp_case(m, rank, world, *, kind="normal", rows=19, vocab=37, temperature=1.
     lp_e, h_e = _eager(cut(eager_leaf), labels, temperature, torch.float32)
     loss(lp_e, h_e).backward()
 
-    single = None
-    if backend != "torch":  # the same backend's single-device op on the full logits
-        single_leaf = full.detach().clone().requires_grad_()
-        single = ak.logprobs_and_entropy(cut(single_leaf), labels, temperature=temperature, backend=backend)
-        loss(*single).backward()
-        single = (single[0].detach(), single[1].detach(), cut(single_leaf.grad))
-
-    def bound(name, exact, eager, own):
-        """The accuracy rule (3 x eager fp32's error + 1e-5). Where the backend's own single-device op misses
-        it on this input (a backend issue, not this op's), the op may not be worse than twice the backend."""
+    def bound(name, exact, eager):
+        """The accuracy rule against fp64 of the full-vocab op: 3 x eager fp32's error + 1e-5, every backend."""
         ok = torch.isfinite(exact)
         err = (lambda t: (t.double() - exact)[ok].abs().max().item() if bool(ok.any()) else 0.0)  # noqa: E731
         rule = 3 * err(eager) + 1e-5
@@ -157,8 +149,7 @@ def _vp_case(m, rank, world, *, kind="normal", rows=19, vocab=37, temperature=1.
             scale = exact[ok].abs().max().item() if bool(ok.any()) else 0.0
             # the gradient is stored in the logits' dtype: its own rounding adds half an ulp of that dtype
             rule += {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}.get(dtype, 0.0) * scale
-        backend_err = err(own) if own is not None else 0.0
-        return rule if backend_err <= rule else 2 * backend_err
+        return rule
 
     lo, hi = bounds[rank], bounds[rank + 1]
     leaf = full.detach().clone().requires_grad_()
@@ -175,13 +166,10 @@ def _vp_case(m, rank, world, *, kind="normal", rows=19, vocab=37, temperature=1.
     tag = f"{kind} V={vocab} T={temperature} {dtype} {backend} {layout} slices {bounds}"
     m.true(f"{tag}: outputs differ between ranks", torch.equal(low, high))
     m.true(f"{tag}: output dtype {lp.dtype}", lp.dtype == (D if dtype == D else torch.float32))
-    own = single if single is not None else (None, None, None)
-    for name, ours, exact, eager, mine in (("logprobs", lp, lp_x, lp_e, own[0]), ("entropy", h, h_x, h_e, own[1])):
-        m.close(f"{tag} {name}", ours.detach(), exact.detach(), bound(name, exact.detach(), eager.detach(), mine))
-    window = (lambda t: t[..., lo:hi] if t is not None else None)  # noqa: E731
+    for name, ours, exact, eager in (("logprobs", lp, lp_x, lp_e), ("entropy", h, h_x, h_e)):
+        m.close(f"{tag} {name}", ours.detach(), exact.detach(), bound(name, exact.detach(), eager.detach()))
     exact_grad = cut(exact_leaf.grad)[..., lo:hi]
-    m.close(f"{tag} grad", grad, exact_grad, bound("grad", exact_grad, cut(eager_leaf.grad)[..., lo:hi],
-                                                   window(own[2])))
+    m.close(f"{tag} grad", grad, exact_grad, bound("grad", exact_grad, cut(eager_leaf.grad)[..., lo:hi]))
     return grad
 
 
@@ -217,7 +205,12 @@ def vocab_parallel_partial_and_inplace_backward(rank, world):
             shard = z[:, lo:hi].clone().requires_grad_()
             lp, h = vocab_parallel_logprobs_and_entropy(shard, labels, vocab_start=lo, temperature=1.3,
                                                         backend="torch", inplace_backward=inplace)
-            pick(lp, h).backward()
+            total = pick(lp, h)
+            # users edit the outputs in place (masked_fill_): ordinary tensors, and the edit reaches no backward
+            m.true(f"{use}: outputs are views", not lp._is_view() and not h._is_view())
+            lp.masked_fill_(labels == -100, 5.0).mul_(2.0)
+            h.fill_(-3.0)
+            total.backward()
             grads.append(shard.grad)
             m.close(f"{use} inplace={inplace}", shard.grad, exact.grad[:, lo:hi], 1e-12)
         m.true(f"{use}: in-place gradient differs", torch.equal(grads[0], grads[1]))
@@ -547,9 +540,12 @@ def test_needs_an_initialised_process_group():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="not initialised"):
         vocab_parallel_logprobs_and_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="not initialised"):
+    # a process_group of the wrong type is named as such, initialised or not
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
         ak.modulate_advantages(torch.zeros(2, dtype=D), torch.zeros(2, dtype=D), torch.zeros(2, dtype=torch.long),
                                process_group=object())
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+        vocab_parallel_logprobs_and_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), group="tp")
 
 
 def _nccl_worker(rank, world, store_path, out_dir):

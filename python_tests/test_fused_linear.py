@@ -177,6 +177,33 @@ def test_empty_batch(backend):
     assert hidden.grad.shape == (0, 29)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_outputs_may_be_edited_in_place(backend, with_entropy):
+    """Users masked_fill_ their log-probs: the outputs are ordinary tensors, and an edit made after the loss is
+    built reaches neither the saved entropy nor the backward."""
+    dev = _device(backend)
+    x, w, b, labels, ga, gb = _inputs(shape=(3, 5), vocab=67)
+    x, w, b, labels = x.to(dev), w.to(dev), b.to(dev), labels.to(dev)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+
+    def loss(edit):
+        lp, ent = ak.fused_linear_logprobs_and_entropy(leaves[0], leaves[1], labels, bias=leaves[2],
+                                                       backend=backend, with_entropy=with_entropy)
+        total = (lp * ga.to(dev, lp.dtype)).sum()
+        if with_entropy:
+            total = total + (ent * gb.to(dev, ent.dtype)).sum()
+        if edit:
+            assert not lp._is_view() and (ent is None or not ent._is_view())
+            lp.masked_fill_(labels == -100, 7.0).mul_(3.0)
+            if ent is not None:
+                ent.fill_(-1.0)
+        return torch.autograd.grad(total, leaves)
+
+    for plain, edited in zip(loss(False), loss(True)):
+        assert torch.equal(plain, edited)
+
+
 def test_triton_deterministic_matches_atomic():
     x, w, b, labels, ga, gb = _inputs(vocab=333, hidden=35)
     _, _, det = _check_against_rule("triton", x, w, b, labels, ga, gb, deterministic=True)

@@ -1,5 +1,7 @@
 """`import aem_kernels` must not import the optional integrations' packages (verl, TRL, Liger-Kernel,
-Cut-Cross-Entropy, transformers, ray) even when they are installed: a fresh interpreter checks sys.modules."""
+Cut-Cross-Entropy, transformers, ray) even when they are installed, nor do the fused-linear, causal-LM,
+distributed and integrations modules; a fresh interpreter checks sys.modules (with warnings as errors, so
+`available_backends()` is checked never to warn)."""
 
 import json
 import os
@@ -12,7 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = f"""
 import json, sys, types
 seen = lambda: sorted({{m.split('.')[0] for m in sys.modules}} & set({OPTIONAL!r}))
+import warnings
+warnings.simplefilter("error")  # available_backends() and the imports below must not warn either
 import aem_kernels, aem_kernels.loss, aem_kernels.packing, aem_kernels.dispatch
+import aem_kernels.fused_linear, aem_kernels.causal_lm, aem_kernels.gathered, aem_kernels.distributed
+import aem_kernels.integrations  # the package itself; its verl/trl modules import their framework on purpose
+aem_kernels.available_backends(); aem_kernels.available_backends("cpu")
 after_import = seen()
 sys.modules["trl.trainer"] = types.ModuleType("trl.trainer")  # the probe's own check: it sees a submodule
 print(json.dumps([after_import, seen()]))

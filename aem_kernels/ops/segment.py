@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import segment_sum_backward, segment_sum_setup_context
+
 __all__ = ["segment_sums_deterministic", "segment_sum"]
 
 _BLOCK_N = 128
@@ -97,22 +99,8 @@ def _(values, segment_ids, num_segments):
     return values.new_empty((num_segments,))
 
 
-def _segment_sum_setup(ctx, inputs, output):
-    values, segment_ids, _ = inputs
-    ctx.save_for_backward(segment_ids)
-    ctx.values_shape = values.shape
-
-
-def _segment_sum_backward(ctx, grad):
-    (segment_ids,) = ctx.saved_tensors
-    ids = segment_ids.reshape(-1).long()
-    picked = grad[ids.clamp(min=0)] if grad.numel() else grad.new_zeros(ids.shape)
-    grad_values = torch.where(ids >= 0, picked, torch.zeros((), dtype=grad.dtype, device=grad.device))
-    return grad_values.view(ctx.values_shape), None, None
-
-
-torch.library.register_autograd("aem_kernels::triton_segment_sum", _segment_sum_backward,
-                                setup_context=_segment_sum_setup)
+torch.library.register_autograd("aem_kernels::triton_segment_sum", segment_sum_backward,
+                                setup_context=segment_sum_setup_context)
 
 
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
