@@ -166,3 +166,29 @@ def test_correlations_calibration_and_permutation_test():
     assert trend["pearson"] > 0.9 and abs(trend["detrended_pearson"]) < 0.2 and trend["detrended_p"] > 0.01
     with pytest.raises(ValueError, match="one length"):
         stats.drift_validation(x, y[:-1], steps, seeds)
+
+
+def test_cli_compare_runs_the_baselines_and_reports_paired_statistics_and_the_drift_meter(tmp_path):
+    import json
+    import os
+
+    from aem_kernels.train.cli import main
+    from aem_kernels.train.config import ENTROPY_COEF
+
+    out = str(tmp_path / "out")
+    assert main(["compare", "--preset", "test", "--envs", "safe", "--methods", "grpo", "entropy", "clip_higher",
+                 "--seeds", "2", "--out", out, "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    configs = {}
+    for name in sorted(os.listdir(os.path.join(out, "runs"))):
+        with open(os.path.join(out, "runs", name)) as f:
+            configs[name] = json.loads(f.readline())["aem_config"]
+    assert len(configs) == 6
+    assert configs["safe-entropy-seed0.jsonl"]["entropy_coef"] == ENTROPY_COEF
+    assert configs["safe-clip_higher-seed1.jsonl"]["clip_high"] == CLIP_HIGHER
+    assert configs["safe-grpo-seed0.jsonl"]["entropy_coef"] == 0.0 and configs["safe-grpo-seed0.jsonl"]["beta"] == 0.0
+    with open(os.path.join(out, "summary.md")) as f:
+        text = f.read()
+    assert "Paired differences against GRPO" in text and "| GRPO+entropy bonus | mean held-out success" in text
+    assert "| GRPO+clip-higher | final held-out success | 2 |" in text
+    assert "Drift meter" in text and "| GRPO+entropy bonus | 4 |" in text   # 2 seeds x 2 steps
+    assert os.path.getsize(os.path.join(out, "safe-drift.png")) > 10_000
