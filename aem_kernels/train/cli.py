@@ -2,8 +2,11 @@
 
     run      one environment and method, one or more seeds (the default command):
              python -m aem_kernels.train --env household --method aem --seeds 5
-    compare  methods (default: all four) on environments (default: all), every seed, then plots and summary.md:
+    compare  methods (default: grpo aem) on environments (default: household shop), every seed, then plots
+             and summary.md:
              nice -n 10 python -m aem_kernels.train compare --out bench/results/trainer --workers 2
+             python -m aem_kernels.train compare --envs safe --methods grpo aem entropy clip_higher \
+                 --out bench/results/trainer-explore --workers 2
     demo     the short demo (GRPO and GRPO+AEM, one environment, one seed; a few minutes on 2 CPU cores)
     plot     plots and summary.md again from the JSONL files of an output directory
 
@@ -75,8 +78,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--method", choices=METHODS, default="aem")
     _add_common(run, "compare")
     compare = sub.add_parser("compare", help="several methods on several environments")
-    compare.add_argument("--envs", nargs="+", choices=tuple(ENVS), default=list(ENVS))
-    compare.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    # defaults: the committed comparison of bench/results/trainer (the safe one names its envs and methods)
+    compare.add_argument("--envs", nargs="+", choices=tuple(ENVS), default=["household", "shop"])
+    compare.add_argument("--methods", nargs="+", choices=METHODS, default=["grpo", "aem"])
     _add_common(compare, "compare")
     demo = sub.add_parser("demo", help="the short demo")
     demo.add_argument("--env", choices=tuple(ENVS), default="household")
