@@ -23,17 +23,32 @@ import aem_kernels as ak
 
 from .batching import PolicyBatch
 
-__all__ = ["METHODS", "loss_config", "grpo_advantages", "split_by_group", "policy_terms", "ppo_update"]
+__all__ = ["METHODS", "loss_config", "grpo_advantages", "split_by_group", "policy_terms", "ppo_update",
+           "response_entropies", "measured_entropy_change"]
 
-METHODS = ("grpo", "aem")
+METHODS = ("grpo", "aem", "entropy", "clip_higher")
 
 
-def loss_config(method: str, beta: float, **overrides) -> ak.AEMConfig:
-    """The loss configuration of a method: "grpo" is AEMConfig(beta=0) (plain GRPO exactly), "aem" the
-    paper's default AEMConfig with the given beta. `overrides` set the remaining fields (clip, KL, ...)."""
+def loss_config(method: str, beta: float, *, entropy_coef: float = 0.0, clip_high: float = 0.2,
+                **overrides) -> ak.AEMConfig:
+    """The loss configuration of a method, every one an `ak.AEMConfig` (so every one goes through
+    `ak.aem_policy_loss`):
+
+        "grpo"         AEMConfig(beta=0): plain GRPO exactly
+        "aem"          the paper's default AEMConfig with the given beta
+        "entropy"      GRPO plus an entropy bonus: AEMConfig(beta=0, entropy_coef=entropy_coef)
+        "clip_higher"  GRPO with DAPO's asymmetric ratio clip: AEMConfig(beta=0, clip_high=clip_high)
+
+    `beta` is used by "aem" only, `entropy_coef` by "entropy" only, `clip_high` by "clip_higher" only;
+    `overrides` set the remaining fields (KL, temperature, ...)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return ak.AEMConfig(beta=0.0 if method == "grpo" else beta, **overrides)
+    fields = {"beta": beta if method == "aem" else 0.0}
+    if method == "entropy":
+        fields["entropy_coef"] = entropy_coef
+    if method == "clip_higher":
+        fields["clip_high"] = clip_high
+    return ak.AEMConfig(**fields, **overrides)
 
 
 def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -114,3 +129,25 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, minibat
             out[k] = (min if k.endswith("min") else max)(first[k])
     out.update({f"ppo/last_{k.split('/')[1]}": sum(v) / len(v) for k, v in last.items()})
     return out
+
+
+def response_entropies(batch: PolicyBatch, entropy: torch.Tensor) -> torch.Tensor:
+    """Response entropy [R'] (mean token entropy of each response, eq. 3') of the batch's non-empty
+    responses, from per-token entropies [B, T-1] (e.g. `policy_terms(...)[1]`)."""
+    trained = batch.token_response >= 0
+    per_response = ak.response_entropy(entropy, batch.token_response, batch.num_responses)
+    nonempty = torch.bincount(batch.token_response[trained], minlength=batch.num_responses) > 0
+    return per_response[nonempty]
+
+
+def measured_entropy_change(minibatches: Sequence[PolicyBatch], before: Sequence[torch.Tensor],
+                            after: Sequence[torch.Tensor]) -> Dict[str, float]:
+    """The entropy change the predicted drift D (AEM_SPEC eq. 6) predicts, measured: the mean response
+    entropy of the same sampled responses under the rollout policy (`before`, per-token entropies of each
+    minibatch) and under the updated policy (`after`, one no-grad forward after the optimizer steps)."""
+    old = torch.cat([response_entropies(b, e) for b, e in zip(minibatches, before)])
+    new = torch.cat([response_entropies(b, e) for b, e in zip(minibatches, after)])
+    if old.numel() == 0:
+        return {}
+    return {"drift/entropy_before": float(old.mean()), "drift/entropy_after": float(new.mean()),
+            "drift/measured": float((new - old).mean())}

@@ -2,9 +2,12 @@
 
     run      one environment and method, one or more seeds (the default command):
              python -m aem_kernels.train --env household --method aem --seeds 5
-    compare  GRPO vs GRPO+AEM on both environments, every seed, then plots and summary.md:
+    compare  methods (default: grpo aem) on environments (default: household shop), every seed, then plots
+             and summary.md:
              nice -n 10 python -m aem_kernels.train compare --out bench/results/trainer --workers 2
-    demo     the short demo (both methods, one environment, one seed; a few minutes on 2 CPU cores)
+             python -m aem_kernels.train compare --envs safe --methods grpo aem entropy clip_higher \
+                 --out bench/results/trainer-explore --workers 2
+    demo     the short demo (GRPO and GRPO+AEM, one environment, one seed; a few minutes on 2 CPU cores)
     plot     plots and summary.md again from the JSONL files of an output directory
 
 Every run writes OUT/runs/<env>-<method>-seed<seed>.jsonl; plots go to OUT/<env>.png.
@@ -49,6 +52,8 @@ def _add_common(p: argparse.ArgumentParser, default_preset: str) -> None:
     g.add_argument("--group-size", type=int)
     g.add_argument("--level", choices=LEVELS)
     g.add_argument("--beta", type=float, help="AEM strength for method aem")
+    g.add_argument("--entropy-coef", type=float, help="entropy-bonus coefficient for method entropy")
+    g.add_argument("--clip-high", type=float, help="upper ratio clip for method clip_higher")
     g.add_argument("--lr", type=float)
     g.add_argument("--ppo-epochs", type=int)
     g.add_argument("--minibatches", type=int)
@@ -60,7 +65,7 @@ def _add_common(p: argparse.ArgumentParser, default_preset: str) -> None:
     g.add_argument("--threads", type=int)
 
 
-_OVERRIDES = ("steps", "tasks_per_step", "group_size", "level", "beta", "lr", "ppo_epochs", "minibatches",
+_OVERRIDES = ("steps", "tasks_per_step", "group_size", "level", "beta", "entropy_coef", "clip_high", "lr", "ppo_epochs", "minibatches",
               "kl_coef", "temperature", "reward_scheme", "warmstart_steps", "eval_every", "threads")
 
 
@@ -72,9 +77,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--env", choices=tuple(ENVS), default="household")
     run.add_argument("--method", choices=METHODS, default="aem")
     _add_common(run, "compare")
-    compare = sub.add_parser("compare", help="both methods on both environments")
-    compare.add_argument("--envs", nargs="+", choices=tuple(ENVS), default=list(ENVS))
-    compare.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    compare = sub.add_parser("compare", help="several methods on several environments")
+    # defaults: the committed comparison of bench/results/trainer (the safe one names its envs and methods)
+    compare.add_argument("--envs", nargs="+", choices=tuple(ENVS), default=["household", "shop"])
+    compare.add_argument("--methods", nargs="+", choices=METHODS, default=["grpo", "aem"])
     _add_common(compare, "compare")
     demo = sub.add_parser("demo", help="the short demo")
     demo.add_argument("--env", choices=tuple(ENVS), default="household")
@@ -123,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == "compare":
         configs = _configs(args, args.envs, args.methods, len(COMPARE_SEEDS))
     else:
-        configs = _configs(args, [args.env], list(METHODS), 1)
+        configs = _configs(args, [args.env], ["grpo", "aem"], 1)
     out = args.out or os.path.join("runs", args.command)
     cache = None if args.cache_dir == "none" else (args.cache_dir or default_cache_dir())
     started = time.perf_counter()

@@ -14,15 +14,24 @@ from typing import Any, Dict, Optional
 
 from .model import ModelSpec
 
-__all__ = ["TrainConfig", "PRESETS", "preset", "TUNE_SEEDS", "COMPARE_SEEDS", "AEM_BETA"]
+__all__ = ["TrainConfig", "PRESETS", "preset", "TUNE_SEEDS", "COMPARE_SEEDS", "AEM_BETA", "ENTROPY_COEF", "CLIP_HIGHER",
+           "MAX_ACTION_TOKENS"]
 
 TUNE_SEEDS = (100,)
 COMPARE_SEEDS = tuple(range(10))
 # Supervised steps to a weak but non-trivial policy (about 10-40 % success; see summary.md)
-WARMSTART_STEPS = {"household": 600, "shop": 400}
+WARMSTART_STEPS = {"household": 600, "shop": 400, "safe": 400}
+# cap on an action's tokens (with <end>): two-word actions, and "enter" with up to four digits in `safe`
+MAX_ACTION_TOKENS = {"household": 3, "shop": 3, "safe": 6}
 # AEM strength of method "aem", chosen on tuning seed 100 among {0.5, 1, 2} at turn level (1 and 2 made the
 # household policy collapse there; see bench/results/trainer/summary.md)
 AEM_BETA = 0.5
+# entropy-bonus coefficient of method "entropy" (verl's `entropy_coeff`), chosen on tuning seed 100 on `safe`
+# among {0.003, 0.01, 0.03} with as many tuning runs as AEM's beta among {0.5, 1, 2} (150 steps each; see
+# bench/results/trainer-explore/summary.md)
+ENTROPY_COEF = 0.03
+# upper ratio clip of method "clip_higher" (DAPO's clip-higher: clip_low 0.2, clip_high 0.28)
+CLIP_HIGHER = 0.28
 
 
 @dataclass
@@ -30,18 +39,23 @@ class TrainConfig:
     """One run: an environment, a method, a seed, and the budget.
 
     Attributes:
-        env: "household" or "shop".
-        method: "grpo" (AEMConfig(beta=0)) or "aem" (AEMConfig(beta=beta), the paper's default form).
+        env: "household", "shop" or "safe".
+        method: "grpo" (AEMConfig(beta=0)), "aem" (AEMConfig(beta=beta), the paper's default form),
+            "entropy" (GRPO with an entropy bonus `entropy_coef`) or "clip_higher" (GRPO with the upper ratio
+            clip `clip_high`, DAPO-style).
         seed: seeds the RL run (task stream, sampling); the warm start has its own fixed seed so that every
             run of an environment starts from the same policy (as RL runs start from one base model).
         steps: RL steps (one rollout batch and one PPO update each).
         tasks_per_step, group_size: task instances per step and trajectories per instance (GRPO's G).
         level: "turn" (each turn a response; the paper's multi-turn setting) or "trajectory".
         beta: AEM strength for method "aem".
+        entropy_coef: entropy-bonus coefficient for method "entropy".
+        clip_high: upper ratio clip for method "clip_higher" (the other methods keep AEMConfig's 0.2).
         lr, ppo_epochs, minibatches, max_grad_norm: the actor update (Adam).
         kl_coef: KL-to-reference coefficient (k3); 0 disables the reference model.
         temperature: sampling temperature (the loss uses the same).
-        max_action_tokens: cap on an action's length in tokens (including <end>).
+        max_action_tokens: cap on an action's length in tokens (including <end>); None: the environment's
+            default (`MAX_ACTION_TOKENS`).
         reward_scheme: "paper" (10 / 0 / -0.1 per invalid action) or "binary" (1 / 0).
         model: the policy's size.
         warmstart_*: supervised warm start on noisy scripted demonstrations (see warmstart.py); the
@@ -59,13 +73,15 @@ class TrainConfig:
     group_size: int = 6
     level: str = "turn"
     beta: float = AEM_BETA
+    entropy_coef: float = ENTROPY_COEF
+    clip_high: float = CLIP_HIGHER
     lr: float = 3e-4
     ppo_epochs: int = 1
     minibatches: int = 2
     max_grad_norm: float = 1.0
     kl_coef: float = 0.0
     temperature: float = 1.0
-    max_action_tokens: int = 3
+    max_action_tokens: Optional[int] = None   # None: MAX_ACTION_TOKENS[env]
     reward_scheme: str = "paper"
     model: ModelSpec = field(default_factory=ModelSpec)
     warmstart_steps: Optional[int] = None   # None: WARMSTART_STEPS[env]
@@ -96,12 +112,17 @@ class TrainConfig:
         """`warmstart_steps`, or the environment's default."""
         return self.warmstart_steps if self.warmstart_steps is not None else WARMSTART_STEPS.get(self.env, 500)
 
+    @property
+    def action_tokens(self) -> int:
+        """`max_action_tokens`, or the environment's default."""
+        return self.max_action_tokens if self.max_action_tokens is not None else MAX_ACTION_TOKENS.get(self.env, 3)
+
     def warmstart_key(self) -> str:
         """Everything the warm-started policy depends on (its cache key)."""
-        keys = ("env", "reward_scheme", "max_action_tokens", "warmstart_batch", "warmstart_lr", "warmstart_noise",
-                "warmstart_seed")
-        return json.dumps({**{k: getattr(self, k) for k in keys}, "warmstart_steps": self.warmstart_budget,
-                           "model": dataclasses.asdict(self.model)}, sort_keys=True)
+        keys = ("env", "reward_scheme", "warmstart_batch", "warmstart_lr", "warmstart_noise", "warmstart_seed")
+        return json.dumps({**{k: getattr(self, k) for k in keys}, "max_action_tokens": self.action_tokens,
+                           "warmstart_steps": self.warmstart_budget, "model": dataclasses.asdict(self.model)},
+                          sort_keys=True)
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

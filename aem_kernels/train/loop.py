@@ -25,7 +25,8 @@ import torch
 
 import aem_kernels as ak
 
-from .algorithm import grpo_advantages, loss_config, policy_terms, ppo_update, split_by_group
+from .algorithm import (grpo_advantages, loss_config, measured_entropy_change, policy_terms, ppo_update,
+                        split_by_group)
 from .batching import build_policy_batch
 from .config import TrainConfig
 from .envs import TextEnv, make_env
@@ -83,7 +84,7 @@ def evaluate(model, tokenizer: WordTokenizer, env: TextEnv, tasks, cfg: TrainCon
     """One sampled trajectory per held-out task (temperature `cfg.temperature`)."""
     generator = torch.Generator().manual_seed(1_000_003 * (cfg.seed + 1) + step)
     trajectories = rollout(model, tokenizer, env, tasks, 1, generator, temperature=cfg.temperature,
-                           max_action_tokens=cfg.max_action_tokens)
+                           max_action_tokens=cfg.action_tokens)
     return _outcome_metrics(trajectories, "eval")
 
 
@@ -114,7 +115,8 @@ def train(cfg: TrainConfig, *, out_path: Optional[str] = None, cache_dir: Option
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    config = loss_config(cfg.method, cfg.beta, kl_coef=cfg.kl_coef, temperature=cfg.temperature)
+    config = loss_config(cfg.method, cfg.beta, entropy_coef=cfg.entropy_coef, clip_high=cfg.clip_high,
+                         kl_coef=cfg.kl_coef, temperature=cfg.temperature)
     task_rng = random.Random(f"train-{cfg.env}-{cfg.seed}")
     sampler = torch.Generator().manual_seed(cfg.seed)
     eval_tasks = sample_tasks(env, random.Random(f"eval-{cfg.env}"), cfg.eval_tasks)
@@ -138,7 +140,7 @@ def train(cfg: TrainConfig, *, out_path: Optional[str] = None, cache_dir: Option
             started = time.perf_counter()
             tasks = sample_tasks(env, task_rng, cfg.tasks_per_step)
             trajectories = rollout(policy, tokenizer, env, tasks, cfg.group_size, sampler,
-                                   temperature=cfg.temperature, max_action_tokens=cfg.max_action_tokens)
+                                   temperature=cfg.temperature, max_action_tokens=cfg.action_tokens)
             sampled = time.perf_counter()
             rewards = torch.tensor([t.reward for t in trajectories])
             groups = torch.tensor([t.group for t in trajectories])
@@ -151,6 +153,9 @@ def train(cfg: TrainConfig, *, out_path: Optional[str] = None, cache_dir: Option
                 [policy_terms(reference, mb, cfg.temperature)[0] for mb in minibatches]
             update = ppo_update(policy, optimizer, minibatches, [lp for lp, _ in old_terms], config,
                                 epochs=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm, ref_logprobs=ref_logprobs)
+            # the drift meter's check: the same responses' entropy under the updated policy (one no-grad pass)
+            new_entropy = [policy_terms(policy, mb, cfg.temperature)[1] for mb in minibatches]
+            update.update(measured_entropy_change(minibatches, [e for _, e in old_terms], new_entropy))
             record = {"kind": "train", "step": step, **_outcome_metrics(trajectories, "rollout"),
                       **_entropy_metrics(minibatches, old_terms),
                       "rollout/zero_adv_groups": _zero_advantage_fraction(rewards, groups), **update,

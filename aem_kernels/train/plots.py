@@ -17,9 +17,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["load_runs", "series", "plot_env", "plot_all"]
+__all__ = ["load_runs", "series", "drift_points", "plot_env", "plot_drift", "plot_all"]
 
-METHOD_STYLE = {"grpo": ("GRPO", "tab:blue"), "aem": ("GRPO+AEM", "tab:red")}
+METHOD_STYLE = {"grpo": ("GRPO", "tab:blue"), "aem": ("GRPO+AEM", "tab:red"),
+                "entropy": ("GRPO+entropy bonus", "tab:green"), "clip_higher": ("GRPO+clip-higher", "tab:purple")}
 
 Runs = Dict[Tuple[str, str], List[List[dict]]]   # (env, method) -> one record list per seed
 
@@ -104,7 +105,7 @@ def plot_env(runs: Runs, env: str, path: str, smooth: int = 5) -> None:
         if key == "aem/drift":
             ax.axhline(0.0, color="k", lw=0.6)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.suptitle(f"{env}: GRPO vs GRPO+AEM, mean ± std over seeds (training curves smoothed over {smooth} steps)",
+    fig.suptitle(f"{env}: methods compared, mean ± std over seeds (training curves smoothed over {smooth} steps)",
                  y=0.99, fontsize=12)
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=max(len(labels), 1),
                frameon=False)
@@ -113,12 +114,58 @@ def plot_env(runs: Runs, env: str, path: str, smooth: int = 5) -> None:
     plt.close(fig)
 
 
+def drift_points(seed_records: Sequence[List[dict]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(predicted D, measured entropy change, step, seed index) of every training step that logged both."""
+    rows = [(r["aem/drift"], r["drift/measured"], r["step"], s) for s, records in enumerate(seed_records)
+            for r in records if r.get("kind") == "train" and "aem/drift" in r and "drift/measured" in r]
+    if not rows:
+        return (np.array([]),) * 4
+    predicted, measured, steps, seeds = (np.array(c) for c in zip(*rows))
+    return predicted.astype(float), measured.astype(float), steps.astype(int), seeds.astype(int)
+
+
+def plot_drift(runs: Runs, env: str, path: str) -> bool:
+    """Scatter of predicted D against the measured entropy change, one panel per method (False: no data)."""
+    methods = [m for m in METHOD_STYLE if runs.get((env, m)) and drift_points(runs[(env, m)])[0].size]
+    if not methods:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4.2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        label, color = METHOD_STYLE[method]
+        predicted, measured, _, _ = drift_points(runs[(env, method)])
+        ax.scatter(predicted, measured, s=5, alpha=0.35, color=color, lw=0)
+        if predicted.size > 1 and predicted.std() > 0:
+            slope, intercept = np.polyfit(predicted, measured, 1)
+            grid = np.linspace(predicted.min(), predicted.max(), 2)
+            ax.plot(grid, intercept + slope * grid, "k-", lw=1, label=f"fit: slope {slope:+.3f}")
+            ax.legend(fontsize=8, loc="upper left")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set_title(f"{label} ({len(runs[(env, method)])} seeds)", fontsize=10)
+        ax.set_xlabel("predicted drift D (eq. 6)")
+        ax.set_ylabel("measured entropy change")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{env}: predicted D vs measured change of the same responses' entropy, every step", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_all(run_dir: str, out_dir: str, smooth: int = 5) -> List[str]:
-    """One figure per environment found under `run_dir`; returns the written paths."""
+    """One figure per environment found under `run_dir` (and `<env>-drift.png`, the drift meter's scatter,
+    where the runs measured the entropy change); returns the written paths."""
     runs = load_runs(run_dir)
     paths = []
     for env in sorted({env for env, _ in runs}):
         path = os.path.join(out_dir, f"{env}.png")
         plot_env(runs, env, path, smooth)
         paths.append(path)
+        drift = os.path.join(out_dir, f"{env}-drift.png")
+        if plot_drift(runs, env, drift):
+            paths.append(drift)
     return paths

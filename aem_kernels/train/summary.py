@@ -1,5 +1,8 @@
 """Markdown tables of trainer runs: success rate at fixed steps and the entropy trajectory, mean +- std over
-seeds, per environment and method (the table committed as bench/results/trainer/summary.md)."""
+seeds, per environment and method (the table committed as bench/results/trainer/summary.md); every method's
+paired difference against GRPO with its bootstrap interval and the design's minimal detectable effect, and
+the drift meter's validation (predicted D against the measured entropy change). The statistics and their
+protocol are in `stats.py`, fixed before the runs."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from .plots import METHOD_STYLE, Runs, load_runs, series
+from .plots import METHOD_STYLE, Runs, drift_points, load_runs, series
+from .stats import PERMUTATIONS, drift_validation, paired_comparison
 
 __all__ = ["summary_tables", "write_summary"]
 
@@ -59,13 +63,7 @@ def summary_tables(runs: Runs, window: int = 5) -> str:
             averages[method] = values[:, 1:].mean(1) if values.shape[1] > 1 else values[:, -1]
             cells += [_fmt(averages[method]), _fmt(_last_mean(seeds, "rollout/success", 10))]
             out.append(f"| {METHOD_STYLE[method][0]} | {len(seeds)} | " + " | ".join(cells) + " |")
-        if "grpo" in finals and "aem" in finals and len(finals["grpo"]) == len(finals["aem"]):
-            out.append("\nPaired differences AEM - GRPO (same seed: same warm start, same first batch):\n")
-            for name, values in (("final held-out success", finals), ("mean held-out success after step 0",
-                                                                      averages)):
-                diff = values["aem"] - values["grpo"]
-                out.append(f"- {name}: {_fmt(diff, 3)}; AEM better on {int((diff > 0).sum())}, worse on "
-                           f"{int((diff < 0).sum())}, tied on {int((diff == 0).sum())} of {len(diff)} seeds")
+        out += _paired_section(runs, env, methods, finals, averages)
         out.append("")
         train_steps, _ = series(runs[(env, methods[0])], "policy/token_entropy", "train")
         tmarks = _checkpoints(train_steps)
@@ -80,7 +78,62 @@ def summary_tables(runs: Runs, window: int = 5) -> str:
                 cells = [_fmt(_window_mean(seeds, key, m, window // 2), 3) for m in tmarks]
                 out.append(f"| {METHOD_STYLE[method][0]} | {name} | " + " | ".join(cells) + " |")
         out.append("")
+        out += _drift_section(runs, env, methods)
     return "\n".join(out)
+
+
+def _paired_section(runs: Runs, env: str, methods: Sequence[str], finals: Dict[str, np.ndarray],
+                    averages: Dict[str, np.ndarray]) -> List[str]:
+    """Every method against GRPO, paired by seed (the protocol of stats.py)."""
+    others = [m for m in methods if m != "grpo"]
+    if "grpo" not in methods or not others:
+        return []
+    rollout = {m: _last_mean(runs[(env, m)], "rollout/success", 10) for m in methods}
+    out = ["\nPaired differences against GRPO (same seed: same warm start, same first batch); mean difference, "
+           "95 % bootstrap interval over seeds (10^4 resamples), seeds better / worse / tied, and the minimal "
+           "detectable effect (MDE: 80 % power, two-sided 5 %, at the observed spread of the differences):\n",
+           "| method | outcome | seeds | difference [95 % CI] | better / worse / tied | MDE | verdict |",
+           "|---|---|---|---|---|---|---|"]
+    for method in others:
+        for name, values in (("mean held-out success after step 0 (primary)", averages),
+                             ("final held-out success", finals), ("rollout success, last 10 steps", rollout)):
+            if len(values[method]) != len(values["grpo"]) or len(values[method]) < 2:
+                out.append(f"| {METHOD_STYLE[method][0]} | {name} | - | unpaired seeds | - | - | - |")
+                continue
+            c = paired_comparison(values[method], values["grpo"])
+            verdict = ("no detectable difference" if c["low"] <= 0 <= c["high"] else
+                       "better than GRPO" if c["low"] > 0 else "worse than GRPO")
+            out.append(f"| {METHOD_STYLE[method][0]} | {name} | {c['n']} | {c['mean']:+.3f} [{c['low']:+.3f}, "
+                       f"{c['high']:+.3f}] | {c['better']} / {c['worse']} / {c['tied']} | {c['mde']:.3f} | "
+                       f"{verdict} |")
+    return out
+
+
+def _drift_section(runs: Runs, env: str, methods: Sequence[str]) -> List[str]:
+    """The drift meter: predicted D (eq. 6) against the measured change of the same responses' entropy."""
+    rows = []
+    for method in methods:
+        predicted, measured, steps, seeds = drift_points(runs[(env, method)])
+        if len(predicted) < 3:
+            continue
+        v = drift_validation(predicted, measured, steps, seeds)
+        rows.append(f"| {METHOD_STYLE[method][0]} | {v['points']} | {v['pearson']:+.3f} | {v['spearman']:+.3f} | "
+                    f"{v['slope']:+.3f} | {v['intercept']:+.5f} | {_p(v['p'])} | {v['detrended_pearson']:+.3f} | "
+                    f"{v['detrended_spearman']:+.3f} | {v['detrended_slope']:+.3f} | {_p(v['detrended_p'])} |")
+    if not rows:
+        return []
+    return [f"Drift meter: predicted drift D (`aem/drift`, eq. 6) against the measured change of the same "
+            f"responses' mean entropy across the update (`drift/measured`), every step of every seed; "
+            f"calibration = least-squares line measured = intercept + slope * D; p = within-seed permutation "
+            f"test of Pearson's r ({PERMUTATIONS} permutations, two-sided); detrended = within-seed residuals "
+            f"after a linear trend in the step:\n",
+            "| method | points | Pearson | Spearman | slope | intercept | p | detrended Pearson | detrended Spearman "
+            "| detrended slope | detrended p |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def _p(p: float) -> str:
+    return "-" if not np.isfinite(p) else (f"{p:.4f}" if p >= 1e-3 else f"< 0.001 ({p:.1e})")
 
 
 def _last_mean(seeds: Sequence[List[dict]], key: str, count: int) -> np.ndarray:
