@@ -49,16 +49,17 @@ def _batch(seed=0):
 
 @pytest.mark.parametrize("method", A.METHODS)
 def test_each_method_config_reaches_the_loss(method, monkeypatch):
-    """ppo_update hands the method's AEMConfig to ak.aem_policy_loss unchanged, and the loss uses it."""
+    """ppo_update hands the method's AEMConfig to the package's loss (ak.causal_lm_aem_policy_loss: the LM head
+    through the fused linear path) unchanged, and the loss uses it."""
     model, batch = _batch()
     seen = []
-    real = ak.aem_policy_loss
+    real = ak.causal_lm_aem_policy_loss
 
     def spy(*args, **kwargs):
         seen.append(kwargs["config"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(A.ak, "aem_policy_loss", spy)
+    monkeypatch.setattr(A.ak, "causal_lm_aem_policy_loss", spy)
     config = A.loss_config(method, 0.7, entropy_coef=0.05, clip_high=0.35)
     old, _ = A.policy_terms(model, batch)
     metrics = A.ppo_update(model, torch.optim.Adam(model.parameters(), lr=1e-2), [batch], [old], config,
