@@ -151,7 +151,12 @@ def select_lines(profile: Profile, device: torch.device, only: Optional[List[str
     unknown = (set(exclude) | set(only or [])) - set(names)
     if unknown:
         raise SystemExit(f"unknown line(s) {sorted(unknown)}; the lines are {names}")
-    excluded = dict(profile.exclude)
+    # lines that take another kind of input than every case of this run (hidden states in a logits-only
+    # profile) would only fill the report with "not applicable" rows
+    kinds = {CASES[name].input_kind for name in profile.cases or DEFAULT_CASES}
+    lines = [line for line in lines if line.input_kind in kinds]
+    names = [line.name for line in lines]
+    excluded = {name: why for name, why in profile.exclude.items() if name in names}
     wanted = set(only or []) | set(profile.lines or [])
     for line in lines:
         if line.opt_in and line.name not in wanted:
