@@ -100,12 +100,6 @@ def _logits_like(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
     return hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)
 
 
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def _check_budget(budget: object) -> Optional[int]:
     if budget is None:
         return None
@@ -161,8 +155,8 @@ def fused_linear_logprobs_and_entropy(
     temperature = V.check_temperature(temperature)
     ignore_index = V.check_ignore_index(ignore_index)
     labels = V.check_labels(labels, _logits_like(hidden, weight.shape[0]), ignore_index)
-    with_entropy = _check_bool("with_entropy", with_entropy)
-    deterministic = _check_bool("deterministic", deterministic)
+    with_entropy = V.check_bool("with_entropy", with_entropy)
+    deterministic = V.check_bool("deterministic", deterministic)
     budget = _check_budget(chunk_budget_bytes)
     return _apply(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, deterministic,
                   budget)
@@ -208,13 +202,11 @@ def fused_linear_aem_policy_loss(
     """
     config = V.check_config(config)
     hidden, weight, bias = _check_linear(hidden, weight, bias)
-    _check_bool("inplace_backward", inplace_backward)
-    if single_pass is not None and not isinstance(single_pass, bool):
-        raise TypeError(f"single_pass must be None or a bool, got {type(single_pass).__name__}")
-    if single_pass:
+    V.check_bool("inplace_backward", inplace_backward)
+    if V.check_optional_bool("single_pass", single_pass):
         raise ValueError("single_pass=True cannot apply: the single-pass kernel reads materialised logits; the "
                          "fused linear loss computes them tile by tile in two passes")
-    deterministic = _check_bool("deterministic", deterministic)
+    deterministic = V.check_bool("deterministic", deterministic)
     budget = _check_budget(chunk_budget_bytes)
     batch = _loss_batch(_logits_like(hidden, weight.shape[0]), labels, advantages, config,
                         token_response=token_response, response_group=response_group, response_mask=response_mask,
