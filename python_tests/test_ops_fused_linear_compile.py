@@ -2,31 +2,16 @@
 (`sm90_compile_fused_linear.py`, Triton's real pipeline to a cubin): no register spills, tensor-core (mma)
 products for bf16 operands, and atomics only in the default (non-deterministic) backward."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+from helpers import compile_for_sm90  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    if not os.path.exists(_PTXAS):
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, os.path.join(_HERE, "sm90_compile_fused_linear.py")], env=env,
-                         capture_output=True, text=True, timeout=900)
-    if "No module named 'triton.backends.compiler'" in out.stderr or "cannot import name 'ASTSource'" in out.stderr:
-        pytest.skip("this Triton has no ahead-of-time compile API")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return compile_for_sm90("sm90_compile_fused_linear.py", timeout=900)
 
 
 def test_every_variant_compiles_without_spills(compiled):
