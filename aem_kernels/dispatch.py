@@ -35,7 +35,7 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -215,11 +215,17 @@ class FusedLinearBackend:
     """The fused linear + log-prob op (`aem_kernels.fused_linear`): `forward(hidden2d, weight, bias, labels,
     temperature, ignore_index, with_entropy) -> (logprobs, entropy | None, saved)` and `backward(hidden2d,
     weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, needs,
-    deterministic) -> (grad_hidden, grad_weight, grad_bias)`."""
+    deterministic) -> (grad_hidden, grad_weight, grad_bias)`; `single_pass(hidden2d, weight, bias, labels,
+    temperature, ignore_index, token_grads, needs, budget) -> (logprobs, entropy, grads)` where the path can
+    finish a row-local loss's gradient in the forward (`_chunked_linear.chunked_single_pass`), else None.
+    `single_pass_auto_dtypes`: the hidden dtypes for which the loss takes it unasked (those where it costs no
+    memory beyond the gradients: fp32/fp64, whose weight needs no fp32 copy)."""
 
     name: str
     forward: Callable
     backward: Callable
+    single_pass: Optional[Callable] = None
+    single_pass_auto_dtypes: Tuple[torch.dtype, ...] = ()
 
 
 _FUSED_LINEAR_CACHE: Dict[str, FusedLinearBackend] = {}
@@ -256,6 +262,9 @@ def resolve_fused_linear_backend(backend: str, device: torch.device, dtype: torc
                 return chunked.chunked_bwd(_row, hidden2d, weight, bias, labels, saved, grad_logprobs,
                                            grad_entropy, temperature, ignore_index, needs)
 
-            impl = FusedLinearBackend(row.name, forward, backward)
+            def single_pass(*args, _row=row, **kwargs):
+                return chunked.chunked_single_pass(_row, *args, **kwargs)
+
+            impl = FusedLinearBackend(row.name, forward, backward, single_pass, (torch.float32, torch.float64))
         _FUSED_LINEAR_CACHE[row.name] = impl
     return _FUSED_LINEAR_CACHE[row.name]

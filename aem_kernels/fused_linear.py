@@ -23,9 +23,11 @@ import torch
 from . import _validation as V
 from .config import AEMConfig
 from .dispatch import resolve_fused_linear_backend
-from .loss import _loss_batch, _loss_from_token_terms
+from .loss import (_loss_batch, _loss_from_token_terms, _row_local_loss_grads, _single_pass_token_terms,
+                   _weights_unknown_before_forward)
 
-__all__ = ["FusedLinearLogprobsEntropyFunction", "fused_linear_logprobs_and_entropy", "fused_linear_aem_policy_loss"]
+__all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearLossGradientFunction", "fused_linear_logprobs_and_entropy",
+           "fused_linear_aem_policy_loss"]
 
 _HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -59,6 +61,25 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
         grads = backend.backward(hidden2d, weight, bias, labels, ctx.saved, entropy, flat(grad_logprobs),
                                  flat(grad_entropy), temperature, ignore_index, needs, deterministic)
         return (*grads, None, None, None, None, None, None)
+
+
+class FusedLinearLossGradientFunction(torch.autograd.Function):
+    """(loss 0-d, hidden, weight, bias, grads) -> loss, whose backward returns the gradients the single pass
+    computed in the forward (in the working dtype) times the upstream gradient, cast to each input's dtype."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, grads):
+        ctx.grads = grads
+        ctx.meta = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias)]
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        out = []
+        for grad, meta in zip(ctx.grads, ctx.meta):
+            out.append(None if grad is None or meta is None else
+                       (grad * grad_loss.to(grad.dtype)).reshape(meta[0]).to(meta[1]))
+        return (None, *out, None)
 
 
 def _check_linear(hidden: object, weight: object, bias: object) -> Tuple[torch.Tensor, torch.Tensor,
@@ -196,16 +217,20 @@ def fused_linear_aem_policy_loss(
     option and metric is that of `aem_policy_loss`; the per-token log-probs and entropies come from
     `fused_linear_logprobs_and_entropy` and feed the same loss code. `inplace_backward` is accepted for
     signature compatibility and changes nothing (the chunk buffers are always overwritten by their gradient);
-    `single_pass=True` raises (the single-pass kernel reads materialised logits). `deterministic` and
+    `single_pass`: None: when the modulation weights are known before the forward (surprisal_source="old", or
+    beta = 0; the same condition as `aem_policy_loss`) and the path is the chunked one (CPU, backend="torch")
+    with fp32/fp64 hidden states, every chunk's gradient is finished in the forward while its logits are in the
+    buffer, so they are not recomputed in the backward (three matmuls instead of four; same loss, metrics and
+    gradients up to fp32 summation order); True: require that (bf16/fp16 included, which then holds the fp32
+    weight copy and gradient accumulator from the forward to the backward; ValueError saying why when it cannot
+    apply, e.g. on the Triton path); False: always two passes. `deterministic` and
     `chunk_budget_bytes` as in `fused_linear_logprobs_and_entropy`; verl's global normalisers (`dp_size`,
     `batch_num_tokens`, `global_batch_size`, `loss_scale_factor`) and `process_group` as in `aem_policy_loss`.
     """
     config = V.check_config(config)
     hidden, weight, bias = _check_linear(hidden, weight, bias)
     V.check_bool("inplace_backward", inplace_backward)
-    if V.check_optional_bool("single_pass", single_pass):
-        raise ValueError("single_pass=True cannot apply: the single-pass kernel reads materialised logits; the "
-                         "fused linear loss computes them tile by tile in two passes")
+    single_pass = V.check_optional_bool("single_pass", single_pass)
     deterministic = V.check_bool("deterministic", deterministic)
     budget = _check_budget(chunk_budget_bytes)
     batch = _loss_batch(_logits_like(hidden, weight.shape[0]), labels, advantages, config,
@@ -214,6 +239,41 @@ def fused_linear_aem_policy_loss(
                         ref_logprobs=ref_logprobs, advantage_level=advantage_level, num_groups=num_groups,
                         dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                         loss_scale_factor=loss_scale_factor, process_group=process_group)
+    be = resolve_fused_linear_backend(backend, hidden.device, hidden.dtype)
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if single_pass is not False:
+        reason = _single_pass_unavailable(be, config, batch, hidden.dtype, single_pass)
+        if reason is None and any(needs):
+            return _single_pass_loss(hidden, weight, bias, batch, config, be, needs, budget)
+        if single_pass and reason is not None:
+            raise ValueError(f"single_pass=True cannot apply: {reason}")
     logprobs, entropy = _apply(hidden, weight, bias, batch.labels, config.temperature, config.ignore_index, True,
                                backend, deterministic, budget)
     return _loss_from_token_terms(batch, logprobs.reshape(-1), entropy.reshape(-1), config)
+
+
+def _single_pass_unavailable(be, config: AEMConfig, batch, dtype: torch.dtype, asked: Optional[bool]):
+    """Why the fused-linear loss cannot finish its gradient in the forward (None when it can)."""
+    if be.single_pass is None:
+        return (f'the "{be.name}" fused-linear path has no single pass (the Triton tile kernels recompute the '
+                'logits in the backward)')
+    if not asked and dtype not in be.single_pass_auto_dtypes:
+        # half precision: the single pass holds the fp32 weight copy and gradient accumulator from the forward
+        # to the backward; taken only when asked for
+        return f"not taken unasked for {dtype} hidden states (it holds fp32 copies of the weight and its gradient)"
+    return _weights_unknown_before_forward(config, batch)
+
+
+def _single_pass_loss(hidden, weight, bias, batch, config: AEMConfig, be, needs, budget):
+    """The loss value, metrics and the gradients of hidden, weight and bias from one pass over the logit chunks
+    (`_chunked_linear.chunked_single_pass`); value and metrics from the same functions as the two-pass path."""
+    work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    token_adv, token_weights = _single_pass_token_terms(batch, config, work)
+    token_grads = _row_local_loss_grads(batch, config, token_adv, token_weights)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    with torch.no_grad():
+        logprobs, entropy, grads = be.single_pass(hidden2d, weight, bias, batch.labels.reshape(-1),
+                                                  config.temperature, config.ignore_index, token_grads, needs,
+                                                  budget=budget)
+        loss, metrics = _loss_from_token_terms(batch, logprobs, entropy, config)
+    return FusedLinearLossGradientFunction.apply(loss, hidden, weight, bias, grads), metrics

@@ -358,6 +358,12 @@ def _single_pass_unavailable(config: AEMConfig, backend: Backend, batch: PackedB
     if backend.single_pass_loss is None:
         return (f'the single-pass loss is a Triton kernel and the backend resolved to "{backend.name}" (fp64 '
                 'logits, which the Triton kernels do not serve, always take the two-pass path)')
+    return _weights_unknown_before_forward(config, batch)
+
+
+def _weights_unknown_before_forward(config: AEMConfig, batch: PackedBatch) -> Optional[str]:
+    """None when the modulation weights w_r (eq. 7) are known before the forward, so that every token's loss
+    derivative is row-local (what a single pass needs); else why not."""
     if config.surprisal_source == "current" and config.beta != 0:
         return ("the modulation weights depend on this forward's own entropies/log-probs "
                 '(surprisal_source="current" with beta != 0), known only after every row is reduced; use '
@@ -369,18 +375,48 @@ def _single_pass_unavailable(config: AEMConfig, backend: Backend, batch: PackedB
     return None
 
 
+def _single_pass_token_terms(batch: PackedBatch, config: AEMConfig, dtype: torch.dtype):
+    """(A~_t [N], c_t [N]): the modulated advantages and aggregation weights of a single-pass call, known before
+    the forward (`_weights_unknown_before_forward` is None)."""
+    placeholder = torch.zeros(batch.token_response.shape[0], dtype=dtype, device=batch.token_response.device)
+    # With surprisal_source="old" x_r comes from the batch; with beta = 0 the weights ignore x entirely.
+    x = _uncertainty(batch, placeholder, placeholder, config)
+    token_adv = _modulated_token_advantages(batch, x, config, dtype)[0]
+    token_weights = aggregation_weights(batch.token_response, batch.num_responses, config.loss_agg_mode,
+                                        batch.horizon, dtype, **batch.global_batch_info)
+    return token_adv, token_weights
+
+
+def _row_local_loss_grads(batch: PackedBatch, config: AEMConfig, token_adv: torch.Tensor,
+                          token_weights: torch.Tensor):
+    """token_grads(index, l, h) -> (dL/dl, dL/dh | None) for the tokens at `index`: the loss of
+    `_loss_from_token_terms` differentiated token by token (autograd over the same functions, on O(n)
+    vectors), for paths that finish the gradient in the forward (the fused-linear single pass)."""
+    old, ref = batch.old_logprobs, batch.ref_logprobs
+
+    def token_grads(index: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor):
+        with torch.enable_grad():
+            lp = logprobs.detach().requires_grad_()
+            weights, adv = token_weights[index].to(lp.dtype), token_adv[index].to(lp.dtype)
+            old_lp = old[index].to(lp.dtype) if old is not None else lp.detach()
+            total = aggregate(ppo_token_loss(lp, old_lp, adv, config)[0], weights)
+            if config.kl_coef > 0:
+                total = total + config.kl_coef * aggregate(kl_penalty(lp, ref[index].to(lp.dtype), config.kl_type),
+                                                           weights)
+            (grad_lp,) = torch.autograd.grad(total, [lp])
+        # d/dh of -entropy_coef * agg(h): constant per token
+        grad_ent = (-config.entropy_coef * weights) if config.entropy_coef != 0 else None
+        return grad_lp, grad_ent
+
+    return token_grads
+
+
 def _single_pass_loss(logits: torch.Tensor, batch: PackedBatch, config: AEMConfig, backend: Backend,
                       inplace_backward: bool) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The single-pass path for a packed batch (see the module docstring). The token scalars, the loss value
     and the metrics come from this module's own functions, so they match the two-pass path by construction;
     only the kernel is different."""
-    tr = batch.token_response
-    placeholder = torch.zeros(tr.shape[0], dtype=torch.float32, device=logits.device)
-    # With surprisal_source="old" x_r comes from the batch; with beta = 0 the weights ignore x entirely.
-    x = _uncertainty(batch, placeholder, placeholder, config)
-    token_adv = _modulated_token_advantages(batch, x, config, torch.float32)[0]
-    token_weights = aggregation_weights(tr, batch.num_responses, config.loss_agg_mode, batch.horizon, torch.float32,
-                                        **batch.global_batch_info)
+    token_adv, token_weights = _single_pass_token_terms(batch, config, torch.float32)
     kernel = backend.single_pass_loss
     logprobs, entropy, grad = kernel.terms(
         logits, batch.labels, token_adv, token_weights, batch.old_logprobs, batch.ref_logprobs,
