@@ -104,7 +104,7 @@ def quick_profile() -> Profile:
         timing=TimingPolicy(warmup=1, min_reps=3, max_reps=5, min_time_s=0.0),
         seq_len=32, max_call_s=10.0, mem_limit_bytes=2 * GiB, budget_s=5 * 60,
         cases=["logprobs_fwd", "logprobs_fwd_bwd", "aem_loss_fwd_bwd", "fused_linear_fwd_bwd",
-               "fused_linear_logprob_fwd_bwd"],
+               "fused_linear_logprob_fwd_bwd", "fused_linear_loss_fwd_bwd"],
         exclude={"torch.compile": _COMPILE_TOO_SLOW, "torch.compile-linear": _COMPILE_TOO_SLOW,
                  "cce[torch_compile]": _COMPILE_TOO_SLOW})
 
@@ -162,7 +162,8 @@ def fused_linear_cpu_profile() -> Profile:
         sweeps=[Sweep("V=32000", ((4096, 32000, "float32"), (4096, 32000, "bfloat16"))),
                 Sweep("V=151936", ((4096, 151936, "float32"), (4096, 151936, "bfloat16")))],
         timing=TimingPolicy(warmup=0, min_reps=1, max_reps=1, min_time_s=0.0),
-        seq_len=256, cases=["fused_linear_fwd_bwd", "fused_linear_logprob_fwd_bwd"], max_call_s=300.0,
+        seq_len=256, cases=["fused_linear_fwd_bwd", "fused_linear_logprob_fwd_bwd", "fused_linear_loss_fwd_bwd"],
+        max_call_s=300.0,
         mem_limit_bytes=16 * GiB, budget_s=100 * 60,
         exclude={"fused[torch]": "the chunked path over the torch row kernels is a checking path on the CPU"})
 
@@ -175,7 +176,8 @@ def fused_linear_gpu_profile() -> Profile:
         description="H100/H200: hidden states -> log-probs (+ entropies), fwd+bwd, H=4096, V=151936 bf16",
         sweeps=[_n_sweep(151936, "bfloat16", (4096, 16384))],
         timing=TimingPolicy(warmup=2, min_reps=5, max_reps=20, min_time_s=0.2),
-        seq_len=1024, cases=["fused_linear_fwd_bwd", "fused_linear_logprob_fwd_bwd"], max_call_s=10.0,
+        seq_len=1024, cases=["fused_linear_fwd_bwd", "fused_linear_logprob_fwd_bwd", "fused_linear_loss_fwd_bwd"],
+        max_call_s=10.0,
         budget_s=4 * 60)
 
 

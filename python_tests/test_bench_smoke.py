@@ -47,7 +47,7 @@ def test_quick_profile_writes_complete_results(tmp_path, one_thread, capsys):
     assert any(name.startswith("aem_kernels[cpu]") for name in lines)
     cases = [case["name"] for case in saved["cases"]]
     assert cases == ["logprobs_fwd", "logprobs_fwd_bwd", "aem_loss_fwd_bwd", "fused_linear_fwd_bwd",
-                     "fused_linear_logprob_fwd_bwd"]
+                     "fused_linear_logprob_fwd_bwd", "fused_linear_loss_fwd_bwd"]
 
     # exactly one record for every case x point x line, ok with full statistics or not-ok with a reason
     seen = {}

@@ -3,7 +3,8 @@ is a module with a `Case` subclass and one entry in CASES below; `base.py` docum
 
 from .aem_loss import AEMLossForwardBackward
 from .base import Case, Inputs, Point
-from .fused_linear import FusedLinearForwardBackward, FusedLinearLogprobForwardBackward
+from .fused_linear import (FusedLinearForwardBackward, FusedLinearLogprobForwardBackward,
+                           FusedLinearLossForwardBackward)
 from .logprobs_fwd import LogprobsForward
 from .logprobs_fwd_bwd import LogprobsForwardBackward
 from .precision import LogprobsPrecision
@@ -16,6 +17,7 @@ CASES = {case.name: case for case in (
     LogprobsPrecision(),
     FusedLinearForwardBackward(),
     FusedLinearLogprobForwardBackward(),
+    FusedLinearLossForwardBackward(),
 )}
 DEFAULT_CASES = [name for name, case in CASES.items() if case.default]
 

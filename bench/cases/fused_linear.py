@@ -214,3 +214,73 @@ class FusedLinearLogprobForwardBackward(FusedLinearForwardBackward):
     name = "fused_linear_logprob_fwd_bwd"
     title = "hidden -> log-prob only (cross-entropy work; ours with_entropy=False), forward + backward"
     with_entropy = False
+
+
+class FusedLinearLossForwardBackward(FusedLinearForwardBackward):
+    """Case (f): the AEM policy loss from hidden states, forward + backward, in a later PPO epoch (old
+    log-probs and old entropies known, `surprisal_source="old"`: the modulation weights are fixed before the
+    forward, so ours takes its single pass for fp32). Ours: `ak.fused_linear_aem_policy_loss`; every other
+    line computes (log-prob, entropy) from the hidden states its own way and applies the package's O(N) AEM
+    tail (as case (c) does for logits), so the comparison isolates the N x V work."""
+
+    name = "fused_linear_loss_fwd_bwd"
+    title = "hidden -> AEM policy loss (surprisal_source='old'), forward + backward"
+    with_entropy = True
+    config = ak.AEMConfig(surprisal_source="old")
+    responses_per_row = 4
+    group_size = 4
+
+    def extend(self, base: Optional[Inputs], point: Point, device: torch.device, seed: int) -> Inputs:
+        inputs = super().extend(base, point, device, seed)
+        batch, rows = inputs.labels.shape
+        position = torch.arange(rows, device=device)
+        length = -(-rows // self.responses_per_row)
+        per_row = -(-rows // length)
+        response = torch.arange(batch, device=device)[:, None] * per_row + position[None, :] // length
+        token_response = torch.where((position < rows // 8)[None, :], -1, response)   # prompts untrained
+        gen = torch.Generator(device=device).manual_seed(seed + 2)
+        num_responses = batch * per_row
+        extra = inputs.extra
+        extra["token_response"] = token_response
+        extra["response_group"] = torch.arange(num_responses, device=device) // self.group_size
+        extra["advantages"] = torch.randn(num_responses, generator=gen, device=device)
+        # a later PPO epoch: old values near (not equal to) the current ones
+        extra["old_logprobs"] = -torch.rand(inputs.labels.shape, generator=gen, device=device) * 8
+        extra["old_entropy"] = torch.rand(inputs.labels.shape, generator=gen, device=device) * 4
+        return inputs
+
+    def skip_reason(self, impl: Implementation) -> Optional[str]:
+        reason = Case.skip_reason(self, impl)
+        if reason is None and impl.name in ("cce[torch_compile]", "cut-cross-entropy", "liger-flce"):
+            return "cross-entropy only: the AEM loss's metrics need the entropy"
+        return reason
+
+    def call(self, impl: Implementation, inputs: Inputs) -> Outputs:
+        from aem_kernels.loss import _loss_from_token_terms
+        from aem_kernels.packing import pack_inputs
+
+        hidden, weight, extra = inputs.extra["hidden"], inputs.extra["weight"], inputs.extra
+        forms = dict(token_response=extra["token_response"], response_group=extra["response_group"],
+                     old_logprobs=extra["old_logprobs"], old_entropy=extra["old_entropy"])
+        if impl.ours:
+            loss, _ = ak.fused_linear_aem_policy_loss(hidden, weight, inputs.labels, extra["advantages"],
+                                                      config=self.config, backend=impl.backend, **forms)
+        else:
+            logprobs, entropy = impl.fn(hidden, weight, inputs.labels, True)
+            batch = pack_inputs(_logits_shape(hidden, weight), inputs.labels, extra["advantages"],
+                                response_mask=None, turn_ids=None, ref_logprobs=None,
+                                ignore_index=self.config.ignore_index, advantage_level="response", num_groups=None,
+                                **forms)
+            loss, _ = _loss_from_token_terms(batch, logprobs.float().reshape(-1), entropy.float().reshape(-1),
+                                             self.config)
+        result = {}
+        if not impl.ours:   # not compared; its dtype sets the loss's tolerance (the lines with rounded logits)
+            result["logprobs"] = logprobs.detach().to(hidden.dtype if impl.name in _ROUNDS_LOGITS else torch.float32)
+        grad_hidden, grad_weight = torch.autograd.grad(loss, (hidden, weight))
+        result.update(loss=loss.detach(), grad_hidden=grad_hidden, grad_weight=grad_weight)
+        return result
+
+
+def _logits_shape(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A zero-stride stand-in of the logits' shape for `pack_inputs` (nothing of size N x V is allocated)."""
+    return hidden.new_zeros(()).expand(*hidden.shape[:-1], weight.shape[0])
