@@ -382,6 +382,43 @@ def loss_whole_batch_equality(rank, world):
 
 
 @check
+def fused_linear_loss_single_pass(rank, world):
+    """The fused-linear loss's single pass (weights known before the forward: surprisal_source="old") with a
+    process group: the ranks' losses and shared-weight gradients average to the whole batch's two-pass ones,
+    the hidden states' gradients are the whole batch's rows times the world size, the metrics are global."""
+    m = Mismatches()
+    pieces, whole = _loss_batch(world, vocab=17, seed=5)
+    g = torch.Generator().manual_seed(9)
+    weight0 = torch.randn(17, 6, generator=g, dtype=D)
+    hidden = [torch.randn(p["labels"].shape[0], 6, generator=g, dtype=D) for p in pieces]
+
+    def run(batch, states, group, single_pass, config):
+        h, w = states.clone().requires_grad_(), weight0.clone().requires_grad_()
+        loss, metrics = ak.fused_linear_aem_policy_loss(
+            h, w, batch["labels"], batch["advantages"], token_response=batch["token_response"],
+            response_group=batch["response_group"], old_logprobs=batch["old_logprobs"],
+            old_entropy=batch["old_entropy"], ref_logprobs=batch["ref_logprobs"], config=config, backend="torch",
+            process_group=group, single_pass=single_pass)
+        loss.backward()
+        return loss.detach(), metrics, h.grad, w.grad, type(loss.grad_fn).__name__
+
+    for mode in MODES:
+        cfg = ak.AEMConfig(surprisal_source="old", beta=1.0, entropy_coef=0.01, kl_coef=0.1, loss_agg_mode=mode)
+        loss, metrics, grad_h, grad_w, fn = run(pieces[rank], hidden[rank], dist.group.WORLD, True, cfg)
+        ref_loss, ref_metrics, ref_h, ref_w, _ = run(whole, torch.cat(hidden), None, False, cfg)
+        m.true(f"{mode}: single pass not taken ({fn})", fn == "FusedLinearLossGradientFunctionBackward")
+        averaged = torch.cat([loss.reshape(1), grad_w.reshape(-1)])
+        dist.all_reduce(averaged)
+        averaged /= world
+        m.close(f"{mode}: mean loss", averaged[0], ref_loss, 1e-10, 1e-10)
+        m.close(f"{mode}: averaged weight gradient", averaged[1:], ref_w.reshape(-1), 1e-10, 1e-10)
+        m.close(f"{mode}: hidden gradient / world", grad_h / world, ref_h[_token_slice(pieces, rank)], 1e-10, 1e-10)
+        for key in ("actor/pg_loss", "actor/entropy", "actor/kl_loss", "aem/w_std", "actor/pg_clipfrac"):
+            m.close(f"{mode}: {key}", metrics[key], ref_metrics[key], 1e-10, 1e-10)
+    m.raise_if_any()
+
+
+@check
 def loss_padded_form(rank, world):
     m = Mismatches()
     g = torch.Generator().manual_seed(11)
