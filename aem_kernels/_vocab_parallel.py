@@ -16,8 +16,8 @@ import torch
 from . import _collectives as C
 from . import _validation as V
 
-__all__ = ["LOCAL_IGNORE", "check_tiling", "localise_labels", "slice_lse", "empty_slices", "combine_shards", "mixture_outputs",
-           "label_column_grad"]
+__all__ = ["LOCAL_IGNORE", "check_tiling", "localise_labels", "slice_lse", "empty_slices", "combine_shards",
+           "mixture_outputs", "label_column_grad"]
 
 # Local label of an ignored row: never a valid local column id (the user's ignore_index may be one).
 LOCAL_IGNORE = -1

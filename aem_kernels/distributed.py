@@ -48,8 +48,10 @@ from ._collectives import resolve_group
 from ._layout import as_rows3d, gradient_buffer
 from ._vocab_parallel import LOCAL_IGNORE
 from .dispatch import Backend, resolve_backend
+from .distributed_linear import VocabParallelFusedLinearFunction, vocab_parallel_fused_linear_logprobs_and_entropy
 
-__all__ = ["VocabParallelLogprobsEntropyFunction", "vocab_parallel_logprobs_and_entropy"]
+__all__ = ["VocabParallelFusedLinearFunction", "VocabParallelLogprobsEntropyFunction",
+           "vocab_parallel_fused_linear_logprobs_and_entropy", "vocab_parallel_logprobs_and_entropy"]
 
 
 class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
