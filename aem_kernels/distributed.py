@@ -34,6 +34,9 @@ the result stays within a rounding or two of the single-device op at |z| ~ 1e4. 
 a slice that is entirely -inf for a row has w_k = 0 and a zero gradient there. Besides the three all_reduces, a
 call makes one all_gather of three numbers per rank to check the slices (unless value checks are skipped), and
 one host sync to tell empty slices from NaN logits.
+
+The fused-linear twin, `vocab_parallel_fused_linear_logprobs_and_entropy` (`distributed_linear.py`, exported
+here), takes the hidden states and this rank's rows of the lm_head weight instead of the logits slice.
 """
 
 from __future__ import annotations
