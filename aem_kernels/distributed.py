@@ -34,6 +34,9 @@ the result stays within a rounding or two of the single-device op at |z| ~ 1e4. 
 a slice that is entirely -inf for a row has w_k = 0 and a zero gradient there. Besides the three all_reduces, a
 call makes one all_gather of three numbers per rank to check the slices (unless value checks are skipped), and
 one host sync to tell empty slices from NaN logits.
+
+The fused-linear twin, `vocab_parallel_fused_linear_logprobs_and_entropy` (`distributed_linear.py`, exported
+here), takes the hidden states and this rank's rows of the lm_head weight instead of the logits slice.
 """
 
 from __future__ import annotations
@@ -42,53 +45,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _collectives as C
 from . import _validation as V
+from . import _vocab_parallel as VP
+from ._collectives import resolve_group
 from ._layout import as_rows3d, gradient_buffer
+from ._vocab_parallel import LOCAL_IGNORE
 from .dispatch import Backend, resolve_backend
+from .distributed_linear import VocabParallelFusedLinearFunction, vocab_parallel_fused_linear_logprobs_and_entropy
 
-__all__ = ["VocabParallelLogprobsEntropyFunction", "vocab_parallel_logprobs_and_entropy"]
-
-# Local label of an ignored row: never a valid local column id (the user's ignore_index may be one).
-_LOCAL_IGNORE = -1
-
-
-def _empty_slices(logits3d: torch.Tensor, lse_k: torch.Tensor, h_k: torch.Tensor):
-    """A row whose slice is entirely -inf holds no mass here (lse_k = -inf, h_k = 0) but may be finite on
-    other ranks; the backends return NaN for it, as for a NaN logit. Only when some lse_k is NaN (one host
-    sync) are the slice's row maxima read to tell the two apart: -inf max is an empty slice, NaN stays NaN."""
-    nan_rows = torch.isnan(lse_k)
-    if not bool(nan_rows.any()):
-        return lse_k, h_k
-    empty = nan_rows & (logits3d.amax(dim=-1).reshape(-1) == float("-inf"))
-    return torch.where(empty, float("-inf"), lse_k), torch.where(empty, 0.0, h_k)
-
-
-def _combine_shards(lse_k: torch.Tensor, target: torch.Tensor, h_k: torch.Tensor, in_shard: torch.Tensor,
-                    active: torch.Tensor, group) -> Tuple[torch.Tensor, ...]:
-    """(logprobs, entropy, w_k, log w_k, has_mass) in fp64 from every rank's per-row lse_k, h_k and (owner's)
-    label logit s_y: three [N] all_reduces. fp64 for these O(N) numbers keeps l_t = s_y - L within a rounding
-    or two of the single-device op when |z| ~ 1e4. Rows that are -inf on every rank (or hold a NaN) come out
-    NaN, with NaN w_k."""
-    lse_k, target, h_k = lse_k.double(), target.double(), h_k.double()
-    row_max = C.all_reduce(lse_k.clone(), "max", group)
-    # a row that is -inf on every rank keeps max -inf; shift by 0 there so that L = -inf (then NaN below)
-    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    total = C.all_reduce((lse_k - shift).exp(), "sum", group)
-    lse = shift + total.log()
-    has_mass = torch.isfinite(lse_k)
-    log_w = torch.where(has_mass, lse_k - lse, float("-inf"))
-    w = log_w.exp()
-    parts = torch.stack([
-        torch.where(w > 0, w * h_k - w * log_w, 0.0),     # this slice's share of the mixture entropy
-        torch.where(in_shard, target - lse, 0.0),         # the owner's l_t = s_y - L
-    ])
-    entropy, logprobs = C.all_reduce(parts, "sum", group).unbind(0)
-    dead = ~torch.isfinite(lse)
-    nan = torch.full_like(entropy, float("nan"))
-    entropy = torch.where(active, torch.where(dead, nan, entropy), 0.0)
-    logprobs = torch.where(active, torch.where(dead, nan, logprobs), 0.0)
-    return logprobs, entropy, torch.where(dead, nan, w), log_w, has_mass
+__all__ = ["VocabParallelFusedLinearFunction", "VocabParallelLogprobsEntropyFunction",
+           "vocab_parallel_fused_linear_logprobs_and_entropy", "vocab_parallel_logprobs_and_entropy"]
 
 
 class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
@@ -98,21 +64,13 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, local_labels: torch.Tensor, in_shard: torch.Tensor,
                 temperature: float, backend: Backend, group, inplace_backward: bool):
         logits3d = as_rows3d(logits)
-        _, h_k, state_k = backend.forward(logits3d, local_labels, temperature, _LOCAL_IGNORE)
-        # The backends' per-row state is (row max m of the raw logits, log d): lse_k = m / tau + log d, in fp64.
-        lse_k = state_k[:, 0].double() / temperature + state_k[:, 1].double()
-        lse_k, h_k = _empty_slices(logits3d, lse_k, h_k)
-        active = local_labels != _LOCAL_IGNORE
+        _, h_k, state_k = backend.forward(logits3d, local_labels, temperature, LOCAL_IGNORE)
+        lse_k, h_k = VP.empty_slices(logits3d, VP.slice_lse(state_k, temperature), h_k)
+        active = local_labels != LOCAL_IGNORE
         column = torch.where(active, local_labels, 0).view(logits3d.shape[:-1] + (1,))
         target = logits3d.gather(2, column).reshape(-1).double() / temperature  # O(N) read of the label logits
-        logprobs, entropy, w, log_w, has_mass = _combine_shards(lse_k, target, h_k, in_shard, active, group)
-        dtype = h_k.dtype
-        # backward state, O(N): p^ needs the slice's own (m, log d) (0 where the slice is empty: its logits are
-        # -inf, p^ = 0)
-        state_b = torch.where(has_mass.unsqueeze(1), state_k, 0.0)
-        h_slot = torch.where(has_mass, log_w + entropy, 0.0).to(dtype)
-        w = w.to(dtype)
-        logprobs, entropy = logprobs.to(dtype), entropy.to(dtype)
+        logprobs, entropy, state_b, h_slot, w = VP.mixture_outputs(lse_k, h_k, state_k, target, in_shard, active,
+                                                                   group)
         ctx.save_for_backward(logits, local_labels, in_shard, state_b, h_slot, w)
         ctx.config = (temperature, backend, inplace_backward)
         ctx.set_materialize_grads(False)
@@ -129,7 +87,7 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
         if grad_logprobs is None and grad_entropy is None:
             return (None,) + none
         dtype = h_slot.dtype
-        active = local_labels != _LOCAL_IGNORE
+        active = local_labels != LOCAL_IGNORE
         a = grad_logprobs.reshape(-1).to(dtype) if grad_logprobs is not None else torch.zeros_like(h_slot)
         b = grad_entropy.reshape(-1).to(dtype) if grad_entropy is not None else torch.zeros_like(h_slot)
         logits3d = as_rows3d(logits)
@@ -139,42 +97,11 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
         buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
         scaled = (lambda g, present: (g * w).contiguous() if present else None)  # noqa: E731
         out3d = backend.backward(logits3d, local_labels, state_b, h_slot, scaled(a, grad_logprobs is not None),
-                                 scaled(b, grad_entropy is not None), temperature, _LOCAL_IGNORE, buffer.rows3d)
-        # the label column, exactly: [a [y in V_k] - a w p^ - b w p^ (log p^ + h')] / tau, with
-        # log p^ = (x - m) / tau - log d as the backends compute it
-        log_p = (x_col - state_b[:, 0]) / temperature - state_b[:, 1]
-        p = log_p.exp()
-        entropy_term = torch.where(p > 0, p * (log_p + h_slot), 0.0)
-        col_grad = (a * in_shard.to(dtype) - a * w * p - b * w * entropy_term) / temperature
-        col_grad = torch.where(active, col_grad, 0.0)
+                                 scaled(b, grad_entropy is not None), temperature, LOCAL_IGNORE, buffer.rows3d)
+        col_grad = VP.label_column_grad(x_col, state_b, h_slot, w, a, b, in_shard, active, temperature)
         out3d.scatter_(2, column, col_grad.view(column.shape).to(out3d.dtype))
         grad = buffer.finish()
         return (grad,) + none
-
-
-def _check_tiling(group, vocab_start: Optional[int], local_vocab: int, rows: int,
-                  device: torch.device) -> Tuple[int, int]:
-    """(this rank's vocab_start, V_global) after checking with one all_gather of (start, V_local, N) per rank
-    that the ranks' slices tile [0, V_global) and that every rank holds the same N tokens."""
-    rank, world = C.group_rank(group), C.group_size(group)
-    start = rank * local_vocab if vocab_start is None else vocab_start
-    table = C.all_gather_rows(torch.tensor([start, local_vocab, rows], dtype=torch.int64, device=device), group)
-    table = table.cpu()
-    starts, widths, counts = table[:, 0].tolist(), table[:, 1].tolist(), table[:, 2].tolist()
-    if len(set(counts)) != 1:
-        raise ValueError(f"logits_shard must hold the same tokens on every rank of the group; the ranks hold "
-                         f"{counts} rows (logits_shard.shape[:-1] must agree)")
-    order = sorted(range(world), key=lambda r: starts[r])
-    expected = 0
-    for r in order:
-        if starts[r] != expected:
-            raise ValueError(
-                "the vocabulary slices (vocab_start, logits_shard.shape[-1]) of the ranks must tile [0, V) without "
-                f"gap or overlap; got (start, width) per group rank {list(zip(starts, widths))}: rank {r} starts "
-                f"at {starts[r]}, expected {expected}" + ("" if vocab_start is not None else
-                                                          " (vocab_start=None means rank * V_local; pass it)"))
-        expected += widths[r]
-    return start, expected
 
 
 def vocab_parallel_logprobs_and_entropy(
@@ -220,21 +147,9 @@ def vocab_parallel_logprobs_and_entropy(
         vocab_start = V.check_count("vocab_start", vocab_start)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    group = C.resolve_group(group, "group", none_is_default=True)
+    group = resolve_group(group, "group", none_is_default=True)
     be = resolve_backend(backend, logits_shard.device, logits_shard.dtype)
-    local_vocab = logits_shard.shape[-1]
-    flat = labels.reshape(-1).long()
-    if V.value_checks_enabled(flat):
-        start, vocab = _check_tiling(group, vocab_start, local_vocab, flat.shape[0], logits_shard.device)
-        bad = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
-        if flat.numel() and bool(bad.any()):
-            raise ValueError(f"labels must be global vocabulary ids in [0, {vocab}) or ignore_index={ignore_index}; "
-                             f"found {int(flat[bad][0])} ({int(bad.sum())} bad entries)")
-    else:
-        start = C.group_rank(group) * local_vocab if vocab_start is None else vocab_start
-    active = flat != ignore_index
-    local = flat - start
-    in_shard = active & (local >= 0) & (local < local_vocab)
-    local_labels = torch.where(in_shard, local, torch.where(active, 0, _LOCAL_IGNORE))
+    local_labels, in_shard = VP.localise_labels(labels, group, vocab_start, logits_shard.shape[-1], ignore_index,
+                                                ("logits_shard.shape[:-1]", "logits_shard.shape[-1]"))
     return VocabParallelLogprobsEntropyFunction.apply(logits_shard, local_labels, in_shard, temperature, be, group,
                                                       inplace_backward)

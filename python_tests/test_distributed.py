@@ -1,14 +1,15 @@
 """torch.distributed: vocab-parallel log-probs/entropies and cross-rank AEM statistics against one process.
 
-One spawn of W gloo CPU processes per world size (2 and 4) runs every check of CHECKS; each check compares the
-ranks' results with the single-process op on the whole batch (each rank computes that itself from the same
-seeded data). A check records its mismatches and raises only after its last collective, so one failing rank
+One spawn of W gloo CPU processes per world size (2 and 4) runs every check of CHECKS (and of the other modules
+in CHECK_MODULES, whose tests read the same results); each check compares the ranks' results with the
+single-process op on the whole batch (each rank computes that itself from the same seeded data). A check records its mismatches and raises only after its last collective, so one failing rank
 never leaves the others waiting. The GPU smoke test runs NCCL with world size 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -25,6 +26,8 @@ import aem_kernels as ak
 from aem_kernels.distributed import vocab_parallel_logprobs_and_entropy
 
 D = torch.float64
+# the test modules whose CHECKS run in the same worker processes: one spawn per world size serves them all
+CHECK_MODULES = ("test_distributed", "test_distributed_linear")
 MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 CHECKS = {}
 
@@ -526,12 +529,21 @@ def modulation_whole_batch_equality(rank, world):
 
 # ---- the harness ------------------------------------------------------------------------------------------------
 
+def _all_checks():
+    checks = {}
+    for module in CHECK_MODULES:
+        for name, fn in importlib.import_module(module).CHECKS.items():
+            assert name not in checks, f"two checks named {name}"
+            checks[name] = fn
+    return checks
+
+
 def _worker(rank, world, store_path, out_dir):
     torch.set_num_threads(1)  # W processes share the machine's cores
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=int(os.environ.get("AEM_TEST_DIST_TIMEOUT", "120"))))
     results = {}
-    for name, fn in CHECKS.items():
+    for name, fn in _all_checks().items():
         torch.manual_seed(0)
         started = time.perf_counter()
         try:
@@ -560,10 +572,20 @@ def _spawn(fn, world, tmp_path, timeout_s=300):
     return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
 
 
+_RESULTS = {}
+
+
+def spawned_results(world, tmp_path_factory):
+    """The ranks' results of every check of CHECK_MODULES in W processes: spawned once per world size and test
+    session, whichever of those modules asks first."""
+    if world not in _RESULTS:
+        _RESULTS[world] = _spawn(_worker, world, tmp_path_factory.mktemp(f"world{world}"))
+    return _RESULTS[world]
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def world_results(request, tmp_path_factory):
-    world = request.param
-    return world, _spawn(_worker, world, tmp_path_factory.mktemp(f"world{world}"))
+    return request.param, spawned_results(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
