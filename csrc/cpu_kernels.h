@@ -45,7 +45,7 @@ struct ForwardArgs {
 };
 
 // Backward (AEM_SPEC section 6). state ([B*T, 2], as the forward wrote it), entropy and grad_* are float*
-// (double* for kDouble); either grad may be null.
+// (double* for kDouble); either grad may be null. entropy is read only when grad_entropy is given.
 // grad_out has the logits' dtype and may be the logits themselves (same pointer and layout: in place).
 struct BackwardArgs {
   const void* logits;

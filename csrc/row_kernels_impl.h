@@ -395,8 +395,11 @@ void backward_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end)
     }
     const Acc a = (grad_logprobs != nullptr && label >= 0) ? grad_logprobs[r] : Acc(0);
     const Acc b = grad_entropy != nullptr ? grad_entropy[r] : Acc(0);
-    backward_row<Fmt>(logits + args.layout.offset(r), out, vocab, inv_tau, state[2 * r], state[2 * r + 1],
-                      entropy[r], a, b, label);
+    // Without grad_entropy the entropy is not read: b * h with b = 0 would still turn a NaN (or an unwritten
+    // value) there into a NaN gradient. For finite h this is the same number (0 * h = +0).
+    const Acc h = grad_entropy != nullptr ? entropy[r] : Acc(0);
+    backward_row<Fmt>(logits + args.layout.offset(r), out, vocab, inv_tau, state[2 * r], state[2 * r + 1], h, a,
+                      b, label);
   }
 }
 
