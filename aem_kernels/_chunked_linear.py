@@ -131,7 +131,7 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
     if ent_active is None:   # a with_entropy=False forward: nothing can flow into the entropy
         if gent is not None:
             raise ValueError("grad_entropy must be None for a forward run with with_entropy=False")
-        # The row backward reads h only as grad_entropy * h = 0 * h: zeros, never an unwritten buffer (0 * NaN).
+        # Without grad_entropy no row backward reads h; zeros (not an unwritten buffer) all the same.
         ent_active = torch.zeros(n_active, dtype=work, device=device)
     dx_active = torch.empty(n_active, hidden, dtype=work, device=device) if need_dx else None
     # fp32 weights accumulate into their own gradient; half-precision ones into an fp32 buffer (docstring)

@@ -127,8 +127,8 @@ def _register_op_python_parts() -> None:
     def _fwd_backward(ctx, grad_logprobs, grad_entropy, grad_state):
         logits, labels, state, entropy = ctx.saved_tensors
         if not ctx.with_entropy:
-            # The entropy output is empty: no gradient reaches it, and the backward's b = 0 term reads the
-            # entropy only as b * h, so zeros stand in (finite: never 0 * NaN from an unwritten buffer).
+            # The entropy output is empty: no gradient reaches it, and without grad_entropy the backward does
+            # not read the entropy; zeros of the checked shape stand in.
             grad_entropy, entropy = None, state.new_zeros(state.shape[0])
         grad = torch.ops.aem_kernels.logprobs_entropy_bwd(logits, labels, state, entropy, grad_logprobs,
                                                           grad_entropy, ctx.temperature, ctx.ignore_index)

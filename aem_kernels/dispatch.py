@@ -62,9 +62,8 @@ class Backend:
 
     `forward(..., with_entropy=False)` returns None for the entropy (never zeros that could pass for values)
     with the same log-probs and state; the backend may skip the entropy work then (cpu and torch do; triton
-    computes it and drops it). Its `backward` never needs the entropy when grad_entropy is None, but it still
-    takes an entropy tensor of [B*T] finite values (zeros will do: the term it enters is multiplied by
-    grad_entropy = 0).
+    computes it and drops it). Its `backward` does not read the entropy when grad_entropy is None, but still
+    takes a [B*T] tensor there (its shape is checked): zeros will do.
     """
 
     name: str
