@@ -81,14 +81,14 @@ def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
     vocab = weight.shape[0]
     work = compute_dtype(hidden2d.dtype)
     logprobs = torch.zeros(n_rows, dtype=work, device=hidden2d.device)
-    entropy = torch.zeros_like(logprobs)
+    entropy = torch.zeros_like(logprobs) if with_entropy else None
     index = _active_rows(labels, ignore_index) if n_rows else None
     x_all = hidden2d if index is None else hidden2d.index_select(0, index)
     labels_all = (labels if index is None else labels.index_select(0, index)).long()
     n_active = x_all.shape[0]
     rows = chunk_plan(n_rows, vocab, hidden2d.dtype, budget)
     lp_active = torch.empty(n_active, dtype=work, device=hidden2d.device)
-    ent_active = torch.empty_like(lp_active)
+    ent_active = torch.empty_like(lp_active) if with_entropy else None   # with_entropy=False: no entropy work
     states: List[object] = []
     if n_active:
         w_work, b_work = _in_work_dtype(weight, bias, work)
@@ -97,18 +97,20 @@ def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
             x = x_all[start:start + rows].to(work)
             z = _chunk_logits(x, w_work, b_work, buffer[:x.shape[0]])
             lp, ent, state = row_backend.forward(z.unsqueeze(0), labels_all[start:start + rows], temperature,
-                                                 ignore_index)
+                                                 ignore_index, with_entropy=with_entropy)
             lp_active[start:start + x.shape[0]] = lp
-            ent_active[start:start + x.shape[0]] = ent
+            if with_entropy:
+                ent_active[start:start + x.shape[0]] = ent
             states.append(state)
         del buffer, w_work, b_work
     if index is None:
         logprobs, entropy = lp_active, ent_active
     else:
         logprobs.index_copy_(0, index, lp_active)
-        entropy.index_copy_(0, index, ent_active)
+        if with_entropy:
+            entropy.index_copy_(0, index, ent_active)
     saved = (index, rows, states, ent_active)
-    return logprobs, (entropy if with_entropy else None), saved
+    return logprobs, entropy, saved
 
 
 def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -126,6 +128,11 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
     glp = pick(grad_logprobs.to(work)) if grad_logprobs is not None else None
     gent = pick(grad_entropy.to(work)) if grad_entropy is not None else None
     n_active = x_all.shape[0]
+    if ent_active is None:   # a with_entropy=False forward: nothing can flow into the entropy
+        if gent is not None:
+            raise ValueError("grad_entropy must be None for a forward run with with_entropy=False")
+        # Without grad_entropy no row backward reads h; zeros (not an unwritten buffer) all the same.
+        ent_active = torch.zeros(n_active, dtype=work, device=device)
     dx_active = torch.empty(n_active, hidden, dtype=work, device=device) if need_dx else None
     # fp32 weights accumulate into their own gradient; half-precision ones into an fp32 buffer (docstring)
     dw = torch.zeros(vocab, hidden, dtype=work, device=device) if need_dw else None

@@ -60,13 +60,15 @@ def kernel_isa() -> Optional[str]:
 # ---- backend functions (the interface of dispatch.py) --------------------------------------------------------
 
 def logprobs_entropy_fwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], temperature: float,
-                         ignore_index: int) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """[B, T, V] logits, labels [B*T] | None -> (logprobs [B*T] | None, entropy [B*T], state [B*T, 2]), fp32
-    (fp64 for fp64 logits); state = (row max of the logits, log d), what `logprobs_entropy_bwd` needs. One
-    read of each row. Rows whose label is ignore_index are not read: all outputs are 0 there."""
+                         ignore_index: int, *, with_entropy: bool = True
+                         ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """[B, T, V] logits, labels [B*T] | None -> (logprobs [B*T] | None, entropy [B*T] | None, state [B*T, 2]),
+    fp32 (fp64 for fp64 logits); state = (row max of the logits, log d), what `logprobs_entropy_bwd` needs. One
+    read of each row. Rows whose label is ignore_index are not read: all outputs are 0 there.
+    with_entropy=False runs the kernels without the entropy's sum and returns None for it."""
     logprobs, entropy, state = torch.ops.aem_kernels.logprobs_entropy_fwd(logits3d, labels, float(temperature),
-                                                                          int(ignore_index))
-    return (logprobs if labels is not None else None), entropy, state
+                                                                          int(ignore_index), bool(with_entropy))
+    return (logprobs if labels is not None else None), (entropy if with_entropy else None), state
 
 
 def logprobs_entropy_bwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], state: torch.Tensor,
@@ -92,11 +94,12 @@ def _register_op_python_parts() -> None:
     lib = "aem_kernels::"
 
     @torch.library.register_fake(lib + "logprobs_entropy_fwd")
-    def _fwd_fake(logits, labels, temperature, ignore_index):
+    def _fwd_fake(logits, labels, temperature, ignore_index, with_entropy=True):
         rows = logits.shape[0] * logits.shape[1]
         dtype = compute_dtype(logits.dtype)
         logprobs = logits.new_empty((rows if labels is not None else 0,), dtype=dtype)
-        return logprobs, logits.new_empty((rows,), dtype=dtype), logits.new_empty((rows, 2), dtype=dtype)
+        entropy = logits.new_empty((rows if with_entropy else 0,), dtype=dtype)
+        return logprobs, entropy, logits.new_empty((rows, 2), dtype=dtype)
 
     @torch.library.register_fake(lib + "logprobs_entropy_bwd_")
     def _bwd_inplace_fake(logits, labels, state, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
@@ -112,19 +115,24 @@ def _register_op_python_parts() -> None:
         return values.new_empty((num_segments,))
 
     def _fwd_setup(ctx, inputs, output):
-        logits, labels, temperature, ignore_index = inputs
+        logits, labels, temperature, ignore_index = inputs[:4]
+        with_entropy = inputs[4] if len(inputs) > 4 else True
         _, entropy, state = output
         ctx.save_for_backward(logits, labels, state, entropy)
         # The state (row max, log d) is what the backward consumes, not a differentiable output.
         ctx.mark_non_differentiable(state)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.temperature, ctx.ignore_index, ctx.with_entropy = temperature, ignore_index, with_entropy
         ctx.set_materialize_grads(False)
 
     def _fwd_backward(ctx, grad_logprobs, grad_entropy, grad_state):
         logits, labels, state, entropy = ctx.saved_tensors
+        if not ctx.with_entropy:
+            # The entropy output is empty: no gradient reaches it, and without grad_entropy the backward does
+            # not read the entropy; zeros of the checked shape stand in.
+            grad_entropy, entropy = None, state.new_zeros(state.shape[0])
         grad = torch.ops.aem_kernels.logprobs_entropy_bwd(logits, labels, state, entropy, grad_logprobs,
                                                           grad_entropy, ctx.temperature, ctx.ignore_index)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
     torch.library.register_autograd(lib + "logprobs_entropy_fwd", _fwd_backward, setup_context=_fwd_setup)
     torch.library.register_autograd(lib + "segment_sum", segment_sum_backward,

@@ -60,16 +60,19 @@ def logprobs_entropy_fwd(
     temperature: float,
     ignore_index: int,
     chunk_rows: Optional[int] = None,
-) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Forward over [B, T, V] logits; `labels` is [B*T] or None. Returns (logprobs|None, entropy, state):
+    *,
+    with_entropy: bool = True,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """Forward over [B, T, V] logits; `labels` is [B*T] or None. Returns (logprobs|None, entropy|None, state):
     logprobs and entropy [B*T], state [B*T, 2] = (row max of the logits, log d), all fp32 (fp64 for fp64
-    logits); see the module docstring."""
+    logits); see the module docstring. with_entropy=False skips the entropy's [rows, V] products and sum and
+    returns None for it (the log-probs and the state are the same values)."""
     batch, rows, _ = logits3d.shape
     n_rows = batch * rows
     dtype = compute_dtype(logits3d.dtype)
     state = torch.empty(n_rows, 2, dtype=dtype, device=logits3d.device)
-    entropy = torch.empty(n_rows, dtype=dtype, device=logits3d.device)
-    logprobs = torch.zeros_like(entropy) if labels is not None else None
+    entropy = torch.empty(n_rows, dtype=dtype, device=logits3d.device) if with_entropy else None
+    logprobs = torch.zeros(n_rows, dtype=dtype, device=logits3d.device) if labels is not None else None
     zero = torch.zeros((), dtype=dtype, device=logits3d.device)
     for start, block in _row_chunks(logits3d, chunk_rows):
         stop = start + block.shape[0]
@@ -80,19 +83,22 @@ def logprobs_entropy_fwd(
         # The O(rows) epilogue in fp64: log d and h from the fp32 sums, l from the exact x_y, m and tau.
         denom = expv.sum(dim=-1).double()
         log_denom = denom.log()
-        weighted = torch.where(expv > 0, expv * shifted, zero).sum(dim=-1).double()
-        row_entropy = log_denom - weighted / denom
         state[start:stop, 0] = row_max.squeeze(-1)
         state[start:stop, 1] = log_denom.to(dtype)
+        active = None
         if labels is not None:
             rows_labels = labels[start:stop]
             active = rows_labels != ignore_index
             target = block.gather(1, torch.where(active, rows_labels, 0).unsqueeze(1)).squeeze(1).double()
             row_logprob = (target - row_max.squeeze(-1).double()) / temperature - log_denom
             logprobs[start:stop] = torch.where(active, row_logprob, 0.0).to(dtype)
-            row_entropy = torch.where(active, row_entropy, 0.0)
             state[start:stop] = torch.where(active.unsqueeze(1), state[start:stop], zero)
-        entropy[start:stop] = row_entropy.to(dtype)
+        if with_entropy:
+            weighted = torch.where(expv > 0, expv * shifted, zero).sum(dim=-1).double()
+            row_entropy = log_denom - weighted / denom
+            if active is not None:
+                row_entropy = torch.where(active, row_entropy, 0.0)
+            entropy[start:stop] = row_entropy.to(dtype)
     return logprobs, entropy, state
 
 

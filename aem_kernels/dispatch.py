@@ -3,8 +3,8 @@
 Token ops: backend "auto", "triton", "cpu" (the C++ extension) or "torch". Every backend implements the same
 two functions on the canonical layout (see `_layout.py`):
 
-    forward(logits3d [B,T,V], labels [B*T] | None, temperature, ignore_index)
-        -> (logprobs [B*T] | None, entropy [B*T], state)     fp32 (fp64 for fp64 logits)
+    forward(logits3d [B,T,V], labels [B*T] | None, temperature, ignore_index, *, with_entropy=True)
+        -> (logprobs [B*T] | None, entropy [B*T] | None, state)     fp32 (fp64 for fp64 logits)
     backward(logits3d, labels | None, state, entropy, grad_logprobs | None, grad_entropy | None,
              temperature, ignore_index, grad_out3d) -> grad_out3d   (grad_out3d may alias logits3d)
 
@@ -58,6 +58,14 @@ class SinglePassLoss:
 
 @dataclass(frozen=True)
 class Backend:
+    """A token-op backend: `forward` and `backward` as in the module docstring.
+
+    `forward(..., with_entropy=False)` returns None for the entropy (never zeros that could pass for values)
+    with the same log-probs and state; the backend may skip the entropy work then (cpu and torch do; triton
+    computes it and drops it). Its `backward` does not read the entropy when grad_entropy is None, but still
+    takes a [B*T] tensor there (its shape is checked): zeros will do.
+    """
+
     name: str
     forward: Callable
     backward: Callable

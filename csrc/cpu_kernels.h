@@ -28,7 +28,8 @@ struct RowLayout {
   }
 };
 
-// Forward (AEM_SPEC eq. 1-2). Outputs are float* (double* for kDouble); logprobs is null when labels are.
+// Forward (AEM_SPEC eq. 1-2). Outputs are float* (double* for kDouble); logprobs is null when labels are;
+// entropy is not written (and may be null) by the forward_without_entropy kernels.
 // state is [B*T, 2] row-major: (m, log d) per row, m the row max of the logits and d = sum exp((x - m) / tau),
 // what the backward needs (kept apart rather than folded into lse = m / tau + log d; see row_kernels_impl.h).
 struct ForwardArgs {
@@ -44,7 +45,7 @@ struct ForwardArgs {
 };
 
 // Backward (AEM_SPEC section 6). state ([B*T, 2], as the forward wrote it), entropy and grad_* are float*
-// (double* for kDouble); either grad may be null.
+// (double* for kDouble); either grad may be null. entropy is read only when grad_entropy is given.
 // grad_out has the logits' dtype and may be the logits themselves (same pointer and layout: in place).
 struct BackwardArgs {
   const void* logits;
@@ -63,10 +64,12 @@ struct BackwardArgs {
 using ForwardRowsFn = void (*)(const ForwardArgs&, int64_t row_begin, int64_t row_end);
 using BackwardRowsFn = void (*)(const BackwardArgs&, int64_t row_begin, int64_t row_end);
 
-// One instruction set's kernels, indexed by LogitDtype.
+// One instruction set's kernels, indexed by LogitDtype. forward_without_entropy skips the entropy's sum
+// t = sum exp(s) s (the same log-probs and state, bit for bit) for callers that do not use h.
 struct RowKernelTable {
   const char* isa;
   ForwardRowsFn forward[kNumLogitDtypes];
+  ForwardRowsFn forward_without_entropy[kNumLogitDtypes];
   BackwardRowsFn backward[kNumLogitDtypes];
 };
 

@@ -14,7 +14,7 @@ namespace aem_kernels {
 namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_entropy_fwd(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                                    double, int64_t);
+                                                                    double, int64_t, bool);
 void logprobs_entropy_bwd_(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, int64_t,
                            const at::Tensor&);
@@ -71,8 +71,9 @@ bool select_kernels(const char* isa) {
 }  // namespace aem_kernels
 
 TORCH_LIBRARY(aem_kernels, m) {
-  m.def("logprobs_entropy_fwd(Tensor logits, Tensor? labels, float temperature, int ignore_index) "
-        "-> (Tensor logprobs, Tensor entropy, Tensor state)");
+  // with_entropy=False: entropy comes back empty ([0]) and its sum is skipped (callers that use only l).
+  m.def("logprobs_entropy_fwd(Tensor logits, Tensor? labels, float temperature, int ignore_index, "
+        "bool with_entropy=True) -> (Tensor logprobs, Tensor entropy, Tensor state)");
   m.def("logprobs_entropy_bwd_(Tensor logits, Tensor? labels, Tensor state, Tensor entropy, Tensor? grad_logprobs, "
         "Tensor? grad_entropy, float temperature, int ignore_index, Tensor(a!) grad_out) -> ()");
   m.def("logprobs_entropy_bwd(Tensor logits, Tensor? labels, Tensor state, Tensor entropy, Tensor? grad_logprobs, "

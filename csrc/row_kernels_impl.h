@@ -259,14 +259,17 @@ struct RowForward {
   typename Fmt::Acc max, log_denom, entropy, logprob;
 };
 
-template <class Fmt>
+// kEntropy = false (the caller does not want h) drops t = sum exp(s) s: its products, its lane sum and its
+// rescale. A template parameter, so neither variant's inner loop has a branch and the kEntropy = true code is
+// the arithmetic it always was (bit-identical results).
+template <class Fmt, bool kEntropy>
 RowForward<Fmt> forward_row(const typename Fmt::Storage* row, int64_t vocab, double tau,
                             typename Fmt::Acc inv_tau, int64_t label) {
   using Acc = typename Fmt::Acc;
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
   alignas(64) Acc stage[kBlock];
-  alignas(64) Acc exps[kBlock];      // exp(s)
-  alignas(64) Acc weighted[kBlock];  // exp(s) * s, 0 where exp(s) == 0
+  alignas(64) Acc exps[kBlock];                      // exp(s)
+  alignas(64) Acc weighted[kEntropy ? kBlock : 1];   // exp(s) * s, 0 where exp(s) == 0
   Acc running_max = kNegInf, denom = 0, weighted_sum = 0;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = vocab - start < kBlock ? vocab - start : kBlock;
@@ -276,7 +279,7 @@ RowForward<Fmt> forward_row(const typename Fmt::Storage* row, int64_t vocab, dou
       if (running_max > kNegInf) {  // rescale what was accumulated against the old max
         const Acc shift = (running_max - block_top) * inv_tau;
         const Acc scale = exp_acc(shift);
-        weighted_sum = scale * (weighted_sum + shift * denom);
+        if constexpr (kEntropy) weighted_sum = scale * (weighted_sum + shift * denom);
         denom = scale * denom;
       }
       running_max = block_top;
@@ -289,12 +292,12 @@ RowForward<Fmt> forward_row(const typename Fmt::Storage* row, int64_t vocab, dou
       Acc s_floored;
       const Acc e = exp_acc((x[i] - running_max) * inv_tau, s_floored);
       exps[i] = e;
-      weighted[i] = e * s_floored;  // 0 (not 0 * -inf) for -inf logits
+      if constexpr (kEntropy) weighted[i] = e * s_floored;  // 0 (not 0 * -inf) for -inf logits
     }
     denom += block_sum(exps, n);
-    weighted_sum += block_sum(weighted, n);
+    if constexpr (kEntropy) weighted_sum += block_sum(weighted, n);
   }
-  RowForward<Fmt> out;
+  RowForward<Fmt> out{};  // value-initialised: entropy is 0, not indeterminate, when it is skipped
   if (!(running_max > kNegInf)) {  // every logit is -inf (or NaN): no distribution, as in the reference
     out.max = out.log_denom = out.entropy = out.logprob = std::numeric_limits<Acc>::quiet_NaN();
     return out;
@@ -303,7 +306,9 @@ RowForward<Fmt> forward_row(const typename Fmt::Storage* row, int64_t vocab, dou
   const double log_denom = std::log(static_cast<double>(denom));
   out.max = running_max;
   out.log_denom = static_cast<Acc>(log_denom);
-  out.entropy = static_cast<Acc>(log_denom - static_cast<double>(weighted_sum) / static_cast<double>(denom));
+  if constexpr (kEntropy) {
+    out.entropy = static_cast<Acc>(log_denom - static_cast<double>(weighted_sum) / static_cast<double>(denom));
+  }
   out.logprob = label >= 0 ? static_cast<Acc>((static_cast<double>(Fmt::load(row[label])) -
                                                static_cast<double>(running_max)) / tau - log_denom)
                            : Acc(0);
@@ -344,7 +349,8 @@ void backward_row(const typename Fmt::Storage* row, typename Fmt::Storage* out, 
 
 // ---- row ranges (what the torch-facing ops call inside at::parallel_for) -------------------------------
 
-template <class Fmt>
+// kEntropy = false: args.entropy is not written (it may be null).
+template <class Fmt, bool kEntropy>
 void forward_rows(const ForwardArgs& args, int64_t row_begin, int64_t row_end) {
   using Acc = typename Fmt::Acc;
   const auto* logits = static_cast<const typename Fmt::Storage*>(args.logits);
@@ -355,12 +361,13 @@ void forward_rows(const ForwardArgs& args, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t label = args.labels != nullptr ? args.labels[r] : -1;
     if (args.labels != nullptr && label == args.ignore_index) {  // ignored: outputs 0, the row is not read
-      logprobs[r] = entropy[r] = state[2 * r] = state[2 * r + 1] = Acc(0);
+      logprobs[r] = state[2 * r] = state[2 * r + 1] = Acc(0);
+      if constexpr (kEntropy) entropy[r] = Acc(0);
       continue;
     }
-    const RowForward<Fmt> res =
-        forward_row<Fmt>(logits + args.layout.offset(r), args.layout.vocab, args.temperature, inv_tau, label);
-    entropy[r] = res.entropy;
+    const RowForward<Fmt> res = forward_row<Fmt, kEntropy>(logits + args.layout.offset(r), args.layout.vocab,
+                                                           args.temperature, inv_tau, label);
+    if constexpr (kEntropy) entropy[r] = res.entropy;
     state[2 * r] = res.max;
     state[2 * r + 1] = res.log_denom;
     if (logprobs != nullptr) logprobs[r] = res.logprob;
@@ -388,8 +395,11 @@ void backward_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end)
     }
     const Acc a = (grad_logprobs != nullptr && label >= 0) ? grad_logprobs[r] : Acc(0);
     const Acc b = grad_entropy != nullptr ? grad_entropy[r] : Acc(0);
-    backward_row<Fmt>(logits + args.layout.offset(r), out, vocab, inv_tau, state[2 * r], state[2 * r + 1],
-                      entropy[r], a, b, label);
+    // Without grad_entropy the entropy is not read: b * h with b = 0 would still turn a NaN (or an unwritten
+    // value) there into a NaN gradient. For finite h this is the same number (0 * h = +0).
+    const Acc h = grad_entropy != nullptr ? entropy[r] : Acc(0);
+    backward_row<Fmt>(logits + args.layout.offset(r), out, vocab, inv_tau, state[2 * r], state[2 * r + 1], h, a,
+                      b, label);
   }
 }
 
@@ -399,7 +409,10 @@ const RowKernelTable& kernel_table() {
   // Constant-initialised (no code runs to build it), indexed by LogitDtype.
   static constexpr RowKernelTable kTable = {
       AEM_ISA_NAME,
-      {forward_rows<Float32>, forward_rows<BFloat16>, forward_rows<Float16>, forward_rows<Float64>},
+      {forward_rows<Float32, true>, forward_rows<BFloat16, true>, forward_rows<Float16, true>,
+       forward_rows<Float64, true>},
+      {forward_rows<Float32, false>, forward_rows<BFloat16, false>, forward_rows<Float16, false>,
+       forward_rows<Float64, false>},
       {backward_rows<Float32>, backward_rows<BFloat16>, backward_rows<Float16>, backward_rows<Float64>},
   };
   return kTable;

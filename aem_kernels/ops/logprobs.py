@@ -180,13 +180,16 @@ def _flat(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def logprobs_entropy_fwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], temperature: float,
-                         ignore_index: int) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Dispatch forward: [B, T, V] logits, labels [B*T] | None -> (logprobs [B*T] | None, entropy [B*T],
-    state [B*T, 2] = (row max, log d)), fp32 (fp64 for fp64 logits); see the module docstring."""
+                         ignore_index: int, *, with_entropy: bool = True
+                         ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """Dispatch forward: [B, T, V] logits, labels [B*T] | None -> (logprobs [B*T] | None, entropy [B*T] | None,
+    state [B*T, 2] = (row max, log d)), fp32 (fp64 for fp64 logits); see the module docstring.
+    with_entropy=False returns None for the entropy; this kernel still computes it (the row's t-sum rides on
+    the same read of the logits, so skipping it would save arithmetic only, not memory traffic)."""
     _check_inputs(logits3d, labels=labels)
     logprobs, entropy, state = torch.ops.aem_kernels.triton_logprobs_entropy_fwd(
         logits3d, _flat(labels), float(temperature), int(ignore_index))
-    return (logprobs if labels is not None else None), entropy, state
+    return (logprobs if labels is not None else None), (entropy if with_entropy else None), state
 
 
 def logprobs_entropy_bwd(logits3d: torch.Tensor, labels: Optional[torch.Tensor], state: torch.Tensor,
