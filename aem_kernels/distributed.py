@@ -44,6 +44,7 @@ import torch
 
 from . import _collectives as C
 from . import _validation as V
+from . import _vocab_mixture as M
 from ._layout import as_rows3d, gradient_buffer
 from .dispatch import Backend, resolve_backend
 
@@ -54,41 +55,15 @@ _LOCAL_IGNORE = -1
 
 
 def _empty_slices(logits3d: torch.Tensor, lse_k: torch.Tensor, h_k: torch.Tensor):
-    """A row whose slice is entirely -inf holds no mass here (lse_k = -inf, h_k = 0) but may be finite on
-    other ranks; the backends return NaN for it, as for a NaN logit. Only when some lse_k is NaN (one host
-    sync) are the slice's row maxima read to tell the two apart: -inf max is an empty slice, NaN stays NaN."""
-    nan_rows = torch.isnan(lse_k)
-    if not bool(nan_rows.any()):
-        return lse_k, h_k
-    empty = nan_rows & (logits3d.amax(dim=-1).reshape(-1) == float("-inf"))
-    return torch.where(empty, float("-inf"), lse_k), torch.where(empty, 0.0, h_k)
+    """This rank's slice without mass for a row: see `_vocab_mixture.empty_slices`."""
+    return M.empty_slices(logits3d, lse_k, h_k)
 
 
 def _combine_shards(lse_k: torch.Tensor, target: torch.Tensor, h_k: torch.Tensor, in_shard: torch.Tensor,
                     active: torch.Tensor, group) -> Tuple[torch.Tensor, ...]:
     """(logprobs, entropy, w_k, log w_k, has_mass) in fp64 from every rank's per-row lse_k, h_k and (owner's)
-    label logit s_y: three [N] all_reduces. fp64 for these O(N) numbers keeps l_t = s_y - L within a rounding
-    or two of the single-device op when |z| ~ 1e4. Rows that are -inf on every rank (or hold a NaN) come out
-    NaN, with NaN w_k."""
-    lse_k, target, h_k = lse_k.double(), target.double(), h_k.double()
-    row_max = C.all_reduce(lse_k.clone(), "max", group)
-    # a row that is -inf on every rank keeps max -inf; shift by 0 there so that L = -inf (then NaN below)
-    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    total = C.all_reduce((lse_k - shift).exp(), "sum", group)
-    lse = shift + total.log()
-    has_mass = torch.isfinite(lse_k)
-    log_w = torch.where(has_mass, lse_k - lse, float("-inf"))
-    w = log_w.exp()
-    parts = torch.stack([
-        torch.where(w > 0, w * h_k - w * log_w, 0.0),     # this slice's share of the mixture entropy
-        torch.where(in_shard, target - lse, 0.0),         # the owner's l_t = s_y - L
-    ])
-    entropy, logprobs = C.all_reduce(parts, "sum", group).unbind(0)
-    dead = ~torch.isfinite(lse)
-    nan = torch.full_like(entropy, float("nan"))
-    entropy = torch.where(active, torch.where(dead, nan, entropy), 0.0)
-    logprobs = torch.where(active, torch.where(dead, nan, logprobs), 0.0)
-    return logprobs, entropy, torch.where(dead, nan, w), log_w, has_mass
+    label logit s_y: three [N] all_reduces (`_vocab_mixture.combine_slices` over the group)."""
+    return M.combine_slices(lse_k, target, h_k, in_shard, active, lambda t, op: C.all_reduce(t, op, group))[:5]
 
 
 class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
@@ -100,17 +75,14 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
         logits3d = as_rows3d(logits)
         _, h_k, state_k = backend.forward(logits3d, local_labels, temperature, _LOCAL_IGNORE)
         # The backends' per-row state is (row max m of the raw logits, log d): lse_k = m / tau + log d, in fp64.
-        lse_k = state_k[:, 0].double() / temperature + state_k[:, 1].double()
+        lse_k = M.slice_lse(state_k, temperature)
         lse_k, h_k = _empty_slices(logits3d, lse_k, h_k)
         active = local_labels != _LOCAL_IGNORE
         column = torch.where(active, local_labels, 0).view(logits3d.shape[:-1] + (1,))
         target = logits3d.gather(2, column).reshape(-1).double() / temperature  # O(N) read of the label logits
         logprobs, entropy, w, log_w, has_mass = _combine_shards(lse_k, target, h_k, in_shard, active, group)
         dtype = h_k.dtype
-        # backward state, O(N): p^ needs the slice's own (m, log d) (0 where the slice is empty: its logits are
-        # -inf, p^ = 0)
-        state_b = torch.where(has_mass.unsqueeze(1), state_k, 0.0)
-        h_slot = torch.where(has_mass, log_w + entropy, 0.0).to(dtype)
+        state_b, h_slot = M.backward_slots(state_k, log_w, entropy, has_mass, dtype)   # backward state, O(N)
         w = w.to(dtype)
         logprobs, entropy = logprobs.to(dtype), entropy.to(dtype)
         ctx.save_for_backward(logits, local_labels, in_shard, state_b, h_slot, w)
@@ -140,13 +112,7 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
         scaled = (lambda g, present: (g * w).contiguous() if present else None)  # noqa: E731
         out3d = backend.backward(logits3d, local_labels, state_b, h_slot, scaled(a, grad_logprobs is not None),
                                  scaled(b, grad_entropy is not None), temperature, _LOCAL_IGNORE, buffer.rows3d)
-        # the label column, exactly: [a [y in V_k] - a w p^ - b w p^ (log p^ + h')] / tau, with
-        # log p^ = (x - m) / tau - log d as the backends compute it
-        log_p = (x_col - state_b[:, 0]) / temperature - state_b[:, 1]
-        p = log_p.exp()
-        entropy_term = torch.where(p > 0, p * (log_p + h_slot), 0.0)
-        col_grad = (a * in_shard.to(dtype) - a * w * p - b * w * entropy_term) / temperature
-        col_grad = torch.where(active, col_grad, 0.0)
+        col_grad = M.label_column_grad(x_col, state_b, h_slot, a, b, w, in_shard, active, temperature)
         out3d.scatter_(2, column, col_grad.view(column.shape).to(out3d.dtype))
         grad = buffer.finish()
         return (grad,) + none
