@@ -264,3 +264,44 @@ def test_no_fp32_weight_copy_nor_logits_sized_buffer(dtype):
     assert any(shape == (1999, 96) and dt == torch.float32 for _, shape, dt in flagged)
     # and the public function, through the dispatcher, takes the blocked path
     assert _large_temporaries(resolve_fused_linear_backend("auto", torch.device("cpu"), dtype), dtype) == []
+
+
+def _peak_beyond_gradients(path, n, hidden, vocab, budget):
+    """Peak tensor bytes of a forward + backward beyond its inputs, minus the two gradients it returns
+    (torch's memory profiler, as the benchmarks measure it on the CPU)."""
+    from bench.measure import peak_memory
+
+    x, w, _, labels, ga, gb = _inputs(shape=(n,), hidden=hidden, vocab=vocab, dtype=torch.bfloat16, bias=False,
+                                      ignore=())
+    x.requires_grad_()
+    w.requires_grad_()
+    ga, gb = ga.float(), gb.float()
+
+    def call():
+        lp, ent = FusedLinearLogprobsEntropyFunction.apply(x, w, None, labels, 1.0, -100, True, path,
+                                                           (False, budget, labels.shape))
+        return torch.autograd.grad((lp * ga).sum() + (ent * gb).sum(), [x, w])
+
+    grads, peak = peak_memory(torch.device("cpu"), call)
+    return peak - sum(g.numel() * g.element_size() for g in grads)
+
+
+def test_peak_memory_is_the_plan_s():
+    """The measured peak stays within what the module docstring promises: in the backward the logits block,
+    the fp32 weight block and its gradient, the fp32 hidden rows and grad_hidden accumulator; in the forward
+    the O(N x blocks) statistics and their combination's fp64 pieces; O(N) and O(V_block) vectors besides."""
+    n, hidden, vocab = 256, 64, 4099
+    budget = 4 * n * 512                           # 512-column blocks (9 of them); the hidden rows fit whole
+    plan = _blocked_linear.block_plan(n, n, vocab, hidden, torch.bfloat16, budget)
+    assert plan == (512, n) and plan.blocks(vocab) == 9
+    stats = n * plan.blocks(vocab)
+    forward = 12 * stats + 80 * min(stats, _blocked_linear._COMBINE_ELEMENTS) + 64 * n
+    backward = budget + 8 * plan.columns * hidden + 8 * n * hidden + 64 * n + 64 * plan.columns
+    row = resolve_backend("cpu", torch.device("cpu"), torch.bfloat16)
+    blocked = _peak_beyond_gradients(_path(_blocked_linear.blocked_fwd, _blocked_linear.blocked_bwd, row), n,
+                                     hidden, vocab, budget)
+    assert 0 < blocked <= max(forward, backward), (blocked, forward, backward)
+    # the measure can fail: the chunked path holds an fp32 copy of the weight (4 V H) and of its gradient
+    chunked = _peak_beyond_gradients(_path(_chunked_linear.chunked_fwd, _chunked_linear.chunked_bwd, row), n,
+                                     hidden, vocab, budget)
+    assert chunked > 8 * vocab * hidden > max(forward, backward)
