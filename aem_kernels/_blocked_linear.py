@@ -27,6 +27,12 @@ forward and, in the backward, the fp32 grad_hidden accumulator (4 N H bytes, the
 of a sum over all blocks). Rows whose label is ignore_index are dropped before any product, as in the chunked
 path: their outputs and gradients are exact zeros. Every block reads the same rows in a fixed order: the
 result is deterministic.
+
+Speed: the products are those of the chunked path in other shapes (measured as fast single-threaded at
+N = 4096, V = 32000), but the default's small blocks make many short parallel regions (~8k per forward +
+backward there); on an oversubscribed machine with OpenMP's default active waiting each can cost
+milliseconds. A larger `chunk_budget_bytes` (16 MiB there: 32 blocks, hidden upcast once) trades memory
+(~0.2 x the logits) for fewer, larger products.
 """
 
 from __future__ import annotations
