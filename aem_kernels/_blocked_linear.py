@@ -28,11 +28,12 @@ of a sum over all blocks). Rows whose label is ignore_index are dropped before a
 path: their outputs and gradients are exact zeros. Every block reads the same rows in a fixed order: the
 result is deterministic.
 
-Speed: the products are those of the chunked path in other shapes (measured as fast single-threaded at
-N = 4096, V = 32000), but the default's small blocks make many short parallel regions (~8k per forward +
-backward there); on an oversubscribed machine with OpenMP's default active waiting each can cost
-milliseconds. A larger `chunk_budget_bytes` (16 MiB there: 32 blocks, hidden upcast once) trades memory
-(~0.2 x the logits) for fewer, larger products.
+Speed: the products are the chunked path's in other shapes; at N = 4096, V = 32000 (bf16, 2-core VM) the
+default was as fast as the chunked path on a quiet machine. Its small blocks make many short parallel
+regions (~8k per forward + backward there), and on an oversubscribed machine with OpenMP's default active
+waiting each can cost milliseconds (measured 2-3x slower then; OMP_WAIT_POLICY=PASSIVE removed it). A larger
+`chunk_budget_bytes` (16 MiB there: 32 blocks, hidden upcast once) trades memory (~0.2 x the logits) for
+fewer, larger products.
 """
 
 from __future__ import annotations
