@@ -241,16 +241,19 @@ _FUSED_LINEAR_CACHE: Dict[str, FusedLinearBackend] = {}
 
 def resolve_fused_linear_backend(backend: str, device: torch.device, dtype: torch.dtype) -> FusedLinearBackend:
     """The fused-linear path for hidden states of `dtype` on `device`: the token backend's choice (same names,
-    same errors), where "triton" means the tiled kernels of `ops/fused_linear.py` and "cpu"/"torch" the
-    chunked BLAS path over that row backend (`_chunked_linear.py`). "auto" with fp64 hidden states (a checking
-    path; Triton computes in fp32) takes the chunked torch path."""
+    same errors), where "triton" means the tiled kernels of `ops/fused_linear.py` and "cpu"/"torch" a BLAS path
+    over that row backend: vocab blocks for bf16/fp16 hidden states (`_blocked_linear.py`: no fp32 copy of the
+    weight), row chunks otherwise (`_chunked_linear.py`). "auto" with fp64 hidden states (a checking path;
+    Triton computes in fp32) takes the chunked torch path."""
     if backend == "auto" and dtype == torch.float64:
         backend = "torch"
     row = resolve_backend(backend, device, dtype)
     if row.name == "triton" and dtype == torch.float64:
         raise BackendUnavailableError('backend="triton" is not available for fp64 hidden states (the fused '
                                       'linear kernels compute in fp32); use backend="torch"')
-    if row.name not in _FUSED_LINEAR_CACHE:
+    path = "blocked" if row.name != "triton" and dtype in (torch.float16, torch.bfloat16) else "chunked"
+    key = f"{row.name}-{path}"
+    if key not in _FUSED_LINEAR_CACHE:
         if row.name == "triton":
             from .ops import fused_linear as triton_fused
 
@@ -259,20 +262,24 @@ def resolve_fused_linear_backend(backend: str, device: torch.device, dtype: torc
 
             impl = FusedLinearBackend("triton", triton_forward, triton_fused.fused_linear_bwd)
         else:
+            from . import _blocked_linear as blocked
             from . import _chunked_linear as chunked
 
-            def forward(*args, budget=None, _row=row):
-                return chunked.chunked_fwd(_row, *args, budget=budget)
+            fwd, bwd = ((blocked.blocked_fwd, blocked.blocked_bwd) if path == "blocked"
+                        else (chunked.chunked_fwd, chunked.chunked_bwd))
+
+            def forward(*args, budget=None, _row=row, _fwd=fwd):
+                return _fwd(_row, *args, budget=budget)
 
             def backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy,
-                         temperature, ignore_index, needs, deterministic=False, _row=row):
-                # always deterministic: fixed chunk order, BLAS reductions
-                return chunked.chunked_bwd(_row, hidden2d, weight, bias, labels, saved, grad_logprobs,
-                                           grad_entropy, temperature, ignore_index, needs)
+                         temperature, ignore_index, needs, deterministic=False, _row=row, _bwd=bwd):
+                # always deterministic: fixed chunk / block order, BLAS reductions
+                return _bwd(_row, hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy,
+                            temperature, ignore_index, needs)
 
-            def single_pass(*args, _row=row, **kwargs):
+            def single_pass(*args, _row=row, **kwargs):   # row chunks for every dtype (see fused_linear.py)
                 return chunked.chunked_single_pass(_row, *args, **kwargs)
 
             impl = FusedLinearBackend(row.name, forward, backward, single_pass, (torch.float32, torch.float64))
-        _FUSED_LINEAR_CACHE[row.name] = impl
-    return _FUSED_LINEAR_CACHE[row.name]
+        _FUSED_LINEAR_CACHE[key] = impl
+    return _FUSED_LINEAR_CACHE[key]

@@ -168,8 +168,9 @@ def fused_linear_logprobs_and_entropy(
             `dispatch.resolve_fused_linear_backend`.
         deterministic: Triton only: separate dH and dW passes instead of atomics (bit-identical run to run);
             the chunked path is always deterministic.
-        chunk_budget_bytes: chunked path: bytes of the per-chunk logits buffer (default: 1/16 of the logits
-            in the inputs' dtype, clamped to [16 MiB, 1 GiB]; see `_chunked_linear.py`).
+        chunk_budget_bytes: CPU / torch paths: bytes of the fp32 logits buffer, a row chunk for fp32/fp64
+            (default: 1/16 of the logits in the inputs' dtype, clamped to [16 MiB, 1 GiB]; `_chunked_linear.py`),
+            a vocab block for bf16/fp16 (default 1/64, within [1 MiB, 256 MiB]; `_blocked_linear.py`).
 
     Returns:
         (logprobs, entropy | None), each of labels' shape, fp32 (fp64 for fp64 inputs); differentiable with
