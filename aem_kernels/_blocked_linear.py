@@ -143,9 +143,13 @@ def _local_labels(labels: torch.Tensor, v0: int, v1: int) -> Tuple[torch.Tensor,
     return in_block, torch.where(in_block, labels - v0, 0)
 
 
-def _slice_stats(row_backend, z: torch.Tensor, local: torch.Tensor, temperature: float):
-    """(state [n, 2], lse_k [n] fp64, h_k [n]) of one block from the row backend's forward."""
-    _, h_k, state_k = row_backend.forward(z.unsqueeze(0), local, temperature, _LOCAL_IGNORE)
+def _slice_stats(row_backend, z: torch.Tensor, local: torch.Tensor, temperature: float, with_entropy: bool):
+    """(state [n, 2], lse_k [n] fp64, h_k [n]) of one block from the row backend's forward; without the
+    entropy (the backward's recomputation, or with_entropy=False) h_k is zeros and the row kernels skip it."""
+    _, h_k, state_k = row_backend.forward(z.unsqueeze(0), local, temperature, _LOCAL_IGNORE,
+                                          with_entropy=with_entropy)
+    if h_k is None:
+        h_k = torch.zeros(state_k.shape[0], dtype=state_k.dtype, device=state_k.device)
     lse_k, h_k = M.empty_slices(z, M.slice_lse(state_k, temperature), h_k)
     return state_k, lse_k, h_k
 
@@ -176,7 +180,7 @@ def blocked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
             z, w_k, b_k = _block(weight, bias, v0, v1, z_flat, w_flat, n_active)
             _block_logits(rows, w_k, b_k, z)
             in_block, local = _local_labels(labels_all, v0, v1)
-            _, lse_k[k], h_k[k] = _slice_stats(row_backend, z, local, temperature)
+            _, lse_k[k], h_k[k] = _slice_stats(row_backend, z, local, temperature, with_entropy)
             target = torch.where(in_block, z.gather(1, local.unsqueeze(1)).squeeze(1), target)
         del rows, z_flat, w_flat
         owner = labels_all // plan.columns
@@ -240,7 +244,7 @@ def blocked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
             z, w_k, b_k = _block(weight, bias, v0, v1, z_flat, w_flat, n_active)
             _block_logits(rows, w_k, b_k, z)
             in_block, local = _local_labels(labels_all, v0, v1)
-            state_k, lse_k, _ = _slice_stats(row_backend, z, local, temperature)
+            state_k, lse_k, _ = _slice_stats(row_backend, z, local, temperature, False)
             w, log_w, has_mass = M.slice_weights(lse_k, lse_full)
             state_b, h_slot = M.backward_slots(state_k, log_w, entropy64, has_mass, _WORK)
             w = w.to(_WORK)

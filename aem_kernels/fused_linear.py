@@ -162,9 +162,10 @@ def fused_linear_logprobs_and_entropy(
         temperature: tau > 0; the logits are divided by it.
         ignore_index: positions with this label give 0 and no gradient (and cost no matmul on the CPU path).
         with_entropy: False skips the entropy work (Triton: its statistics and its backward term; chunked
-            path: the row kernels' entropy sum and its backward term) and returns None for it (not zeros that
-            could be mistaken for values).
-        backend: "auto" (Triton on CUDA, the chunked C++ path on CPU), "triton", "cpu", "torch"; see
+            and vocab-blocked paths: the row kernels' entropy sum, the blocks' entropy combination inputs and
+            the backward term) and returns None for it (not zeros that could be mistaken for values).
+        backend: "auto" (Triton on CUDA; on CPU the chunked C++ path for fp32, its vocab-blocked twin for
+            bf16/fp16), "triton", "cpu", "torch"; see
             `dispatch.resolve_fused_linear_backend`.
         deterministic: Triton only: separate dH and dW passes instead of atomics (bit-identical run to run);
             the chunked path is always deterministic.

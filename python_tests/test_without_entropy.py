@@ -281,3 +281,39 @@ def test_fused_linear_switch_off_all_rows_ignored_and_empty(backend):
         lp, ent, grads = _fused(backend, x, w, b, labels, ga, False)
         assert ent is None and lp.shape == shape and (lp == 0).all()
         assert all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_blocked_path_asks_the_row_backend_for_no_entropy(backend):
+    """bf16 (the vocab-blocked path): with_entropy=False reaches every block's row forward, and the backward's
+    recomputation of each block's statistics never asks for the entropy; log-probs and gradients are those of
+    the with-entropy call."""
+    from aem_kernels import _blocked_linear
+
+    if backend == "cpu" and not _cpu.is_available():
+        pytest.skip("C++ extension not built")
+    row = resolve_backend(backend, torch.device("cpu"), torch.bfloat16)
+    asked = []
+
+    def forward(*args, **kwargs):
+        asked.append(kwargs.get("with_entropy", True))
+        return row.forward(*args, **kwargs)
+
+    spy = Backend("spy", forward, row.backward)
+    x, w, b, labels, ga = _linear_inputs(shape=(40,))
+    x2, labels2 = x.reshape(-1, x.shape[-1]).bfloat16(), labels.reshape(-1)
+    w, b = w.bfloat16(), b.bfloat16()
+    budget = 4 * 40 * 128   # 128-column blocks
+    lp, ent, saved = _blocked_linear.blocked_fwd(spy, x2, w, b, labels2, 1.0, -100, False, budget=budget)
+    assert ent is None and len(asked) > 1 and not any(asked)
+    asked.clear()
+    grads = _blocked_linear.blocked_bwd(spy, x2, w, b, labels2, saved, ga.reshape(-1), None, 1.0, -100,
+                                        (True, True, True))
+    assert len(asked) > 1 and not any(asked)
+    ref_lp, ref_ent, ref_saved = _blocked_linear.blocked_fwd(row, x2, w, b, labels2, 1.0, -100, True, budget=budget)
+    ref = _blocked_linear.blocked_bwd(row, x2, w, b, labels2, ref_saved, ga.reshape(-1), None, 1.0, -100,
+                                      (True, True, True))
+    assert ref_ent is not None
+    _assert_bitwise(lp, ref_lp)
+    for got, want in zip(grads, ref):
+        _assert_bitwise(got, want)
