@@ -46,7 +46,7 @@ from . import _vocab_mixture as M
 from ._chunked_linear import _active_rows
 
 __all__ = ["BlockPlan", "DEFAULT_MIN_BUDGET", "DEFAULT_MAX_BUDGET", "MIN_DEFAULT_COLUMNS", "block_plan",
-           "blocked_fwd", "blocked_bwd"]
+           "blocked_fwd", "blocked_bwd", "blocked_pack", "blocked_unpack"]
 
 DEFAULT_MIN_BUDGET = 1 << 20
 DEFAULT_MAX_BUDGET = 1 << 28
@@ -210,6 +210,31 @@ def _combine(lse_k: torch.Tensor, target: torch.Tensor, h_k: torch.Tensor, owner
                                                            in_slice, active, M.stacked_reduce)
         out[0, piece], out[1, piece], out[2, piece] = logprobs, lse, entropy
     return out.unbind(0)
+
+
+def blocked_pack(saved, n_rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`blocked_fwd`'s backward state as one fp64 tensor [N, 2] (each active row's L and entropy, zeros on
+    ignored rows), so that the op can be a torch.library custom op; `blocked_unpack` inverts it."""
+    index, _, lse_full, entropy64 = saved
+    state = torch.zeros(n_rows, 2, dtype=torch.float64, device=device)
+    if lse_full is not None:
+        active = torch.stack([lse_full, entropy64], dim=1)
+        state = active if index is None else state.index_copy_(0, index, active)
+    return state
+
+
+def blocked_unpack(state: torch.Tensor, entropy: Optional[torch.Tensor], labels: torch.Tensor, ignore_index: int,
+                   vocab: int, hidden: int, dtype: torch.dtype, budget: Optional[int]):
+    """The `saved` of `blocked_fwd` from `blocked_pack`'s tensor and what the forward's plan was decided from
+    (the labels, V, H, the dtype, the budget). The forward's entropy is not needed (it is in the state)."""
+    n_rows = state.shape[0]
+    index = _active_rows(labels, ignore_index) if n_rows else None
+    active = state if index is None else state.index_select(0, index)
+    n_active = active.shape[0]
+    plan = block_plan(n_rows, n_active, vocab, hidden, dtype, budget)
+    if not n_active:
+        return index, plan, None, None
+    return index, plan, active[:, 0].contiguous(), active[:, 1].contiguous()
 
 
 def blocked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

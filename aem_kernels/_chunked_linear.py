@@ -32,7 +32,8 @@ import torch
 from ._layout import compute_dtype
 
 __all__ = ["DEFAULT_MIN_BUDGET", "DEFAULT_MAX_BUDGET", "MIN_DEFAULT_ROWS", "chunk_plan", "chunked_fwd",
-           "chunked_bwd", "chunked_single_pass"]
+           "chunked_bwd", "chunked_single_pass",
+           "chunked_pack", "chunked_unpack"]
 
 DEFAULT_MIN_BUDGET = 16 << 20
 DEFAULT_MAX_BUDGET = 1 << 30
@@ -111,6 +112,30 @@ def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
             entropy.index_copy_(0, index, ent_active)
     saved = (index, rows, states, ent_active)
     return logprobs, entropy, saved
+
+
+def chunked_pack(saved, n_rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`chunked_fwd`'s backward state as one tensor [N, 2] in the working dtype (each active row's (m, log d),
+    zeros on ignored rows), so that the op can be a torch.library custom op; `chunked_unpack` inverts it."""
+    index, _, states, _ = saved
+    state = torch.zeros(n_rows, 2, dtype=compute_dtype(dtype), device=device)
+    if states:
+        active = torch.cat(states)
+        state = active if index is None else state.index_copy_(0, index, active)
+    return state
+
+
+def chunked_unpack(state: torch.Tensor, entropy: Optional[torch.Tensor], labels: torch.Tensor, ignore_index: int,
+                   vocab: int, dtype: torch.dtype, budget: Optional[int]):
+    """The `saved` of `chunked_fwd` from `chunked_pack`'s tensor, the forward's entropy [N] (None without it)
+    and what the forward's chunking was decided from (the labels, V, the dtype, the budget)."""
+    n_rows = state.shape[0]
+    index = _active_rows(labels, ignore_index) if n_rows else None
+    pick = (lambda t: t if index is None else t.index_select(0, index))  # noqa: E731
+    rows = chunk_plan(n_rows, vocab, dtype, budget)
+    active = pick(state)
+    states = list(active.split(rows)) if active.shape[0] else []
+    return index, rows, states, (pick(entropy) if entropy is not None else None)
 
 
 def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

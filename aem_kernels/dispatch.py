@@ -232,6 +232,9 @@ class FusedLinearBackend:
     name: str
     forward: Callable
     backward: Callable
+    pack: Callable            # (saved, n_rows, dtype, device) -> state [N, 2] (the op is a custom op)
+    unpack: Callable          # (state, entropy, labels, ignore_index, vocab, hidden, dtype, budget) -> saved
+    state_dtype: Callable     # hidden dtype -> the packed state's dtype
     single_pass: Optional[Callable] = None
     single_pass_auto_dtypes: Tuple[torch.dtype, ...] = ()
 
@@ -260,7 +263,11 @@ def resolve_fused_linear_backend(backend: str, device: torch.device, dtype: torc
             def triton_forward(*args, budget=None):   # the tile is the working set: no budget to honour
                 return triton_fused.fused_linear_fwd(*args)
 
-            impl = FusedLinearBackend("triton", triton_forward, triton_fused.fused_linear_bwd)
+            impl = FusedLinearBackend(
+                "triton", triton_forward, triton_fused.fused_linear_bwd,
+                pack=lambda saved, *_: torch.stack(saved, dim=1),                        # (m, log d) per row
+                unpack=lambda state, *_: tuple(t.contiguous() for t in state.unbind(1)),
+                state_dtype=lambda dtype: torch.float32)
         else:
             from . import _blocked_linear as blocked
             from . import _chunked_linear as chunked
@@ -280,6 +287,15 @@ def resolve_fused_linear_backend(backend: str, device: torch.device, dtype: torc
             def single_pass(*args, _row=row, **kwargs):   # row chunks for every dtype (see fused_linear.py)
                 return chunked.chunked_single_pass(_row, *args, **kwargs)
 
-            impl = FusedLinearBackend(row.name, forward, backward, single_pass, (torch.float32, torch.float64))
+            if path == "blocked":
+                pack, unpack, state_dtype = blocked.blocked_pack, blocked.blocked_unpack, lambda dtype: torch.float64
+            else:
+                pack, state_dtype = chunked.chunked_pack, chunked.compute_dtype
+
+                def unpack(state, entropy, labels, ignore_index, vocab, hidden, dtype, budget):
+                    return chunked.chunked_unpack(state, entropy, labels, ignore_index, vocab, dtype, budget)
+
+            impl = FusedLinearBackend(row.name, forward, backward, pack, unpack, state_dtype, single_pass,
+                                      (torch.float32, torch.float64))
         _FUSED_LINEAR_CACHE[key] = impl
     return _FUSED_LINEAR_CACHE[key]

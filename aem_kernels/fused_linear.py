@@ -22,7 +22,7 @@ import torch
 
 from . import _validation as V
 from .config import AEMConfig
-from .dispatch import resolve_fused_linear_backend
+from .dispatch import FusedLinearBackend, resolve_fused_linear_backend
 from .loss import (_loss_batch, _loss_from_token_terms, _row_local_loss_grads, _single_pass_token_terms,
                    _weights_unknown_before_forward)
 
@@ -32,17 +32,85 @@ __all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearLossGradientFunctio
 _HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# ---- the op as torch.library custom ops: torch.compile (fullgraph too) sees two opaque calls, not the chunk loops
+# and their data-dependent row selection. The backend's O(N) backward state travels as one [N, 2] tensor.
+
+# The ops name their path by a string key (custom ops take no Python objects): the dispatcher's paths and any
+# other FusedLinearBackend handed to FusedLinearLogprobsEntropyFunction.apply are kept here under their key.
+_PATHS: Dict[str, FusedLinearBackend] = {}
+
+
+def _path_key(backend: FusedLinearBackend) -> str:
+    key = f"{backend.name}@{id(backend):x}"
+    _PATHS.setdefault(key, backend)
+    return key
+
+
+def _budget_arg(budget: Optional[int]) -> int:
+    return -1 if budget is None else budget
+
+
+def _budget_value(budget: int) -> Optional[int]:
+    return None if budget < 0 else budget
+
+
+@torch.library.custom_op("aem_kernels::fused_linear_logprobs_entropy_fwd", mutates_args=())
+def _fused_linear_fwd_op(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool,
+                         backend: str, budget: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs [N], entropy [N] ([0] without it), state [N, 2]) of the fused-linear path `_PATHS[backend]`."""
+    be = _PATHS[backend]
+    logprobs, entropy, saved = be.forward(hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy,
+                                          budget=_budget_value(budget))
+    state = be.pack(saved, hidden2d.shape[0], hidden2d.dtype, hidden2d.device)
+    if entropy is None:
+        entropy = logprobs.new_empty(0)
+    return logprobs, entropy, state
+
+
+@_fused_linear_fwd_op.register_fake
+def _(hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy, backend, budget):
+    be = _PATHS[backend]
+    n_rows, work = hidden2d.shape[0], torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
+    return (hidden2d.new_empty(n_rows, dtype=work), hidden2d.new_empty(n_rows if with_entropy else 0, dtype=work),
+            hidden2d.new_empty(n_rows, 2, dtype=be.state_dtype(hidden2d.dtype)))
+
+
+@torch.library.custom_op("aem_kernels::fused_linear_logprobs_entropy_bwd", mutates_args=())
+def _fused_linear_bwd_op(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, state: torch.Tensor, entropy: Optional[torch.Tensor],
+                         grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                         temperature: float, ignore_index: int, need_hidden: bool, need_weight: bool,
+                         need_bias: bool, deterministic: bool, backend: str, budget: int
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; an empty [0] tensor where not needed."""
+    be = _PATHS[backend]
+    saved = be.unpack(state, entropy, labels, ignore_index, weight.shape[0], hidden2d.shape[1], hidden2d.dtype,
+                      _budget_value(budget))
+    grads = be.backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature,
+                        ignore_index, (need_hidden, need_weight, need_bias), deterministic)
+    return tuple(g if g is not None else hidden2d.new_empty(0) for g in grads)
+
+
+@_fused_linear_bwd_op.register_fake
+def _(hidden2d, weight, bias, labels, state, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+      need_hidden, need_weight, need_bias, deterministic, backend, budget):
+    return (torch.empty_like(hidden2d) if need_hidden else hidden2d.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden2d.new_empty(0),
+            torch.empty_like(bias) if need_bias and bias is not None else hidden2d.new_empty(0))
+
+
 class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
     """(hidden2d [N, H], weight [V, H], bias [V] | None, labels [N]) -> (logprobs [N], entropy [N] | None)."""
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy, backend, options):
         deterministic, budget, shape = options
-        logprobs, entropy, saved = backend.forward(hidden2d, weight, bias, labels, temperature, ignore_index,
-                                                   with_entropy, budget=budget)
-        ctx.save_for_backward(hidden2d, weight, bias, labels, entropy)
-        ctx.saved = saved   # the backend's own O(N) state, opaque here
-        ctx.config = (temperature, ignore_index, with_entropy, backend, deterministic)
+        logprobs, entropy, state = _fused_linear_fwd_op(hidden2d, weight, bias, labels, temperature, ignore_index,
+                                                        with_entropy, _path_key(backend), _budget_arg(budget))
+        entropy = entropy if with_entropy else None
+        ctx.save_for_backward(hidden2d, weight, bias, labels, entropy, state)
+        ctx.config = (temperature, ignore_index, with_entropy, _path_key(backend), deterministic, _budget_arg(budget))
         ctx.set_materialize_grads(False)
         # O(N) private copies in labels' shape, not views: users edit their log-probs in place (masked_fill_),
         # and such an edit must not reach the entropy (or backend state) saved above.
@@ -50,17 +118,19 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden2d, weight, bias, labels, entropy = ctx.saved_tensors
-        temperature, ignore_index, with_entropy, backend, deterministic = ctx.config
+        hidden2d, weight, bias, labels, entropy, state = ctx.saved_tensors
+        temperature, ignore_index, with_entropy, backend, deterministic, budget = ctx.config
         if not with_entropy:
             grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 9
         flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)  # noqa: E731 (labels' shape in)
-        needs = tuple(ctx.needs_input_grad[:3])
-        grads = backend.backward(hidden2d, weight, bias, labels, ctx.saved, entropy, flat(grad_logprobs),
-                                 flat(grad_entropy), temperature, ignore_index, needs, deterministic)
-        return (*grads, None, None, None, None, None, None)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grads = _fused_linear_bwd_op(hidden2d, weight, bias, labels, state, entropy, flat(grad_logprobs),
+                                     flat(grad_entropy), temperature, ignore_index, need_hidden, need_weight,
+                                     need_bias and bias is not None, deterministic, backend, budget)
+        wanted = (need_hidden, need_weight, need_bias and bias is not None)
+        return (*(g if w else None for g, w in zip(grads, wanted)), None, None, None, None, None, None)
 
 
 class FusedLinearLossGradientFunction(torch.autograd.Function):
@@ -248,6 +318,9 @@ def fused_linear_aem_policy_loss(
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     if single_pass is not False:
         reason = _single_pass_unavailable(be, config, batch, hidden.dtype, single_pass)
+        if reason is None and torch.compiler.is_compiling():
+            # its per-chunk autograd of the token terms and data-dependent row selection do not trace
+            reason = "under torch.compile the fused-linear loss takes its two passes (custom ops)"
         if reason is None and any(needs):
             return _single_pass_loss(hidden, weight, bias, batch, config, be, needs, budget)
         if single_pass and reason is not None:

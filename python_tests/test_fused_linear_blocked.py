@@ -156,9 +156,19 @@ def test_only_some_gradients_and_without_entropy(wanted):
 # ---- the chunked path, dispatch, determinism, the plan ------------------------------------------------------
 
 def _path(fwd, bwd, row):
+    """A fused-linear path over `row` by the given module's functions (as dispatch builds it, but for any dtype)."""
+    if fwd is _blocked_linear.blocked_fwd:
+        pack, unpack, state_dtype = _blocked_linear.blocked_pack, _blocked_linear.blocked_unpack, \
+            (lambda dtype: torch.float64)
+    else:
+        pack, state_dtype = _chunked_linear.chunked_pack, _chunked_linear.compute_dtype
+
+        def unpack(state, entropy, labels, ignore_index, vocab, hidden, dtype, budget):
+            return _chunked_linear.chunked_unpack(state, entropy, labels, ignore_index, vocab, dtype, budget)
     return FusedLinearBackend(row.name, lambda *a, budget=None: fwd(row, *a, budget=budget),
                               lambda h, w, b, y, s, e, ga, gb, t, i, n, d=False: bwd(row, h, w, b, y, s, ga, gb,
-                                                                                      t, i, n))
+                                                                                      t, i, n),
+                              pack, unpack, state_dtype)
 
 
 def _run(path, x, w, b, labels, ga, gb, temperature=1.0, budget=None):
@@ -240,11 +250,11 @@ def _large_temporaries(path, dtype=torch.bfloat16, budget=_budget(40, 62)):
     hidden and weight (one each, in their dtype: the op's outputs)."""
     n, hidden, vocab = 64, 96, 1999   # 40-column blocks (50 of them), the hidden rows upcast in pieces
     x, w, b, labels, ga, gb = _inputs(shape=(n,), hidden=hidden, vocab=vocab, dtype=dtype, ignore=(1, 2))
-    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    # the path's own forward and backward (through the autograd Function they run inside one custom op each,
+    # whose inner allocations a dispatch mode does not see)
     with _Allocations() as seen:
-        lp, ent = FusedLinearLogprobsEntropyFunction.apply(*leaves, labels, 1.0, -100, True, path,
-                                                           (False, budget, labels.shape))
-        _grads((lp, ent), leaves, ga, gb)
+        _, ent, saved = path.forward(x, w, b, labels, 1.0, -100, True, budget=budget)
+        path.backward(x, w, b, labels, saved, ent, ga.float(), gb.float(), 1.0, -100, (True, True, True), False)
     limit = min(vocab * hidden, n * vocab) // 4
     large = [o for o in seen.outputs if torch.Size(o[1]).numel() >= limit]
     for grad in (((n, hidden), dtype), ((vocab, hidden), dtype)):
