@@ -135,20 +135,31 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
 
 class FusedLinearLossGradientFunction(torch.autograd.Function):
     """(loss 0-d, hidden, weight, bias, grads) -> loss, whose backward returns the gradients the single pass
-    computed in the forward (in the working dtype) times the upstream gradient, cast to each input's dtype."""
+    computed in the forward (in the working dtype) times the upstream gradient, cast to each input's dtype.
+
+    Memory: the gradients are saved tensors, so autograd frees them after the backward (unless retain_graph);
+    for the usual upstream gradient 1 in the inputs' dtype they are handed on as they are, and AccumulateGrad
+    can take them as `.grad` without a copy (it copies when a retained graph still holds them)."""
 
     @staticmethod
     def forward(ctx, loss, hidden, weight, bias, grads):
-        ctx.grads = grads
-        ctx.meta = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias)]
+        inputs = (hidden, weight, bias)
+        shaped = [g.reshape(t.shape) if g is not None and t is not None else None for g, t in zip(grads, inputs)]
+        ctx.save_for_backward(*shaped)
+        ctx.dtypes = [t.dtype if t is not None else None for t in inputs]
         return loss.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
+        unit = bool(grad_loss == 1)
         out = []
-        for grad, meta in zip(ctx.grads, ctx.meta):
-            out.append(None if grad is None or meta is None else
-                       (grad * grad_loss.to(grad.dtype)).reshape(meta[0]).to(meta[1]))
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            if grad is None or dtype is None:
+                out.append(None)
+            elif unit:
+                out.append(grad.to(dtype))
+            else:
+                out.append((grad * grad_loss.to(grad.dtype)).to(dtype))
         return (None, *out, None)
 
 

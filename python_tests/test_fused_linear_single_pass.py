@@ -177,3 +177,37 @@ def test_single_pass_true_says_why_it_cannot_apply():
     with pytest.raises(TypeError, match="single_pass"):
         ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, config=ak.AEMConfig(beta=0.0), single_pass=1,
                                         **kw)
+
+
+def test_gradients_are_handed_on_without_a_copy():
+    """The single pass's gradient buffers become `.grad` themselves for the usual upstream gradient 1 (no second
+    [V, H] / [N, H] copy at the backward); with a retained graph they are copied, so a second backward is right."""
+    from aem_kernels import _chunked_linear
+
+    ptrs = {}
+    original = _chunked_linear.chunked_single_pass
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        ptrs.update(hidden=out[2][0].data_ptr(), weight=out[2][1].data_ptr())
+        return out
+
+    hidden, weight, b, labels, adv, kw = _batch()
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+    config = ak.AEMConfig(beta=0.0)
+    try:
+        _chunked_linear.chunked_single_pass = spy
+        loss, _ = ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, config=config, **kw)
+        loss.backward()
+        assert hidden.grad.data_ptr() == ptrs["hidden"] and weight.grad.data_ptr() == ptrs["weight"]
+        first = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        loss, _ = ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, config=config, **kw)
+        loss.backward(retain_graph=True)
+        assert weight.grad.data_ptr() != ptrs["weight"]
+        loss.backward()
+    finally:
+        _chunked_linear.chunked_single_pass = original
+    for t, g in zip(leaves, first):
+        torch.testing.assert_close(t.grad, 2 * g)
