@@ -59,6 +59,30 @@ def _active_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tens
     return active.nonzero().squeeze(1)
 
 
+def _chunk_rows(hidden2d: torch.Tensor, index: Optional[torch.Tensor], start: int, stop: int,
+                work: torch.dtype) -> torch.Tensor:
+    """Active rows [start, stop) in the working dtype: a slice when every row is active, else a gather of this
+    chunk's rows only (no copy of all active rows: O(chunk x H) memory)."""
+    rows = hidden2d[start:stop] if index is None else hidden2d.index_select(0, index[start:stop])
+    return rows.to(work)
+
+
+class _GradHidden:
+    """grad_hidden [N, H] in the working dtype, zeros on ignored rows, written chunk by chunk: straight into its
+    rows when every row is active, else by an index_copy of the chunk's product (no [N_active, H] staging)."""
+
+    def __init__(self, n_rows: int, hidden: int, index: Optional[torch.Tensor], work: torch.dtype,
+                 device: torch.device) -> None:
+        self.index = index
+        self.buffer = torch.zeros(n_rows, hidden, dtype=work, device=device)
+
+    def write(self, start: int, stop: int, dz: torch.Tensor, weight: torch.Tensor) -> None:
+        if self.index is None:
+            torch.mm(dz, weight, out=self.buffer[start:stop])
+        else:
+            self.buffer.index_copy_(0, self.index[start:stop], dz @ weight)
+
+
 def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   out: torch.Tensor) -> torch.Tensor:
     """out [n, V] = x @ W^T + b, all in the working dtype."""
@@ -84,9 +108,8 @@ def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
     logprobs = torch.zeros(n_rows, dtype=work, device=hidden2d.device)
     entropy = torch.zeros_like(logprobs) if with_entropy else None
     index = _active_rows(labels, ignore_index) if n_rows else None
-    x_all = hidden2d if index is None else hidden2d.index_select(0, index)
     labels_all = (labels if index is None else labels.index_select(0, index)).long()
-    n_active = x_all.shape[0]
+    n_active = labels_all.shape[0]
     rows = chunk_plan(n_rows, vocab, hidden2d.dtype, budget)
     lp_active = torch.empty(n_active, dtype=work, device=hidden2d.device)
     ent_active = torch.empty_like(lp_active) if with_entropy else None   # with_entropy=False: no entropy work
@@ -95,7 +118,7 @@ def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
         w_work, b_work = _in_work_dtype(weight, bias, work)
         buffer = torch.empty(min(rows, n_active), vocab, dtype=work, device=hidden2d.device)
         for start in range(0, n_active, rows):
-            x = x_all[start:start + rows].to(work)
+            x = _chunk_rows(hidden2d, index, start, min(start + rows, n_active), work)
             z = _chunk_logits(x, w_work, b_work, buffer[:x.shape[0]])
             lp, ent, state = row_backend.forward(z.unsqueeze(0), labels_all[start:start + rows], temperature,
                                                  ignore_index, with_entropy=with_entropy)
@@ -149,16 +172,16 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
     work = compute_dtype(hidden2d.dtype)
     need_dx, need_dw, need_db = needs[0], needs[1], needs[2] and bias is not None
     pick = (lambda t: t if t is None or index is None else t.index_select(0, index))  # noqa: E731
-    x_all, labels_all = pick(hidden2d), pick(labels).long()
+    labels_all = pick(labels).long()
     glp = pick(grad_logprobs.to(work)) if grad_logprobs is not None else None
     gent = pick(grad_entropy.to(work)) if grad_entropy is not None else None
-    n_active = x_all.shape[0]
+    n_active = labels_all.shape[0]
     if ent_active is None:   # a with_entropy=False forward: nothing can flow into the entropy
         if gent is not None:
             raise ValueError("grad_entropy must be None for a forward run with with_entropy=False")
         # Without grad_entropy no row backward reads h; zeros (not an unwritten buffer) all the same.
         ent_active = torch.zeros(n_active, dtype=work, device=device)
-    dx_active = torch.empty(n_active, hidden, dtype=work, device=device) if need_dx else None
+    dx = _GradHidden(n_rows, hidden, index, work, device) if need_dx else None
     # fp32 weights accumulate into their own gradient; half-precision ones into an fp32 buffer (docstring)
     dw = torch.zeros(vocab, hidden, dtype=work, device=device) if need_dw else None
     db = torch.zeros(vocab, dtype=work, device=device) if need_db else None
@@ -167,7 +190,7 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
         buffer = torch.empty(min(rows, n_active), vocab, dtype=work, device=device)
         for chunk, start in enumerate(range(0, n_active, rows)):
             stop = min(start + rows, n_active)
-            x = x_all[start:stop].to(work)
+            x = _chunk_rows(hidden2d, index, start, stop, work)
             z = _chunk_logits(x, w_work, b_work, buffer[:stop - start])
             z3 = z.unsqueeze(0)
             row_backend.backward(z3, labels_all[start:stop], states[chunk], ent_active[start:stop],
@@ -177,19 +200,11 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
             if need_db:
                 db += z.sum(0)
             if need_dx:
-                torch.mm(z, w_work, out=dx_active[start:stop])
+                dx.write(start, stop, z, w_work)
             if need_dw:
                 dw.addmm_(z.t(), x)
         del buffer, w_work, b_work
-    elif dx_active is not None:
-        dx_active.zero_()
-    grad_hidden = None
-    if need_dx:
-        if index is None:
-            grad_hidden = dx_active.to(hidden2d.dtype)
-        else:
-            grad_hidden = torch.zeros(n_rows, hidden, dtype=hidden2d.dtype, device=device)
-            grad_hidden.index_copy_(0, index, dx_active.to(hidden2d.dtype))
+    grad_hidden = dx.buffer.to(hidden2d.dtype) if need_dx else None
     return (grad_hidden, dw.to(weight.dtype) if dw is not None else None,
             db.to(bias.dtype) if db is not None else None)
 
@@ -212,14 +227,13 @@ def chunked_single_pass(row_backend, hidden2d: torch.Tensor, weight: torch.Tenso
     work = compute_dtype(hidden2d.dtype)
     need_dx, need_dw, need_db = needs[0], needs[1], needs[2] and bias is not None
     index = _active_rows(labels, ignore_index) if n_rows else None
-    x_all = hidden2d if index is None else hidden2d.index_select(0, index)
     labels_all = (labels if index is None else labels.index_select(0, index)).long()
     positions = index if index is not None else torch.arange(n_rows, device=device)
-    n_active = x_all.shape[0]
+    n_active = labels_all.shape[0]
     rows = chunk_plan(n_rows, vocab, hidden2d.dtype, budget)
     lp_active = torch.empty(n_active, dtype=work, device=device)
     ent_active = torch.empty_like(lp_active)
-    dx_active = torch.zeros(n_active, hidden, dtype=work, device=device) if need_dx else None
+    dx = _GradHidden(n_rows, hidden, index, work, device) if need_dx else None
     dw = torch.zeros(vocab, hidden, dtype=work, device=device) if need_dw else None
     db = torch.zeros(vocab, dtype=work, device=device) if need_db else None
     if n_active:
@@ -227,7 +241,7 @@ def chunked_single_pass(row_backend, hidden2d: torch.Tensor, weight: torch.Tenso
         buffer = torch.empty(min(rows, n_active), vocab, dtype=work, device=device)
         for start in range(0, n_active, rows):
             stop = min(start + rows, n_active)
-            x = x_all[start:stop].to(work)
+            x = _chunk_rows(hidden2d, index, start, stop, work)
             z = _chunk_logits(x, w_work, b_work, buffer[:stop - start])
             z3 = z.unsqueeze(0)
             chunk_labels = labels_all[start:stop]
@@ -243,7 +257,7 @@ def chunked_single_pass(row_backend, hidden2d: torch.Tensor, weight: torch.Tenso
             if need_db:
                 db += z.sum(0)
             if need_dx:
-                torch.mm(z, w_work, out=dx_active[start:stop])
+                dx.write(start, stop, z, w_work)
             if need_dw:
                 dw.addmm_(z.t(), x)
         del buffer, w_work, b_work
@@ -252,10 +266,4 @@ def chunked_single_pass(row_backend, hidden2d: torch.Tensor, weight: torch.Tenso
     else:
         logprobs = torch.zeros(n_rows, dtype=work, device=device).index_copy_(0, index, lp_active)
         entropy = torch.zeros(n_rows, dtype=work, device=device).index_copy_(0, index, ent_active)
-    grad_hidden = None
-    if need_dx:
-        if index is None:
-            grad_hidden = dx_active
-        else:
-            grad_hidden = torch.zeros(n_rows, hidden, dtype=work, device=device).index_copy_(0, index, dx_active)
-    return logprobs, entropy, (grad_hidden, dw, db)
+    return logprobs, entropy, (dx.buffer if need_dx else None, dw, db)

@@ -315,3 +315,28 @@ def test_peak_memory_is_the_plan_s():
     chunked = _peak_beyond_gradients(_path(_chunked_linear.chunked_fwd, _chunked_linear.chunked_bwd, row), n,
                                      hidden, vocab, budget)
     assert chunked > 8 * vocab * hidden > max(forward, backward)
+
+
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_chunked_path_stages_no_copy_of_the_active_rows(single_pass):
+    """With ignored rows (prompts, padding) the fp32 chunked path gathers each chunk's rows and scatters each
+    chunk's hidden gradient: no [N_active, H] copy of the hidden states or staging of their gradient."""
+    n, hidden, vocab = 96, 40, 301
+    x, w, b, labels, ga, gb = _inputs(shape=(n,), hidden=hidden, vocab=vocab, dtype=torch.float32,
+                                      ignore=tuple(range(0, n, 3)))
+    n_active = int((labels != -100).sum())
+    row = resolve_backend("cpu", torch.device("cpu"), torch.float32)
+    budget = 4 * vocab * 16   # 16-row chunks
+    with _Allocations() as seen:
+        if single_pass:
+            def token_grads(index, lp, ent):
+                return ga.float()[index], gb.float()[index]
+            _chunked_linear.chunked_single_pass(row, x, w, b, labels, 1.0, -100, token_grads, (True, True, True),
+                                                budget=budget)
+        else:
+            _, ent, saved = _chunked_linear.chunked_fwd(row, x, w, b, labels, 1.0, -100, True, budget=budget)
+            _chunked_linear.chunked_bwd(row, x, w, b, labels, saved, ga.float(), gb.float(), 1.0, -100,
+                                        (True, True, True))
+    staged = [o for o in seen.outputs if o[1] == (n_active, hidden)]
+    assert staged == []
+    assert any(o[1] == (16, hidden) for o in seen.outputs)   # the per-chunk gathers: the recorder sees them
