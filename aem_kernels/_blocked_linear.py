@@ -291,9 +291,11 @@ def blocked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
     if need_dx:
         if index is None:
             grad_hidden = dx.to(hidden2d.dtype)
-        else:
+        else:   # scattered in row pieces: no whole [N_active, H] copy in the inputs' dtype beside dx
             grad_hidden = torch.zeros(n_rows, hidden, dtype=hidden2d.dtype, device=device)
-            grad_hidden.index_copy_(0, index, dx.to(hidden2d.dtype))
+            for start in range(0, n_active, plan.hidden_rows):
+                stop = min(start + plan.hidden_rows, n_active)
+                grad_hidden.index_copy_(0, index[start:stop], dx[start:stop].to(hidden2d.dtype))
     return grad_hidden, dw, db
 
 
