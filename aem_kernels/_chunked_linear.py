@@ -97,6 +97,17 @@ def _in_work_dtype(weight: torch.Tensor, bias: Optional[torch.Tensor], work: tor
     return weight.to(work), (bias.to(work) if bias is not None else None)
 
 
+def _accumulate(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, start: int, stop: int,
+                dx: Optional[_GradHidden], dw: Optional[torch.Tensor], db: Optional[torch.Tensor]) -> None:
+    """One chunk's share of the three gradients: grad_hidden rows = dz @ W, grad_W += dz^T x, grad_b += sum dz."""
+    if db is not None:
+        db += dz.sum(0)
+    if dx is not None:
+        dx.write(start, stop, dz, weight)
+    if dw is not None:
+        dw.addmm_(dz.t(), x)
+
+
 def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool,
                 budget: Optional[int] = None):
@@ -197,12 +208,7 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
                                  glp[start:stop] if glp is not None else None,
                                  gent[start:stop] if gent is not None else None,
                                  temperature, ignore_index, z3)   # dL/dz overwrites z
-            if need_db:
-                db += z.sum(0)
-            if need_dx:
-                dx.write(start, stop, z, w_work)
-            if need_dw:
-                dw.addmm_(z.t(), x)
+            _accumulate(z, x, w_work, start, stop, dx, dw, db)
         del buffer, w_work, b_work
     grad_hidden = dx.buffer.to(hidden2d.dtype) if need_dx else None
     return (grad_hidden, dw.to(weight.dtype) if dw is not None else None,
@@ -254,12 +260,7 @@ def chunked_single_pass(row_backend, hidden2d: torch.Tensor, weight: torch.Tenso
             row_backend.backward(z3, chunk_labels, state, ent, a.to(work).contiguous(),
                                  b.to(work).contiguous() if b is not None else None, temperature, ignore_index,
                                  z3)   # dL/dz overwrites z while it is still in the buffer
-            if need_db:
-                db += z.sum(0)
-            if need_dx:
-                dx.write(start, stop, z, w_work)
-            if need_dw:
-                dw.addmm_(z.t(), x)
+            _accumulate(z, x, w_work, start, stop, dx, dw, db)
         del buffer, w_work, b_work
     if index is None:
         logprobs, entropy = lp_active, ent_active
