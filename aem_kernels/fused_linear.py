@@ -3,8 +3,9 @@
 
 At 150k-token vocabularies the logits dominate an RL step's memory (N = 16k tokens x V = 152k is 5 GB in
 bf16, its fp32 softmax and gradient as much again). Here the logits exist only as tiles (Triton,
-`ops/fused_linear.py`) or row chunks of a bounded budget (CPU and backend="torch", `_chunked_linear.py`),
-recomputed in the backward, which yields the gradients of the hidden states, the weight and the bias
+`ops/fused_linear.py`), row chunks of a bounded budget (CPU and backend="torch" for fp32/fp64,
+`_chunked_linear.py`) or vocab blocks (the same for bf16/fp16, `_blocked_linear.py`: no fp32 copy of the
+weight), recomputed in the backward, which yields the gradients of the hidden states, the weight and the bias
 (section 6 chained through z = (hidden @ W^T + b) / tau):
 
     dL/dhidden = G W,   dL/dW = G^T hidden,   dL/db = sum_t G_t,   G_t = [a_t (onehot(y_t) - p_t) - b_t p_t (log p_t + h_t)] / tau
@@ -12,6 +13,11 @@ recomputed in the backward, which yields the gradients of the hidden states, the
 The values equal `logprobs_and_entropy(hidden @ weight.T + bias, labels)` computed in fp32 from the same
 inputs (fp32 accumulation for bf16/fp16 inputs, as eager fp32 does after upcasting them), within the
 package's accuracy rule. The backend is chosen once, in `dispatch.resolve_fused_linear_backend`.
+
+The op's forward and backward are torch.library custom ops (torch.compile sees two opaque calls). The loss
+has a single pass on the chunked path: when the AEM weights are known before the forward, a_t and b_t are
+row-local, so G is computed per chunk while its logits are in the buffer and the backward only scales it
+(`_single_pass_loss`).
 """
 
 from __future__ import annotations
