@@ -34,16 +34,25 @@ class LogprobsEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, ignore_index: int,
-                backend: Backend, inplace_backward: bool):
+                backend: Backend, inplace_backward: bool, with_entropy: bool = True):
         flat_labels = labels.reshape(-1) if labels is not None else None
-        logprobs, entropy, state = backend.forward(as_rows3d(logits), flat_labels, temperature, ignore_index)
+        # with_entropy=False (log-probs only, with labels): the row kernels skip the entropy's sum; the entropy
+        # output is then zeros without a gradient, and the backward gets zeros in its (unread) entropy slot
+        with_entropy = with_entropy or labels is None
+        logprobs, entropy, state = backend.forward(as_rows3d(logits), flat_labels, temperature, ignore_index,
+                                                   with_entropy=with_entropy)
+        if entropy is None:
+            entropy = torch.zeros(state.shape[0], dtype=state.dtype, device=state.device)
         ctx.save_for_backward(logits, flat_labels, state, entropy)
-        ctx.config = (temperature, ignore_index, backend, inplace_backward)
+        ctx.config = (temperature, ignore_index, backend, inplace_backward, with_entropy)
+        ctx.n_inputs = len(ctx.needs_input_grad)   # 6 or 7: the backward returns one gradient per input
         ctx.set_materialize_grads(False)
         # The outputs are O(N) private copies, not views: a view made inside a Function cannot be edited in
         # place (users masked_fill_ their log-probs), and an edit must not reach the entropy saved above.
         shape = logits.shape[:-1]
         entropy_out = entropy.reshape(shape).clone()
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy_out)
         if logprobs is None:
             logprobs_out = torch.zeros_like(entropy_out)
             ctx.mark_non_differentiable(logprobs_out)
@@ -54,9 +63,12 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
         logits, labels, state, entropy = ctx.saved_tensors
-        temperature, ignore_index, backend, inplace_backward = ctx.config
+        temperature, ignore_index, backend, inplace_backward, with_entropy = ctx.config
+        rest = (None,) * (ctx.n_inputs - 1)
+        if not with_entropy:
+            grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:
-            return (None,) * 6
+            return (None,) + rest
         if labels is None:
             grad_logprobs = None
         logits3d = as_rows3d(logits)
@@ -64,7 +76,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)
         backend.backward(logits3d, labels, state, entropy, flat(grad_logprobs), flat(grad_entropy), temperature,
                          ignore_index, buffer.rows3d)
-        return buffer.finish(), None, None, None, None, None
+        return (buffer.finish(),) + rest
 
 
 def _prepare(logits, labels, temperature, ignore_index, backend, allow_k=False, labels_name="labels"):
@@ -150,7 +162,7 @@ def logprobs_from_logits(
         return _as(dtype, GatheredLogprobsFunction.apply(logits, labels, temperature, ignore_index, be,
                                                          inplace_backward))
     return _as(dtype, LogprobsEntropyFunction.apply(logits, labels, temperature, ignore_index, be,
-                                                    inplace_backward)[0])
+                                                    inplace_backward, False)[0])
 
 
 def selective_log_softmax(

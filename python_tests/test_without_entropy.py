@@ -317,3 +317,35 @@ def test_blocked_path_asks_the_row_backend_for_no_entropy(backend):
     _assert_bitwise(lp, ref_lp)
     for got, want in zip(grads, ref):
         _assert_bitwise(got, want)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_logprobs_from_logits_asks_for_no_entropy(backend, monkeypatch):
+    """The log-prob-only token op (verl's logprobs_from_logits, TRL's selective_log_softmax) runs the row
+    kernels without the entropy's sum; its values and gradient are logprobs_and_entropy's, bit for bit."""
+    from aem_kernels import api
+
+    if backend == "cpu" and not _cpu.is_available():
+        pytest.skip("C++ extension not built")
+    row = resolve_backend(backend, torch.device("cpu"), torch.float32)
+    asked = []
+
+    def forward(*args, **kwargs):
+        asked.append(kwargs.get("with_entropy", True))
+        return row.forward(*args, **kwargs)
+
+    spy = Backend("spy", forward, row.backward)
+    monkeypatch.setattr(api, "resolve_backend", lambda *args: spy)
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 11, 517, generator=gen) * 4).requires_grad_()
+    labels = torch.randint(0, 517, (3, 11), generator=gen)
+    labels[1, 2:5] = -100
+    lp = ak.logprobs_from_logits(logits, labels)
+    assert asked == [False]
+    ref, _ = ak.logprobs_and_entropy(logits, labels)
+    assert asked == [False, True]
+    upstream = torch.randn(lp.shape, generator=gen)
+    (g,) = torch.autograd.grad(lp, logits, upstream)
+    (g_ref,) = torch.autograd.grad(ref, logits, upstream)
+    _assert_bitwise(lp, ref)
+    _assert_bitwise(g, g_ref)
