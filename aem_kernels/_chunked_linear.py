@@ -52,7 +52,11 @@ def chunk_plan(n_rows: int, vocab: int, dtype: torch.dtype, budget: Optional[int
 
 
 def _active_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
-    """Indices of the rows to compute, or None when every row is active (no copy then)."""
+    """Indices of the rows to compute, or None when every row is active (no copy then). Under torch.compile
+    (the vocab-parallel fused op is traced; the fused-linear op is a custom op) every row is computed: the
+    row kernels give ignored rows zeros, and the selection would be a data-dependent shape."""
+    if torch.compiler.is_compiling():
+        return None
     active = labels != ignore_index
     if bool(active.all()):
         return None

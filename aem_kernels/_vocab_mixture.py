@@ -36,7 +36,7 @@ def empty_slices(logits: torch.Tensor, lse_k: torch.Tensor, h_k: torch.Tensor):
     sync) are the slice's row maxima read to tell the two apart: -inf max is an empty slice, NaN stays NaN.
     `logits` is the slice, [..., V_k] with the rows of lse_k in its leading dimensions."""
     nan_rows = torch.isnan(lse_k)
-    if not bool(nan_rows.any()):
+    if not torch.compiler.is_compiling() and not bool(nan_rows.any()):   # (traced: no host sync, one more read)
         return lse_k, h_k
     empty = nan_rows & (logits.amax(dim=-1).reshape(-1) == float("-inf"))
     return torch.where(empty, float("-inf"), lse_k), torch.where(empty, 0.0, h_k)

@@ -75,7 +75,9 @@ def _slice_statistics(row_backend: Backend, x_all: torch.Tensor, weight: torch.T
             lse[start:stop], entropy[start:stop] = VP.empty_slices(z3, VP.slice_lse(state_c, temperature), h_c)
             state[start:stop] = state_c
             # s_y from the chunk buffer, O(rows); used only where this rank owns the label
-            target[start:stop] = z.gather(1, labels[start:stop, None]).squeeze(1).double() / temperature
+            # (an ignored row, computed only under torch.compile, reads column 0: unused)
+            column = labels[start:stop, None].clamp(min=0)
+            target[start:stop] = z.gather(1, column).squeeze(1).double() / temperature
         del buffer, w_work, b_work
     return lse, entropy, state, target
 
@@ -132,12 +134,12 @@ class VocabParallelFusedLinearFunction(torch.autograd.Function):
         if n_active and (need_dx or need_dw or need_db):
             w_work, b_work = _in_work_dtype(weight, bias, work)
             buffer = torch.empty(min(rows, n_active), vocab, dtype=work, device=device)
-            owned = torch.ones(n_active, dtype=torch.bool, device=device)   # every picked row is active
+            owned = labels != LOCAL_IGNORE   # every picked row, except under torch.compile (all rows picked)
             for start in range(0, n_active, rows):
                 rows_c = slice(start, min(start + rows, n_active))
                 x = x_all[rows_c].to(work)
                 z = _chunk_logits(x, w_work, b_work, buffer[:x.shape[0]])
-                column = labels[rows_c, None]
+                column = labels[rows_c, None].clamp(min=0)
                 x_col = z.gather(1, column).squeeze(1)   # read before the backward overwrites z with dL/dz
                 z3 = z.unsqueeze(0)
                 row_backend.backward(z3, labels[rows_c], state_b[rows_c], h_slot[rows_c],

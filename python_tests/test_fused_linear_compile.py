@@ -94,3 +94,43 @@ def test_custom_ops_pass_opcheck(dtype):
     bwd_args = (hidden2d, weight, b, flat, state, ent, grad, grad.flip(0), 0.7, -100, True, True, True, False,
                 backend, 4 * 517 * 8)
     torch.library.opcheck(fused_linear._fused_linear_bwd_op, bwd_args, test_utils=tests)
+
+
+def test_vocab_parallel_ops_trace_with_fullgraph(tmp_path):
+    """Both vocab-parallel ops under torch.compile(fullgraph=True) inside skip_value_checks (a captured region
+    cannot host-sync): a one-rank gloo group, ignored rows included, eager's values and gradients."""
+    import torch.distributed as dist
+    from aem_kernels.distributed import vocab_parallel_fused_linear_logprobs_and_entropy, \
+        vocab_parallel_logprobs_and_entropy
+
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(19, 12, generator=gen)
+    weight = torch.randn(41, 12, generator=gen)
+    labels = torch.randint(0, 41, (19,), generator=gen)
+    labels[[2, 7, 8]] = -100
+    upstream = torch.randn(2, 19, generator=gen)
+
+    def fused(h, w):
+        with ak.skip_value_checks():
+            lp, ent = vocab_parallel_fused_linear_logprobs_and_entropy(h, w, labels, chunk_budget_bytes=4 * 41 * 5)
+        return (lp * upstream[0]).sum() + (ent * upstream[1]).sum(), lp, ent
+
+    def token(h, w):
+        with ak.skip_value_checks():
+            lp, ent = vocab_parallel_logprobs_and_entropy(h @ w.T, labels)
+        return (lp * upstream[0]).sum() + (ent * upstream[1]).sum(), lp, ent
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for fn in (fused, token):
+            results = []
+            for run in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+                torch._dynamo.reset()
+                h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+                out, lp, ent = run(h, w)
+                results.append([out.detach(), lp.detach(), ent.detach(), *torch.autograd.grad(out, (h, w))])
+            for got, want in zip(*reversed(results)):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            assert (results[1][1][[2, 7, 8]] == 0).all()
+    finally:
+        dist.destroy_process_group()
