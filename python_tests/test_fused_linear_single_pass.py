@@ -97,22 +97,28 @@ def test_half_precision_only_when_asked(dtype):
     _assert_same(asked, ref, 2.0 * torch.finfo(dtype).eps)
 
 
-def test_matches_aem_policy_loss_on_the_materialised_logits():
+def _assert_accuracy_rule(config, weight_scale=1.0, min_logit=0.0):
+    """The single pass's loss and three gradients against fp64 of the materialised logits: no worse than 3x
+    eager fp32's error against fp64, + 1e-5 (the accuracy rule)."""
     hidden, weight, b, labels, adv, kw = _batch(torch.float64)
-    config = ak.AEMConfig(beta=1.0, surprisal_source="old", kl_coef=0.1, entropy_coef=0.01)
-    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
-    truth, _ = ak.aem_policy_loss(hidden @ weight.T + b, labels, adv, config=config, backend="torch", **kw)
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight * weight_scale, b)]
+    logits = leaves[0] @ leaves[1].T + leaves[2]
+    assert logits.abs().max() > min_logit
+    truth, _ = ak.aem_policy_loss(logits, labels, adv, config=config, backend="torch", **kw)
     truth_grads = torch.autograd.grad(truth, leaves)
-    f32 = [t.detach().float().requires_grad_() for t in (hidden, weight, b)]
+    f32 = [t.detach().float().requires_grad_() for t in leaves]
     loss, _ = ak.fused_linear_aem_policy_loss(*f32[:2], labels, adv, bias=f32[2], config=config, **kw)
     assert type(loss.grad_fn).__name__ == "FusedLinearLossGradientFunctionBackward"
     grads = torch.autograd.grad(loss, f32)
     eager, _ = ak.aem_policy_loss(f32[0] @ f32[1].T + f32[2], labels, adv, config=config, backend="torch", **kw)
     eager_grads = torch.autograd.grad(eager, f32)
-    # the accuracy rule: no worse than 3x eager fp32's error against fp64, + 1e-5
     assert abs(loss.double() - truth).item() <= 3 * abs(eager.double() - truth).item() + 1e-5
     for g, e, t in zip(grads, eager_grads, truth_grads):
         assert (g.double() - t).abs().max() <= 3 * (e.double() - t).abs().max() + 1e-5
+
+
+def test_matches_aem_policy_loss_on_the_materialised_logits():
+    _assert_accuracy_rule(ak.AEMConfig(beta=1.0, surprisal_source="old", kl_coef=0.1, entropy_coef=0.01))
 
 
 def test_gradient_scales_with_the_upstream_gradient_and_accumulates():
@@ -215,22 +221,6 @@ def test_gradients_are_handed_on_without_a_copy():
 
 @pytest.mark.parametrize("scale,temperature", [(1.0, 0.3), (300.0, 1.0), (300.0, 0.3)])
 def test_accuracy_rule_at_large_logits_and_low_temperature(scale, temperature):
-    """The single pass's loss and three gradients against fp64 of the materialised logits: no worse than 3x
-    eager fp32's error + 1e-5, at logits of magnitude up to ~1e4 (scale 300 on weights of norm ~30) and tau 0.3."""
-    hidden, weight, b, labels, adv, kw = _batch(torch.float64)
-    weight = weight * scale
+    """The rule at logits of magnitude up to ~1e4 (scale 300 on weights of norm ~30) and tau 0.3."""
     config = ak.AEMConfig(beta=1.0, surprisal_source="old", entropy_coef=0.05, temperature=temperature)
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, b)]
-    logits = leaves[0] @ leaves[1].T + leaves[2]
-    assert logits.abs().max() > (1e3 if scale > 1 else 1.0)
-    truth, _ = ak.aem_policy_loss(logits, labels, adv, config=config, backend="torch", **kw)
-    truth_grads = torch.autograd.grad(truth, leaves)
-    f32 = [t.detach().float().requires_grad_() for t in leaves]
-    loss, _ = ak.fused_linear_aem_policy_loss(*f32[:2], labels, adv, bias=f32[2], config=config, **kw)
-    assert type(loss.grad_fn).__name__ == "FusedLinearLossGradientFunctionBackward"
-    grads = torch.autograd.grad(loss, f32)
-    eager, _ = ak.aem_policy_loss(f32[0] @ f32[1].T + f32[2], labels, adv, config=config, backend="torch", **kw)
-    eager_grads = torch.autograd.grad(eager, f32)
-    assert abs(loss.double() - truth).item() <= 3 * abs(eager.double() - truth).item() + 1e-5
-    for g, e, t in zip(grads, eager_grads, truth_grads):
-        assert (g.double() - t).abs().max() <= 3 * (e.double() - t).abs().max() + 1e-5
+    _assert_accuracy_rule(config, scale, 1e3 if scale > 1 else 1.0)
