@@ -16,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet $(AEM_TORCH_SPEC)
+	$(PY) -m pip install --quiet $(AEM_TORCH_SPEC) numpy   # numpy first: torch's extension build imports it
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,train,bench,verl,trl]"
 	touch $(STAMP)
 

@@ -1,28 +1,21 @@
 """aem_kernels: fused log-prob / entropy kernels and Adaptive Entropy Modulation (AEM) for LLM RL losses.
 
-The math is in AEM_SPEC.md; every op has a plain-PyTorch twin in `aem_kernels.reference`, the test oracle
-(which production code never imports). The layout is described in the README ("Layout").
+The math is in AEM_SPEC.md. The layout (README, "Layout"): `ops/<op>/` (logprobs, fused_linear, segment,
+policy_loss; each with its plain definition `naive.py`, its backends and its one path decision in
+`__init__.py`), `loss/` above the ops, the causal-LM helpers, `distributed`, `integrations/` and `train/` above
+the loss. Importing the package loads no framework, trainer or benchmark.
 """
 
-from .api import (
-    LogprobsEntropyFunction,
-    entropy_from_logits,
-    logprobs_and_entropy,
-    logprobs_from_logits,
-    response_entropy,
-    response_surprisal,
-    selective_log_softmax,
-)
-from ._validation import skip_value_checks
 from .causal_lm import causal_lm_aem_policy_loss, causal_lm_logprobs_and_entropy
 from .config import AEMConfig
-from .dispatch import available_backends
 from .errors import BackendUnavailableError
-from .loss import AEMLoss, aem_policy_loss
-from .fused_linear import (FusedLinearLogprobsEntropyFunction, fused_linear_aem_policy_loss,
-                           fused_linear_logprobs_and_entropy)
-from .modulation import aem_weights, modulate_advantages, relative_uncertainty
-from .packing import turn_ids_to_token_response
+from .loss import (AEMLoss, aem_policy_loss, aem_weights, fused_linear_aem_policy_loss, modulate_advantages,
+                   relative_uncertainty, turn_ids_to_token_response)
+from .ops.fused_linear import FusedLinearLogprobsEntropyFunction, fused_linear_logprobs_and_entropy
+from .ops.logprobs import (LogprobsEntropyFunction, available_backends, entropy_from_logits, logprobs_and_entropy,
+                           logprobs_from_logits, selective_log_softmax)
+from .ops.segment import response_entropy, response_surprisal
+from .validation import skip_value_checks
 
 __version__ = "0.1.0"
 
@@ -34,9 +27,9 @@ __all__ = [
     "LogprobsEntropyFunction",
     "aem_policy_loss",
     "aem_weights",
+    "available_backends",
     "causal_lm_aem_policy_loss",
     "causal_lm_logprobs_and_entropy",
-    "available_backends",
     "entropy_from_logits",
     "fused_linear_aem_policy_loss",
     "fused_linear_logprobs_and_entropy",

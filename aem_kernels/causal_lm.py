@@ -19,7 +19,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .fused_linear import fused_linear_aem_policy_loss, fused_linear_logprobs_and_entropy
+from .loss import fused_linear_aem_policy_loss
+from .ops.fused_linear import fused_linear_logprobs_and_entropy
 
 __all__ = ["causal_lm_logprobs_and_entropy", "causal_lm_aem_policy_loss", "causal_lm_hidden_and_head"]
 

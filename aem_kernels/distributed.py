@@ -1,155 +1,20 @@
-"""Vocab-parallel token log-probs and entropies (eq. 1-2) over a tensor-parallel group of torch.distributed.
+"""The vocab-parallel ops for Megatron-style tensor parallelism, where rank k of a group holds the logits (or the
+lm_head rows) of a contiguous slice of the vocabulary: every rank gets the full-vocabulary log-probs and
+entropies (eq. 1-2) of every token with three [N] all_reduces, and the gradient of its own slice.
 
-Megatron-style setups split the lm_head by vocabulary: rank k of the group holds the logits of a contiguous
-slice V_k = [start_k, start_k + V_local_k) of the vocabulary for every token. This module gives every rank the
-full-vocabulary log-prob and entropy of each token, and each rank the gradient of its own slice, with O(N)
-collectives only (three all_reduces of [N]-sized vectors); the vocabulary is never gathered.
+    vocab_parallel_logprobs_and_entropy(logits_shard, labels, *, group=None, vocab_start=None, ...)
+    vocab_parallel_fused_linear_logprobs_and_entropy(hidden, weight_shard, labels, *, bias_shard=None, ...)
 
-Math. With s = z / tau, rank k's backend computes on its slice (one read of the shard, the fused kernels)
-    lse_k = log sum_{v in V_k} e^{s_v},  p^_k = softmax(s restricted to V_k),  h_k = lse_k - sum p^_k s,
-    l^ = s_y - lse_k for a label y in V_k.
-The full-vocabulary quantities follow from O(N) numbers per rank (w_k is the probability mass of slice k):
-    L = log sum_k e^{lse_k}          (all_reduce MAX, then SUM of e^{lse_k - max})
-    log w_k = lse_k - L,             p_v = w_k p^_v  for v in V_k
-    l_t = s_y - L = l^_{k(y)} + log w_{k(y)}                                      (1; owner's value, SUM)
-    h_t = -sum_v p_v log p_v = sum_k w_k h_k - sum_k w_k log w_k                  (2; SUM)
-The entropy is the entropy of a mixture: both sums are of non-negative terms, so no two O(|z|) numbers cancel
-and logits of magnitude 1e4 keep the accuracy of the single-device op.
-
-Gradient. For upstream a = dLoss/dl_t and b = dLoss/dh_t, section 6 on the full row, restricted to V_k, with
-p_v = w_k p^_v and log p_v = log p^_v + log w_k:
-    dLoss/dz_v = [ a delta_{v y} - a p_v - b p_v (log p_v + h_t) ] / tau
-               = [ a delta_{v y} - (a w_k) p^_v - (b w_k) p^_v (log p^_v + (log w_k + h_t)) ] / tau.
-That is rank k's own backend backward on its slice with the per-row scalars a' = a w_k, b' = b w_k and the
-entropy slot h' = log w_k + h_t (the slice's saved state gives p^), run with a local label y^ (y - start_k when y is in
-V_k, any column, here 0, otherwise), except at the one column y^ of each row, where the backend adds a' for its
-onehot and the true value has a [y in V_k]. That column is recomputed exactly from the logit there and written
-over (an O(N) gather and scatter). No collective runs in the backward: like Megatron's vocab-parallel cross
-entropy, every rank of the group computes the same loss from the same full-vocabulary outputs, so a and b are
-the same on every rank.
-
-The O(N) combination runs in fp64 and l_t is taken as s_y - L from the owner's label logit (an O(N) gather), so
-the result stays within a rounding or two of the single-device op at |z| ~ 1e4. Rows whose label is
-`ignore_index` give 0 and a zero gradient; a row that is -inf on every rank gives NaN (as the single-device op);
-a slice that is entirely -inf for a row has w_k = 0 and a zero gradient there. Besides the three all_reduces, a
-call makes one all_gather of three numbers per rank to check the slices (unless value checks are skipped), and
-one host sync to tell empty slices from NaN logits.
-
-The fused-linear twin, `vocab_parallel_fused_linear_logprobs_and_entropy` (`distributed_linear.py`, exported
-here), takes the hidden states and this rank's rows of the lm_head weight instead of the logits slice.
+The math is in `aem_kernels.ops.logprobs.vocab_parallel`; the fused-linear twin is in
+`aem_kernels.ops.fused_linear.vocab_parallel`. `process_group=` of the loss and the modulation is the other
+distributed feature (data parallelism): see `aem_kernels.loss`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
-import torch
-
-from . import _validation as V
-from . import _vocab_parallel as VP
-from ._collectives import resolve_group
-from ._layout import as_rows3d, gradient_buffer
-from ._vocab_parallel import LOCAL_IGNORE
-from .dispatch import Backend, resolve_backend
-from .distributed_linear import VocabParallelFusedLinearFunction, vocab_parallel_fused_linear_logprobs_and_entropy
+from .ops.fused_linear.vocab_parallel import (VocabParallelFusedLinearFunction,
+                                              vocab_parallel_fused_linear_logprobs_and_entropy)
+from .ops.logprobs.vocab_parallel import VocabParallelLogprobsEntropyFunction, vocab_parallel_logprobs_and_entropy
 
 __all__ = ["VocabParallelFusedLinearFunction", "VocabParallelLogprobsEntropyFunction",
            "vocab_parallel_fused_linear_logprobs_and_entropy", "vocab_parallel_logprobs_and_entropy"]
-
-
-class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
-    """(logits_shard [..., V_local], local labels [N]) -> full-vocabulary (logprobs, entropy); see module doc."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, local_labels: torch.Tensor, in_shard: torch.Tensor,
-                temperature: float, backend: Backend, group, inplace_backward: bool):
-        logits3d = as_rows3d(logits)
-        _, h_k, state_k = backend.forward(logits3d, local_labels, temperature, LOCAL_IGNORE)
-        lse_k, h_k = VP.empty_slices(logits3d, VP.slice_lse(state_k, temperature), h_k)
-        active = local_labels != LOCAL_IGNORE
-        column = torch.where(active, local_labels, 0).view(logits3d.shape[:-1] + (1,))
-        target = logits3d.gather(2, column).reshape(-1).double() / temperature  # O(N) read of the label logits
-        logprobs, entropy, state_b, h_slot, w = VP.mixture_outputs(lse_k, h_k, state_k, target, in_shard, active,
-                                                                   group)
-        ctx.save_for_backward(logits, local_labels, in_shard, state_b, h_slot, w)
-        ctx.config = (temperature, backend, inplace_backward)
-        ctx.set_materialize_grads(False)
-        shape = logits.shape[:-1]
-        # O(N) copies, not views: a view returned by a multi-output Function cannot be edited in place, and
-        # users masked_fill_ their log-probs
-        return logprobs.reshape(shape).clone(), entropy.reshape(shape).clone()
-
-    @staticmethod
-    def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
-        logits, local_labels, in_shard, state_b, h_slot, w = ctx.saved_tensors
-        temperature, backend, inplace_backward = ctx.config
-        none = (None,) * 6
-        if grad_logprobs is None and grad_entropy is None:
-            return (None,) + none
-        dtype = h_slot.dtype
-        active = local_labels != LOCAL_IGNORE
-        a = grad_logprobs.reshape(-1).to(dtype) if grad_logprobs is not None else torch.zeros_like(h_slot)
-        b = grad_entropy.reshape(-1).to(dtype) if grad_entropy is not None else torch.zeros_like(h_slot)
-        logits3d = as_rows3d(logits)
-        column = torch.where(active, local_labels, 0).view(logits3d.shape[:-1] + (1,))
-        # read the label column before an in-place backward overwrites the logits
-        x_col = logits3d.gather(2, column).reshape(-1).to(dtype)
-        buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
-        scaled = (lambda g, present: (g * w).contiguous() if present else None)  # noqa: E731
-        out3d = backend.backward(logits3d, local_labels, state_b, h_slot, scaled(a, grad_logprobs is not None),
-                                 scaled(b, grad_entropy is not None), temperature, LOCAL_IGNORE, buffer.rows3d)
-        col_grad = VP.label_column_grad(x_col, state_b, h_slot, w, a, b, in_shard, active, temperature)
-        out3d.scatter_(2, column, col_grad.view(column.shape).to(out3d.dtype))
-        grad = buffer.finish()
-        return (grad,) + none
-
-
-def vocab_parallel_logprobs_and_entropy(
-    logits_shard: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    group=None,
-    vocab_start: Optional[int] = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    inplace_backward: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Full-vocabulary log-probs (eq. 1) and entropies (eq. 2) from vocabulary-sharded logits.
-
-    Call it on every rank of `group` with the same tokens and labels (tensor parallelism); each rank passes its
-    own slice of the logits. The loss computed from the outputs must be the same on every rank (it is, when
-    computed from these outputs alone); each rank's backward then gives the gradient of its own slice.
-
-    Args:
-        logits_shard: [..., V_local] this rank's vocabulary slice of the logits, fp32/bf16/fp16/fp64, unit vocab
-            stride. V_local may differ between ranks (pass vocab_start then).
-        labels: logits_shard.shape[:-1], integer GLOBAL vocabulary ids in [0, V) or ignore_index, the same on
-            every rank.
-        group: the tensor-parallel ProcessGroup; None: the default (world) group.
-        vocab_start: first global vocabulary id of this rank's slice; None: group rank * V_local. The slices of
-            all ranks must tile [0, V); this is checked with one all_gather of (start, V_local, N) per call
-            (a host sync), skipped inside `ak.skip_value_checks()` along with the label range check.
-        temperature: tau > 0.
-        ignore_index: rows with this label give 0 in both outputs and a zero gradient.
-        backend: the backend of the local O(N V_local) work: "auto", "triton", "cpu" or "torch".
-        inplace_backward: write the slice's gradient into logits_shard's own storage.
-
-    Returns:
-        (logprobs, entropy), each labels' shape, fp32 (fp64 for fp64 logits), identical on every rank.
-    """
-    logits_shard = V.check_logits(logits_shard, "logits_shard")
-    temperature = V.check_temperature(temperature)
-    ignore_index = V.check_ignore_index(ignore_index)
-    labels = V.check_integer_tensor("labels", labels, logits_shard.shape[:-1], logits_shard.device,
-                                    "logits_shard.shape[:-1], global vocabulary ids or ignore_index")
-    if vocab_start is not None:
-        vocab_start = V.check_count("vocab_start", vocab_start)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    group = resolve_group(group, "group", none_is_default=True)
-    be = resolve_backend(backend, logits_shard.device, logits_shard.dtype)
-    local_labels, in_shard = VP.localise_labels(labels, group, vocab_start, logits_shard.shape[-1], ignore_index,
-                                                ("logits_shard.shape[:-1]", "logits_shard.shape[-1]"))
-    return VocabParallelLogprobsEntropyFunction.apply(logits_shard, local_labels, in_shard, temperature, be, group,
-                                                      inplace_backward)

@@ -1,4 +1,4 @@
-"""Exceptions of the package, in a leaf module so that every layer (dispatch, kernels, loss) can raise them
+"""Exceptions of the package, in a leaf module so that every layer (path decisions, kernels, loss) can raise them
 without importing one another."""
 
 from __future__ import annotations

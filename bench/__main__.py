@@ -124,9 +124,9 @@ def environment(device: torch.device) -> dict:
 
 
 def _cpu_kernel_isa() -> Optional[str]:
-    from aem_kernels import _cpu
+    from aem_kernels.ops.logprobs import cpu
 
-    return _cpu.kernel_isa() if _cpu.is_available() else None
+    return cpu.kernel_isa()
 
 
 def _loadavg() -> Optional[str]:

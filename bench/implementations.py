@@ -163,18 +163,18 @@ class _WarmBufferLogprobsEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
-        from aem_kernels import _cpu
+        from aem_kernels.ops.logprobs import cpu
 
         rows3d = logits.detach().reshape(1, -1, logits.shape[-1])
         flat_labels = labels.reshape(-1)
-        logprobs, entropy, state = _cpu.logprobs_entropy_fwd(rows3d, flat_labels, 1.0, -100)
+        logprobs, entropy, state = cpu.logprobs_entropy_fwd(rows3d, flat_labels, 1.0, -100)
         ctx.save_for_backward(rows3d, flat_labels, state, entropy)
         ctx.shape = logits.shape
         return logprobs.view(labels.shape), entropy.view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        from aem_kernels import _cpu
+        from aem_kernels.ops.logprobs import cpu
 
         rows3d, flat_labels, state, entropy = ctx.saved_tensors
         key = (tuple(rows3d.shape), rows3d.dtype)
@@ -183,18 +183,18 @@ class _WarmBufferLogprobsEntropy(torch.autograd.Function):
             _WarmBufferLogprobsEntropy._buffer[key] = torch.zeros_like(rows3d)
         grad = _WarmBufferLogprobsEntropy._buffer[key]
         flat = lambda g: None if g is None else g.reshape(-1).float().contiguous()  # noqa: E731
-        _cpu.logprobs_entropy_bwd(rows3d, flat_labels, state, entropy, flat(grad_logprobs), flat(grad_entropy), 1.0,
-                                  -100, grad)
+        cpu.logprobs_entropy_bwd(rows3d, flat_labels, state, entropy, flat(grad_logprobs), flat(grad_entropy), 1.0,
+                                 -100, grad)
         return grad.view(ctx.shape), None
 
 
 def warm_buffer_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, entropy_grad: bool = True) -> Outputs:
     if not (torch.is_grad_enabled() and logits.requires_grad):
-        from aem_kernels import _cpu
+        from aem_kernels.ops.logprobs import cpu
 
         with torch.no_grad():
-            logprobs, entropy, _ = _cpu.logprobs_entropy_fwd(logits.reshape(1, -1, logits.shape[-1]),
-                                                             labels.reshape(-1), 1.0, -100)
+            logprobs, entropy, _ = cpu.logprobs_entropy_fwd(logits.reshape(1, -1, logits.shape[-1]),
+                                                            labels.reshape(-1), 1.0, -100)
         return logprobs.view(labels.shape), entropy.view(labels.shape)
     return _WarmBufferLogprobsEntropy.apply(logits, labels)
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from aem_kernels import reference as ref
+from aem_kernels import capability
+from aem_kernels.ops.logprobs import naive as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the C++ extension: loaded or not, and why not
+CPP_BUILT = capability.cpu_extension() is not None
+CPP_REASON = f"C++ extension not built: {capability.cpu_extension_reason()}"
 
 
 def oracle_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float = 1.0,

@@ -16,7 +16,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aem_kernels.ops import aem_loss, logprobs, segment  # noqa: E402
+from aem_kernels.ops.logprobs import triton as logprobs  # noqa: E402
+from aem_kernels.ops.policy_loss import triton as aem_loss  # noqa: E402
+from aem_kernels.ops.segment import triton as segment  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Argument types by name; the logits/gradient pointers get the dtype of the variant.

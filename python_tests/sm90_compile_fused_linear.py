@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aem_kernels.ops import fused_linear  # noqa: E402
+from aem_kernels.ops.fused_linear import triton as fused_linear  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _INPUTS = ("x_ptr", "w_ptr", "b_ptr")

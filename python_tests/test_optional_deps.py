@@ -16,8 +16,8 @@ import json, sys, types
 seen = lambda: sorted({{m.split('.')[0] for m in sys.modules}} & set({OPTIONAL!r}))
 import warnings
 warnings.simplefilter("error")  # available_backends() and the imports below must not warn either
-import aem_kernels, aem_kernels.loss, aem_kernels.packing, aem_kernels.dispatch
-import aem_kernels.fused_linear, aem_kernels.causal_lm, aem_kernels.gathered, aem_kernels.distributed
+import aem_kernels, aem_kernels.loss, aem_kernels.ops.logprobs, aem_kernels.ops.segment
+import aem_kernels.ops.fused_linear, aem_kernels.causal_lm, aem_kernels.ops.logprobs.gathered, aem_kernels.distributed
 import aem_kernels.integrations  # the package itself; its verl/trl modules import their framework on purpose
 aem_kernels.available_backends(); aem_kernels.available_backends("cpu")
 after_import = seen()

@@ -34,9 +34,9 @@ require_framework("trl", "trl", "trl==1.16.0")
 
 from trl import GRPOTrainer  # noqa: E402
 
-from ..api import logprobs_and_entropy  # noqa: E402
 from ..config import AEMConfig  # noqa: E402
-from ..modulation import modulate_advantages  # noqa: E402
+from ..loss import modulate_advantages  # noqa: E402
+from ..ops.logprobs import logprobs_and_entropy  # noqa: E402
 
 __all__ = ["AEMGRPOTrainer", "TOKEN_OPS"]
 

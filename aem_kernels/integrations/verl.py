@@ -49,10 +49,10 @@ require_framework("verl", "verl", "verl==0.9.1")
 from verl.trainer.ppo.core_algos import get_adv_estimator_fn, register_adv_est, register_policy_loss  # noqa: E402
 
 from ..config import AEMConfig  # noqa: E402
-from ..loss import aggregate, aggregation_weights, ppo_token_loss  # noqa: E402
-from ..modulation import modulate_advantages  # noqa: E402
-from ..packing import turn_ids_to_token_response  # noqa: E402
-from ..api import entropy_from_logits, logprobs_from_logits, response_entropy, response_surprisal  # noqa: E402
+from ..loss import aggregate, aggregation_weights, modulate_advantages, ppo_token_loss  # noqa: E402
+from ..loss import turn_ids_to_token_response  # noqa: E402
+from ..ops.logprobs import entropy_from_logits, logprobs_from_logits  # noqa: E402
+from ..ops.segment import response_entropy, response_surprisal  # noqa: E402
 
 __all__ = ["ESTIMATOR", "POLICY_LOSS", "aem_settings", "compute_aem_advantage", "compute_policy_loss_aem",
            "last_metrics", "modulate_token_advantages", "patch_token_ops", "response_turn_ids"]

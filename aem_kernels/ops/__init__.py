@@ -1,20 +1,15 @@
-"""Triton kernels (imported lazily by `aem_kernels.dispatch` for backend="triton"; they need Triton).
+"""The ops, one folder each (as flash-linear-attention's `fla/ops/<op>/`):
 
-`logprobs`: log-probs, entropies and their gradient from [B, T, V] logits (eq. 1-2, section 6), with
-optional per-response sums (eq. 3, 3'). `aem_loss`: the single-pass AEM policy loss (loss terms and the
-logits' gradient from one launch). `segment`: deterministic segment sums (the CUDA backend of
-`aem_kernels.reductions`). `utils`: launch table and helpers.
+    logprobs/      token log-probs and entropies from logits (eq. 1-2, section 6): the row backends (torch, cpu,
+                   triton), the K-label gather, the vocab-parallel twin and the vocab-slice mixture math
+    fused_linear/  the same from hidden states and the LM head weight, the logits never built: the chunk plan
+                   and loop, the chunked, vocab-blocked, Triton and vocab-parallel paths
+    segment/       per-response sums, counts and means over the token->response map (eq. 3, 3')
+    policy_loss/   the per-token clipped surrogate and KL (eq. 8) with their derivatives, and the Triton
+                   single-pass kernel of the AEM loss
+    utils.py       the Triton kernels' shared launch table and jit helpers
 
-The modules here are leaves: they take tensors and scalars and import nothing of the loss, the dispatcher,
-the public API or the other backends (a test walks their imports). This file declares what the Triton
-backend serves, without importing Triton, for `dispatch.py` to decide with.
+Each folder has `naive.py` (the plain definition, the tests' oracle) where the op has one, one file per
+backend or path, and an `__init__.py` with the op's public functions and its one path decision, made from what
+`aem_kernels.capability` says this machine has. The ops import nothing of `aem_kernels.loss` and above.
 """
-
-import torch
-
-# Capabilities of the Triton backend, read by dispatch.py.
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP64_REASON = ('the Triton kernels compute in fp32, so they do not serve fp64 logits; use backend="auto" '
-               '(the C++ kernels on CPU tensors, the torch backend elsewhere, both computing in fp64) or '
-               'backend="torch"')
-HAS_SINGLE_PASS_LOSS = True

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 import aem_kernels as ak
-from aem_kernels.loss import _loss_from_token_terms
-from aem_kernels.packing import pack_inputs
+from aem_kernels.loss import loss_from_token_terms, pack_inputs
 
 from .. import measure
 from ..implementations import Implementation
@@ -75,7 +74,7 @@ class AEMLossForwardBackward(Case):
                                          backend=impl.backend, inplace_backward=impl.inplace)
         else:
             logprobs, entropy = impl.fn(inputs.logits, inputs.labels, entropy_grad=False)
-            loss, _ = _loss_from_token_terms(self._pack(inputs), logprobs.float().reshape(-1),
+            loss, _ = loss_from_token_terms(self._pack(inputs), logprobs.float().reshape(-1),
                                              entropy.float().reshape(-1), CONFIG)
             outputs["logprobs"] = logprobs.detach()   # not compared; its dtype sets the loss's tolerance
         measure.phase_end("forward")

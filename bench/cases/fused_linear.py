@@ -256,9 +256,8 @@ class FusedLinearLossForwardBackward(FusedLinearForwardBackward):
         return reason
 
     def call(self, impl: Implementation, inputs: Inputs) -> Outputs:
-        from aem_kernels.loss import _loss_from_token_terms
-        from aem_kernels.packing import pack_inputs
-
+        from aem_kernels.loss import loss_from_token_terms, pack_inputs
+        
         hidden, weight, extra = inputs.extra["hidden"], inputs.extra["weight"], inputs.extra
         forms = dict(token_response=extra["token_response"], response_group=extra["response_group"],
                      old_logprobs=extra["old_logprobs"], old_entropy=extra["old_entropy"])
@@ -271,7 +270,7 @@ class FusedLinearLossForwardBackward(FusedLinearForwardBackward):
                                 response_mask=None, turn_ids=None, ref_logprobs=None,
                                 ignore_index=self.config.ignore_index, advantage_level="response", num_groups=None,
                                 **forms)
-            loss, _ = _loss_from_token_terms(batch, logprobs.float().reshape(-1), entropy.float().reshape(-1),
+            loss, _ = loss_from_token_terms(batch, logprobs.float().reshape(-1), entropy.float().reshape(-1),
                                              self.config)
         result = {}
         if not impl.ours:   # not compared; its dtype sets the loss's tolerance (the lines with rounded logits)

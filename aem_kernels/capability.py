@@ -1,0 +1,77 @@
+"""What this machine has, in one leaf that every op's path decision reads (as fla's `ops/backends` and Liger's
+`backends/capability.py` do): whether Triton is importable and may run on the tensor's device, and whether the
+C++ extension `aem_kernels._C` (built by setup.py from csrc/) is loaded, each with the reason when it is not.
+
+It imports nothing of the package, compiles nothing and never warns. The extension is loaded here, once, at
+import (AEM_KERNELS_DISABLE_CPU_EXT=1 leaves it unloaded); `ops/logprobs/cpu.py` and `ops/segment/cpu.py` add
+the Python parts of its ops (fake implementations, autograd formulas). What each backend serves of dtypes is
+declared by the backend modules themselves (their `DTYPES`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+__all__ = ["TRITON_DTYPES", "TRITON_FOUND", "TRITON_FP64_REASON", "cpu_extension", "cpu_extension_reason", "dtype_name", "triton_interpreting",
+           "triton_reason"]
+
+# Looked up once without importing Triton (cheap at import, and a plain constant for torch.compile to trace).
+TRITON_FOUND = importlib.util.find_spec("triton") is not None
+# What the Triton kernels serve, declared here because their modules cannot be imported without Triton.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_FP64_REASON = ('the Triton kernels compute in fp32, so they do not serve fp64 logits; use backend="auto" '
+                      '(the C++ kernels on CPU tensors, the torch backend elsewhere, both computing in fp64) or '
+                      'backend="torch"')
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1: CPU tensors, slow and exact)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on tensors of `device` (None when they can)."""
+    if not TRITON_FOUND:
+        return "Triton is not installed (pip install triton, or a CUDA build of torch that ships it)"
+    if device.type != "cuda" and not triton_interpreting():
+        return (f"the Triton kernels need CUDA tensors; got a tensor on {device}. Set TRITON_INTERPRET=1 "
+                "before importing aem_kernels to run them in Triton's (slow) interpreter on CPU tensors")
+    return None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _load_extension():
+    if os.environ.get("AEM_KERNELS_DISABLE_CPU_EXT", "0") == "1":
+        return None, "disabled by AEM_KERNELS_DISABLE_CPU_EXT=1"
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        if importlib.util.find_spec(__name__.rsplit(".", 1)[0] + "._C") is None:  # never built
+            return None, ("the C++ extension aem_kernels._C is not built (installed without a C++ compiler or "
+                          "with AEM_KERNELS_NO_EXTENSION=1); reinstall with `pip install --no-build-isolation "
+                          "-e .` where torch and a C++ compiler are present")
+        return None, f"the C++ extension aem_kernels._C failed to load ({exc}); rebuild it for this torch"
+    return _C, None
+
+
+_EXTENSION, _EXTENSION_REASON = _load_extension()
+
+
+def cpu_extension() -> Optional[ModuleType]:
+    """The loaded extension module, or None."""
+    return _EXTENSION
+
+
+def cpu_extension_reason(device: Optional[torch.device] = None) -> Optional[str]:
+    """Why the C++ kernels cannot run (on tensors of `device`, when given); None when they can."""
+    if device is not None and device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors; got a tensor on {device}"
+    return _EXTENSION_REASON

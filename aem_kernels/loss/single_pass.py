@@ -1,0 +1,131 @@
+"""The loss's single pass (AEM_SPEC section 6): when the modulation weights w_r are known before the forward
+(surprisal_source="old", or beta = 0), every token's derivative scalars a_t = dloss/dl_t and b_t = dloss/dh_t
+depend on that token's own l_t, h_t only, so the gradient is finished while each row (or chunk of rows) is
+being read: one read and one write of the logits (Triton, `ops/policy_loss/triton.py`), or three matmuls per
+chunk instead of four from hidden states (`ops/fused_linear/chunked.py`).
+
+Here the per-token A~_t and c_t are prepared, the kernel or chunk loop runs, and the loss value and metrics
+are computed by `terms.loss_from_token_terms` from its l_t and h_t: the same numbers as the two-pass path by
+construction. The per-token derivatives come from `ops.policy_loss.token_loss_derivatives` (the one torch
+statement of them; the Triton kernel's is tested against it).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..config import AEMConfig
+from ..ops.fused_linear import FusedLinearPath
+from ..ops.policy_loss import single_pass_unavailable, token_loss_derivatives
+from .inputs import PackedBatch
+from .terms import (loss_from_token_terms, modulated_token_advantages, response_uncertainty,
+                    weights_unknown_before_forward)
+
+__all__ = ["FusedLinearLossGradientFunction", "fused_linear_single_pass_loss", "fused_linear_single_pass_unavailable",
+           "logits_single_pass_loss", "logits_single_pass_unavailable", "single_pass_token_terms"]
+
+Metrics = Dict[str, torch.Tensor]
+
+
+def single_pass_token_terms(batch: PackedBatch, config: AEMConfig, dtype: torch.dtype
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A~_t [N], c_t [N]): the modulated advantages and aggregation weights, known before the forward
+    (`weights_unknown_before_forward` is None)."""
+    x = response_uncertainty(batch, None, None, config, dtype)
+    token_adv = modulated_token_advantages(batch, x, config, dtype)[0]
+    return token_adv, batch.token_weights(config.loss_agg_mode, dtype)
+
+
+def logits_single_pass_unavailable(config: AEMConfig, backend_name: str, batch: PackedBatch) -> Optional[str]:
+    """Why the single-pass kernel cannot serve this call from logits (None when it can)."""
+    return single_pass_unavailable(backend_name) or weights_unknown_before_forward(config, batch)
+
+
+def logits_single_pass_loss(logits: torch.Tensor, batch: PackedBatch, config: AEMConfig,
+                            inplace_backward: bool) -> Tuple[torch.Tensor, Metrics]:
+    """The Triton single pass for [..., V] logits (the backend resolved to "triton")."""
+    from ..ops.policy_loss.triton import FusedGradientFunction, aem_loss_single_pass
+
+    token_adv, token_weights = single_pass_token_terms(batch, config, torch.float32)
+    logprobs, entropy, grad = aem_loss_single_pass(
+        logits, batch.labels, token_adv, token_weights, batch.old_logprobs, batch.ref_logprobs,
+        temperature=config.temperature, ignore_index=config.ignore_index, clip_low=config.clip_low,
+        clip_high=config.clip_high, dual_clip=config.dual_clip, entropy_coef=config.entropy_coef,
+        kl_coef=config.kl_coef, kl_type=config.kl_type, inplace_backward=inplace_backward)
+    with torch.no_grad():
+        loss, metrics = loss_from_token_terms(batch, logprobs, entropy, config)
+    if grad is not None:
+        loss = FusedGradientFunction.apply(loss, logits, grad)
+    return loss, metrics
+
+
+class FusedLinearLossGradientFunction(torch.autograd.Function):
+    """(loss 0-d, hidden, weight, bias, grads) -> loss, whose backward returns the gradients the single pass
+    computed in the forward (in the working dtype) times the upstream gradient, cast to each input's dtype.
+
+    Memory: the gradients are saved tensors, so autograd frees them after the backward (unless retain_graph);
+    for the usual upstream gradient 1 in the inputs' dtype they are handed on as they are, and AccumulateGrad
+    can take them as `.grad` without a copy (it copies when a retained graph still holds them)."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, grads):
+        inputs = (hidden, weight, bias)
+        shaped = [g.reshape(t.shape) if g is not None and t is not None else None for g, t in zip(grads, inputs)]
+        ctx.save_for_backward(*shaped)
+        ctx.dtypes = [t.dtype if t is not None else None for t in inputs]
+        return loss.detach().clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        unit = bool(grad_loss == 1)
+        out = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            if grad is None or dtype is None:
+                out.append(None)
+            elif unit:
+                out.append(grad.to(dtype))
+            else:
+                out.append((grad * grad_loss.to(grad.dtype)).to(dtype))
+        return (None, *out, None)
+
+
+def fused_linear_single_pass_unavailable(path: FusedLinearPath, config: AEMConfig, batch: PackedBatch,
+                                         dtype: torch.dtype, asked: Optional[bool]) -> Optional[str]:
+    """Why the fused-linear loss cannot finish its gradient in the forward (None when it can)."""
+    if path.single_pass is None:
+        return (f'the "{path.key}" fused-linear path has no single pass (the Triton tile kernels recompute the '
+                'logits in the backward)')
+    if not asked and dtype not in (torch.float32, torch.float64):
+        # half precision: the single pass holds the fp32 weight copy and gradient accumulator from the forward
+        # to the backward; taken only when asked for
+        return f"not taken unasked for {dtype} hidden states (it holds fp32 copies of the weight and its gradient)"
+    if torch.compiler.is_compiling():
+        # its data-dependent row selection does not trace; the custom ops of the two passes do
+        return "under torch.compile the fused-linear loss takes its two passes (custom ops)"
+    return weights_unknown_before_forward(config, batch)
+
+
+def fused_linear_single_pass_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                  batch: PackedBatch, config: AEMConfig, path: FusedLinearPath,
+                                  needs: Tuple[bool, bool, bool], budget: Optional[int]
+                                  ) -> Tuple[torch.Tensor, Metrics]:
+    """The loss value, metrics and the gradients of hidden, weight and bias from one pass over the logit chunks
+    (`chunked.chunked_single_pass`)."""
+    work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    token_adv, token_weights = single_pass_token_terms(batch, config, work)
+    old, ref = batch.old_logprobs, batch.ref_logprobs
+    pick = (lambda values, index: values[index] if values is not None else None)  # noqa: E731
+
+    def token_grads(index: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor):
+        return token_loss_derivatives(logprobs, pick(old, index), token_adv[index], token_weights[index],
+                                      pick(ref, index), config)
+
+    with torch.no_grad():
+        logprobs, entropy, grads = path.single_pass(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                                    batch.labels.reshape(-1), config.temperature,
+                                                    config.ignore_index, token_grads, needs, budget=budget)
+        loss, metrics = loss_from_token_terms(batch, logprobs, entropy, config)
+    return FusedLinearLossGradientFunction.apply(loss, hidden, weight, bias, grads), metrics

@@ -1,0 +1,130 @@
+"""From per-token log-probs and entropies to the AEM loss and its metrics: the one computation that the
+two-pass path (logits or hidden states) and every single pass share, so that they agree by construction.
+
+Per trained token t of response r, with modulated advantage A~_t = w_r A_t (eq. 7):
+
+    loss = agg(L) - entropy_coef * agg(h) + kl_coef * agg(KL(l, l^ref))                         (section 5)
+
+with L_t and KL_t of `ops.policy_loss` and agg the per-token weights of `aggregation.py`. The response
+uncertainty x_r (eq. 3, 3') and the weights w_r are computed without gradient, like advantages.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .. import collectives as C
+from ..config import AEMConfig
+from ..ops.policy_loss import kl_penalty, ppo_token_loss
+from ..ops.segment import segment_count, segment_mean, segment_sum
+from .aggregation import aggregate
+from .inputs import PackedBatch
+from .modulation import aem_metrics, aem_weights_checked
+
+__all__ = ["loss_from_token_terms", "modulated_token_advantages", "response_uncertainty",
+           "weights_unknown_before_forward"]
+
+
+def _token_mean(values: torch.Tensor, trained: torch.Tensor, group=None) -> torch.Tensor:
+    sums = torch.stack([torch.where(trained, values, 0.0).sum(), trained.sum().to(values.dtype)])
+    sums = C.all_reduce(sums, "sum", group)  # over every rank's tokens with a process group
+    return sums[0] / sums[1].clamp(min=1)
+
+
+def _global_value(value: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """A loss term's whole-batch value: this rank's share summed over the ranks / dp_size (itself alone)."""
+    if batch.process_group is None:
+        return value.detach()
+    total = C.all_reduce(value.detach().clone().reshape(1), "sum", batch.process_group)[0]
+    return total / batch.global_batch.dp_size
+
+
+def response_uncertainty(batch: PackedBatch, logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+                         config: AEMConfig, dtype: torch.dtype) -> torch.Tensor:
+    """x_r: response entropy (eq. 3') or surprisal (eq. 3) of the current or the old policy, detached (the
+    current values may be None when the source is "old", or when beta = 0 makes x unused)."""
+    current = entropy if config.uncertainty == "entropy" else (-logprobs if logprobs is not None else None)
+    old = batch.old_entropy if config.uncertainty == "entropy" else (
+        -batch.old_logprobs if batch.old_logprobs is not None else None)
+    source = current if config.surprisal_source == "current" else old
+    if source is None:
+        if config.surprisal_source == "current":   # beta = 0 before the forward: the weights ignore x
+            return torch.zeros(batch.num_responses, dtype=dtype, device=batch.token_response.device)
+        needed = "old_entropy" if config.uncertainty == "entropy" else "old_logprobs"
+        raise ValueError(f'surprisal_source="old" with uncertainty="{config.uncertainty}" needs `{needed}`')
+    reduce = segment_mean if config.surprisal_reduction == "mean" else segment_sum
+    return reduce(source.detach().to(dtype), batch.token_response, batch.num_responses)
+
+
+def weights_unknown_before_forward(config: AEMConfig, batch: PackedBatch) -> Optional[str]:
+    """None when the modulation weights w_r (eq. 7) are known before the forward, so that every token's loss
+    derivative is row-local (what a single pass needs); else why not."""
+    if config.surprisal_source == "current" and config.beta != 0:
+        return ("the modulation weights depend on this forward's own entropies/log-probs "
+                '(surprisal_source="current" with beta != 0), known only after every row is reduced; use '
+                'surprisal_source="old" (with old_entropy or old_logprobs) or beta=0')
+    if config.surprisal_source == "old":
+        needed = "old_entropy" if config.uncertainty == "entropy" else "old_logprobs"
+        if getattr(batch, needed) is None:
+            return f'surprisal_source="old" with uncertainty="{config.uncertainty}" needs `{needed}`'
+    return None
+
+
+def modulated_token_advantages(batch: PackedBatch, x: torch.Tensor, config: AEMConfig, dtype: torch.dtype):
+    """A~_t = w_r A_t (eq. 7) per token, from the response uncertainty x [R]. Returns (token_adv [N],
+    response_adv [R], weights [R], u [R], clipped [R], valid [R])."""
+    tr, num_responses = batch.token_response, batch.num_responses
+    valid = segment_count(tr, num_responses) > 0
+    weights, u, clipped = aem_weights_checked(x, batch.response_group, config, batch.num_groups, valid,
+                                              batch.process_group)
+    weights = weights.to(dtype)
+    # untrained tokens read a zero slot at index R, so a batch without responses (a data-parallel rank
+    # holding none) works too
+    safe_tr = torch.where(tr >= 0, tr, num_responses)
+    padded = (lambda per_response: torch.cat([per_response, per_response.new_zeros(1)]))  # noqa: E731
+    if batch.token_level:
+        token_adv = batch.advantages.to(dtype) * padded(weights)[safe_tr]
+        response_adv = segment_mean(batch.advantages.to(dtype), tr, num_responses)
+    else:
+        response_adv = batch.advantages.to(dtype)
+        token_adv = padded(weights * response_adv)[safe_tr]
+    token_adv = torch.where(tr >= 0, token_adv, 0.0)
+    return token_adv, response_adv, weights, u, clipped, valid
+
+
+def loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tensor,
+                          config: AEMConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """(loss 0-d, metrics) from the batch's per-token log-probs and entropies [N] (differentiable)."""
+    trained = batch.token_response >= 0
+    dtype = logprobs.dtype
+
+    x = response_uncertainty(batch, logprobs, entropy, config, dtype)
+    token_adv, response_adv, weights, u, clipped, valid = modulated_token_advantages(batch, x, config, dtype)
+
+    old = batch.old_logprobs.to(dtype) if batch.old_logprobs is not None else logprobs.detach()
+    pg, flags = ppo_token_loss(logprobs, old, token_adv, config)
+    token_weights = batch.token_weights(config.loss_agg_mode, dtype)
+    agg = lambda values: aggregate(values, token_weights)  # noqa: E731
+    pg_loss = agg(pg)
+    loss = pg_loss
+    entropy_agg = agg(entropy)
+    if config.entropy_coef != 0:
+        loss = loss - config.entropy_coef * entropy_agg
+    group = batch.process_group
+    metrics: Dict[str, torch.Tensor] = {
+        "actor/pg_loss": _global_value(pg_loss, batch),
+        "actor/pg_clipfrac": _token_mean(flags["clip"], trained, group),
+        "actor/ppo_kl": _token_mean(flags["neg_log_ratio"], trained, group),
+        "actor/pg_clipfrac_lower": _token_mean(flags["clip_lower"], trained, group),
+        "actor/entropy": _global_value(entropy_agg, batch),
+    }
+    if config.kl_coef > 0:
+        kl_loss = agg(kl_penalty(logprobs, batch.ref_logprobs.to(dtype), config.kl_type))
+        loss = loss + config.kl_coef * kl_loss
+        metrics["actor/kl_loss"] = _global_value(kl_loss, batch)
+    metrics.update(aem_metrics(x, u, weights, clipped, response_adv, weights * response_adv, batch.response_group,
+                               batch.num_groups, valid, group))
+    metrics["aem/weights"] = weights.detach()
+    return loss, metrics

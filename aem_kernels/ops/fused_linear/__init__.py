@@ -1,0 +1,330 @@
+"""Fused linear + log-prob/entropy: per-token log-probs (eq. 1) and entropies (eq. 2) straight from hidden
+states and the classifier (LM head) weight, never building the logits.
+
+At 150k-token vocabularies the logits dominate an RL step's memory (N = 16k tokens x V = 152k is 5 GB in
+bf16, its fp32 softmax and gradient as much again). Here the logits exist only as tiles (Triton, `triton.py`),
+row chunks of a bounded budget (CPU and backend="torch" for fp32/fp64, `chunked.py`) or vocab blocks (the same
+for bf16/fp16, `blocked.py`: no fp32 copy of the weight), recomputed in the backward, which yields the
+gradients of the hidden states, the weight and the bias (section 6 chained through z = (hidden @ W^T + b) / tau):
+
+    dL/dhidden = G W,   dL/dW = G^T hidden,   dL/db = sum_t G_t,
+    G_t = [a_t (onehot(y_t) - p_t) - b_t p_t (log p_t + h_t)] / tau
+
+The values equal `logprobs_and_entropy(hidden @ weight.T + bias, labels)` computed in fp32 from the same
+inputs (fp32 accumulation for bf16/fp16 inputs, as eager fp32 does after upcasting them), within the
+package's accuracy rule; `naive.py` is that definition, the tests' oracle.
+
+The op's one path decision is `resolve_fused_linear_path`: "triton" (CUDA, or the interpreter) takes the tile
+kernels; "cpu" / "torch" take a BLAS path over that row backend, vocab blocks for bf16/fp16 hidden states and
+row chunks otherwise; "auto" with fp64 hidden states (a checking path; Triton computes in fp32) takes the
+chunked torch path. The loss's single pass (`chunked.chunked_single_pass`, when the per-token derivatives are
+known before the forward) is the chunked path's, taken unasked for fp32/fp64 only (half precision would hold
+the fp32 weight copy and gradient accumulator from the forward to the backward).
+
+The op's forward and backward are torch.library custom ops (torch.compile, fullgraph too, sees two opaque
+calls, not the chunk loops and their data-dependent row selection). The path travels to them as its name, and
+its O(N) backward state as one [N, 2] tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from ... import validation as V
+from ...errors import BackendUnavailableError
+from ..logprobs import load_backend, resolve_backend
+
+__all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearPath", "check_budget", "check_linear",
+           "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path", "logits_like",
+           "resolve_fused_linear_path"]
+
+_HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class FusedLinearPath:
+    """One path of the op, named by `key` ("triton", "<row backend>-chunked" or "<row backend>-blocked"):
+    `forward(hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy, budget) -> (logprobs,
+    entropy | None, saved)`, `backward(hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy,
+    temperature, ignore_index, needs, deterministic, budget) -> (grad_hidden, grad_weight, grad_bias)`,
+    `pack(saved, n_rows, dtype, device) -> state [N, 2]` and `unpack(state, entropy, labels, ignore_index,
+    vocab, hidden, dtype, budget) -> saved` (the state crosses the custom op as one tensor), `state_dtype(hidden
+    dtype)`, and `single_pass` (the chunked path's one-pass loss, else None)."""
+
+    key: str
+    forward: Callable
+    backward: Callable
+    pack: Callable
+    unpack: Callable
+    state_dtype: Callable
+    single_pass: Optional[Callable] = None
+
+
+def _build_path(key: str) -> FusedLinearPath:
+    if key == "triton":
+        from . import triton as tiles
+
+        def triton_forward(*args, budget=None):   # the tiles are the working set (a budget is refused earlier)
+            return tiles.fused_linear_fwd(*args)
+
+        return FusedLinearPath("triton", triton_forward, tiles.fused_linear_bwd,
+                               pack=lambda saved, *_: torch.stack(saved, dim=1),                # (m, log d)
+                               unpack=lambda state, *_: tuple(t.contiguous() for t in state.unbind(1)),
+                               state_dtype=lambda dtype: torch.float32)
+    row_name, kind = key.split("-")
+    row = load_backend(row_name)
+    from . import blocked, chunked
+
+    fwd, bwd = (blocked.blocked_fwd, blocked.blocked_bwd) if kind == "blocked" else (chunked.chunked_fwd,
+                                                                                        chunked.chunked_bwd)
+
+    def forward(*args, budget=None):
+        return fwd(row, *args, budget=budget)
+
+    def backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature,
+                 ignore_index, needs, deterministic=False):
+        # always deterministic: fixed chunk / block order, BLAS reductions
+        return bwd(row, hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy, temperature,
+                   ignore_index, needs)
+
+    def single_pass(*args, **kwargs):   # row chunks for every dtype
+        return chunked.chunked_single_pass(row, *args, **kwargs)
+
+    if kind == "blocked":
+        pack, unpack, state_dtype = blocked.blocked_pack, blocked.blocked_unpack, (lambda dtype: torch.float64)
+    else:
+        pack, state_dtype = chunked.chunked_pack, chunked.compute_dtype
+
+        def unpack(state, entropy, labels, ignore_index, vocab, hidden, dtype, budget):
+            return chunked.chunked_unpack(state, entropy, labels, ignore_index, vocab, dtype, budget)
+
+    return FusedLinearPath(key, forward, backward, pack, unpack, state_dtype, single_pass)
+
+
+_PATHS: Dict[str, FusedLinearPath] = {}
+
+
+def fused_linear_path(key: str) -> FusedLinearPath:
+    """The path named `key` (built once; the custom ops find their path by this name)."""
+    if key not in _PATHS:
+        _PATHS[key] = _build_path(key)
+    return _PATHS[key]
+
+
+def resolve_fused_linear_path(backend: str, device: torch.device, dtype: torch.dtype) -> FusedLinearPath:
+    """The path for hidden states of `dtype` on `device` (the row backend's choice, same names and errors;
+    see the module docstring)."""
+    if backend == "auto" and dtype == torch.float64:
+        backend = "torch"
+    row = resolve_backend(backend, device, dtype)
+    if row.name == "triton":
+        if dtype == torch.float64:
+            raise BackendUnavailableError('backend="triton" is not available for fp64 hidden states (the fused '
+                                          'linear kernels compute in fp32); use backend="torch"')
+        return fused_linear_path("triton")
+    kind = "blocked" if dtype in (torch.float16, torch.bfloat16) else "chunked"
+    return fused_linear_path(f"{row.name}-{kind}")
+
+
+def _budget_arg(budget: Optional[int]) -> int:
+    return -1 if budget is None else budget
+
+
+def _budget_value(budget: int) -> Optional[int]:
+    return None if budget < 0 else budget
+
+
+@torch.library.custom_op("aem_kernels::fused_linear_logprobs_entropy_fwd", mutates_args=())
+def _fused_linear_fwd_op(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool,
+                         path: str, budget: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs [N], entropy [N] ([0] without it), state [N, 2]) of the fused-linear path named `path`."""
+    be = fused_linear_path(path)
+    logprobs, entropy, saved = be.forward(hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy,
+                                          budget=_budget_value(budget))
+    state = be.pack(saved, hidden2d.shape[0], hidden2d.dtype, hidden2d.device)
+    if entropy is None:
+        entropy = logprobs.new_empty(0)
+    return logprobs, entropy, state
+
+
+@_fused_linear_fwd_op.register_fake
+def _(hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy, path, budget):
+    be = fused_linear_path(path)
+    n_rows, work = hidden2d.shape[0], torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
+    return (hidden2d.new_empty(n_rows, dtype=work), hidden2d.new_empty(n_rows if with_entropy else 0, dtype=work),
+            hidden2d.new_empty(n_rows, 2, dtype=be.state_dtype(hidden2d.dtype)))
+
+
+@torch.library.custom_op("aem_kernels::fused_linear_logprobs_entropy_bwd", mutates_args=())
+def _fused_linear_bwd_op(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, state: torch.Tensor, entropy: Optional[torch.Tensor],
+                         grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                         temperature: float, ignore_index: int, need_hidden: bool, need_weight: bool,
+                         need_bias: bool, deterministic: bool, path: str, budget: int
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; an empty [0] tensor where not needed."""
+    be = fused_linear_path(path)
+    saved = be.unpack(state, entropy, labels, ignore_index, weight.shape[0], hidden2d.shape[1], hidden2d.dtype,
+                      _budget_value(budget))
+    grads = be.backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature,
+                        ignore_index, (need_hidden, need_weight, need_bias), deterministic)
+    return tuple(g if g is not None else hidden2d.new_empty(0) for g in grads)
+
+
+@_fused_linear_bwd_op.register_fake
+def _(hidden2d, weight, bias, labels, state, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+      need_hidden, need_weight, need_bias, deterministic, path, budget):
+    return (torch.empty_like(hidden2d) if need_hidden else hidden2d.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden2d.new_empty(0),
+            torch.empty_like(bias) if need_bias and bias is not None else hidden2d.new_empty(0))
+
+
+class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
+    """(hidden2d [N, H], weight [V, H], bias [V] | None, labels [N]) -> (logprobs [N], entropy [N] | None) on a
+    `FusedLinearPath`; options = (deterministic, budget, the outputs' shape)."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy, path, options):
+        deterministic, budget, shape = options
+        logprobs, entropy, state = _fused_linear_fwd_op(hidden2d, weight, bias, labels, temperature, ignore_index,
+                                                        with_entropy, path.key, _budget_arg(budget))
+        entropy = entropy if with_entropy else None
+        ctx.save_for_backward(hidden2d, weight, bias, labels, entropy, state)
+        ctx.config = (temperature, ignore_index, with_entropy, path.key, deterministic, _budget_arg(budget))
+        ctx.set_materialize_grads(False)
+        # O(N) private copies in labels' shape, not views: users edit their log-probs in place (masked_fill_),
+        # and such an edit must not reach the entropy (or backend state) saved above.
+        return logprobs.reshape(shape).clone(), (entropy.reshape(shape).clone() if entropy is not None else None)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden2d, weight, bias, labels, entropy, state = ctx.saved_tensors
+        temperature, ignore_index, with_entropy, path, deterministic, budget = ctx.config
+        if not with_entropy:
+            grad_entropy = None
+        if grad_logprobs is None and grad_entropy is None:
+            return (None,) * 9
+        flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)  # noqa: E731 (labels' shape in)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grads = _fused_linear_bwd_op(hidden2d, weight, bias, labels, state, entropy, flat(grad_logprobs),
+                                     flat(grad_entropy), temperature, ignore_index, need_hidden, need_weight,
+                                     need_bias and bias is not None, deterministic, path, budget)
+        wanted = (need_hidden, need_weight, need_bias and bias is not None)
+        return (*(g if w else None for g, w in zip(grads, wanted)), None, None, None, None, None, None)
+
+
+def check_linear(hidden: object, weight: object, bias: object, names: Tuple[str, str] = ("weight", "bias")
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """hidden [..., H], weight [V, H], bias [V] | None of one floating dtype on one device; `names` spell the
+    weight and bias arguments in the messages."""
+    wn, bn = names
+    hidden = V.check_tensor("hidden", hidden)
+    weight = V.check_tensor(wn, weight)
+    if hidden.dtype not in _HIDDEN_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    width = hidden.shape[-1]
+    if weight.dim() != 2:
+        raise ValueError(f"{wn} must have shape [V, H] = [V, {width}] (the LM head's weight), got "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != width:
+        raise ValueError(f"{wn} must have shape [V, H] with H = hidden.shape[-1] = {width}, got "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{wn} must have a vocabulary dimension V >= 1, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{wn} must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{wn} is on {weight.device} but hidden is on {hidden.device}; put them on one device")
+    if bias is not None:
+        bias = V.check_tensor(bn, bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{bn} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{bn} must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"{bn} is on {bias.device} but hidden is on {hidden.device}; put them on one device")
+    return hidden, weight, bias
+
+
+def logits_like(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A zero-stride stand-in with the logits' shape [..., V] and device, for the shape and label checks
+    that the logits-based functions share (one element of memory, never read)."""
+    return hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)
+
+
+def check_budget(budget: object, path: Optional[FusedLinearPath] = None) -> Optional[int]:
+    """`chunk_budget_bytes`: None or a positive int, the bytes of the one fp32 logits buffer of the chunked and
+    vocab-blocked paths. The Triton path's working set is its register tiles, so it refuses a budget rather
+    than ignore it."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"chunk_budget_bytes must be None or a positive int (bytes), got {budget!r}")
+    if path is not None and path.key == "triton":
+        raise ValueError("chunk_budget_bytes applies to the chunked and vocab-blocked paths (CPU, backend='torch'); "
+                         "the Triton path keeps its logits in register tiles and has no buffer to size: pass None")
+    return budget
+
+
+def fused_linear_apply(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool,
+                       path: FusedLinearPath, deterministic: bool, budget: Optional[int]):
+    """`FusedLinearLogprobsEntropyFunction` on checked inputs: hidden [..., H], labels hidden.shape[:-1]."""
+    return FusedLinearLogprobsEntropyFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), temperature, ignore_index,
+        with_entropy, path, (deterministic, budget, labels.shape))
+
+
+def fused_linear_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    with_entropy: bool = True,
+    backend: str = "auto",
+    deterministic: bool = False,
+    chunk_budget_bytes: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Token log-probs (eq. 1) and entropies (eq. 2) of the logits hidden @ weight.T + bias, never built.
+
+    Args:
+        hidden: [..., H] fp32/bf16/fp16 (fp64 for checks), any strides.
+        weight: [V, H] of hidden's dtype and device (e.g. `model.lm_head.weight`, tied embeddings alike).
+        labels: hidden.shape[:-1], integer, values in [0, V) or `ignore_index`.
+        bias: [V] or None.
+        temperature: tau > 0; the logits are divided by it.
+        ignore_index: positions with this label give 0 and no gradient (and cost no matmul on the CPU path).
+        with_entropy: False skips the entropy work (Triton: its statistics and its backward term; chunked
+            and vocab-blocked paths: the row kernels' entropy sum, the blocks' entropy combination inputs and
+            the backward term) and returns None for it (not zeros that could be mistaken for values).
+        backend: "auto" (Triton on CUDA; on CPU the chunked C++ path for fp32, its vocab-blocked twin for
+            bf16/fp16), "triton", "cpu", "torch"; see `resolve_fused_linear_path`.
+        deterministic: Triton only: separate dH and dW passes instead of atomics (bit-identical run to run);
+            the chunked path is always deterministic.
+        chunk_budget_bytes: bytes of the one fp32 logits buffer of the CPU / torch paths (its shape is the
+            path's: a chunk of rows for fp32/fp64 hidden states, a block of vocabulary columns over every row
+            for bf16/fp16; default: `plan.py`). The Triton path has no such buffer and refuses it (ValueError).
+
+    Returns:
+        (logprobs, entropy | None), each of labels' shape, fp32 (fp64 for fp64 inputs); differentiable with
+        respect to hidden, weight and bias.
+    """
+    hidden, weight, bias = check_linear(hidden, weight, bias)
+    temperature = V.check_temperature(temperature)
+    ignore_index = V.check_ignore_index(ignore_index)
+    labels = V.check_labels(labels, logits_like(hidden, weight.shape[0]), ignore_index)
+    with_entropy = V.check_bool("with_entropy", with_entropy)
+    deterministic = V.check_bool("deterministic", deterministic)
+    path = resolve_fused_linear_path(backend, hidden.device, hidden.dtype)
+    budget = check_budget(chunk_budget_bytes, path)
+    return fused_linear_apply(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, path,
+                              deterministic, budget)
