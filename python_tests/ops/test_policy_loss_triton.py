@@ -1,10 +1,11 @@
-"""Single-pass AEM policy loss (aem_kernels/ops/aem_loss.py) against the two-pass paths and the fp64 reference.
+"""Single-pass AEM policy loss (aem_kernels/ops/policy_loss/triton.py) against the two-pass paths, the fp64
+reference and the torch statement of the per-token derivatives (`ops.policy_loss.token_loss_derivatives`).
 
 The batch is built so that every branch of the surrogate's gradient is taken: tokens inside the clip range,
 above it (A > 0: gradient 0), below it (A < 0: gradient 0), under the dual clip (A < 0, rho > c), a k3 KL
 term beyond its clamps, an untrained token and an empty response. The interpreter runs one tile per row
 here (V = 160 < 256) to keep the 30-case matrix fast; multi-tile rows are covered by a separate test and by
-test_ops_logprobs.py.
+test_logprobs_triton.py.
 """
 
 import pytest
@@ -218,3 +219,38 @@ def test_single_pass_errors():
         tl_loss.aem_loss_fused_fwd(
             logits.unsqueeze(0), labels, torch.zeros(n), torch.zeros(n), None, None, 1.0, -100, 0.2, 0.2, None,
             0.0, 0.0, "k3", torch.empty(1, n - 1, logits.shape[-1]))
+
+
+@pytest.mark.parametrize("dual_clip", [3.0, None])
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_kernel_derivatives_are_the_torch_statement(kl_type, dual_clip, one_tile):
+    """The kernel's hand-written dL_t/dl_t (surrogate, dual clip, KL with its clamps) and entropy term equal
+    `ops.policy_loss.token_loss_derivatives` (the one torch statement of them, autograd of the loss's own
+    terms): the kernel's gradient is the section-6 backward of the fp64 oracle fed with those scalars, on the
+    kernel's own l_t and h_t. Every branch of the batch (`_batch`) is taken."""
+    from aem_kernels.ops.policy_loss import token_loss_derivatives
+
+    logits, labels, advantages, extras = _batch()
+    config = ak.AEMConfig(surprisal_source="old", kl_type=kl_type, kl_coef=0.1, entropy_coef=0.01,
+                          dual_clip=dual_clip, temperature=TEMPERATURE)
+    n = labels.numel()
+    token_response = extras["token_response"]
+    trained = token_response >= 0
+    token_adv = torch.where(trained, advantages[token_response.clamp(min=0)], 0.0)
+    token_weights = torch.linspace(0.5, 1.5, n, device=DEVICE) * trained
+    x = logits.detach().requires_grad_()
+    lp, ent, grad = tl_loss.aem_loss_single_pass(
+        x, labels, token_adv, token_weights, extras["old_logprobs"], extras["ref_logprobs"],
+        temperature=TEMPERATURE, ignore_index=-100, clip_low=config.clip_low, clip_high=config.clip_high,
+        dual_clip=dual_clip, entropy_coef=config.entropy_coef, kl_coef=config.kl_coef, kl_type=config.kl_type,
+        inplace_backward=False)
+    a, b = token_loss_derivatives(lp.double(), extras["old_logprobs"].double(), token_adv.double(),
+                                  token_weights.double(), extras["ref_logprobs"].double(), config)
+    assert b is not None and bool((a != 0).any())
+    logits3d = logits.detach().double().unsqueeze(0)
+    _, entropy, lse = ref.logprobs_entropy_fwd_ref(logits3d, labels, TEMPERATURE, -100)
+    expected = ref.logprobs_entropy_bwd_ref(logits3d, labels, lse, entropy, a, b, TEMPERATURE, -100,
+                                            torch.empty_like(logits3d)).squeeze(0)
+    # fp32 kernel against the fp64 oracle: a few fp32 ulps of the largest entry (as `_assert_matches`)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5 * scale)
