@@ -9,10 +9,14 @@ A full verl run needs Ray, GPUs, a model and a dataset; the switch is only these
         +ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=aem_kernels.integrations.verl \\
         actor_rollout_ref.rollout.n=8 ...
 
-This script (CPU, seconds; needs `pip install aem-kernels[verl]`, from a checkout
-`PYTHONPATH=. python examples/verl_aem.py`) builds a verl-shaped multi-turn batch, calls the hooks through
-verl's own registries exactly as verl's trainer and actor do, and checks them against verl's stock GRPO
-advantage and "vanilla" policy loss at beta = 0.
+The estimator needs the batch's per-token old log-probs, which verl's `compute_advantage` does not hand to
+registered estimators; importing `aem_kernels.integrations.verl` (VERL_USE_EXTERNAL_MODULES does it in the
+trainer process) wraps verl's `compute_advantage` so that, for "aem" only, it passes them as the estimator's
+`old_log_probs=` keyword. This script (CPU, seconds; needs `pip install aem-kernels[verl]`, from a checkout
+`PYTHONPATH=. python examples/verl_aem.py`) builds a verl-shaped multi-turn batch, runs the advantage step
+through that hook (`compute_advantage(data, ...)` on a DataProto, what verl's trainer calls), checks it against
+the estimator called with explicit keywords, and checks the estimator and the policy loss against verl's stock
+GRPO advantage and "vanilla" policy loss at beta = 0.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from verl import DataProto  # noqa: E402
 from verl.trainer.ppo.core_algos import (  # noqa: E402
     compute_grpo_outcome_advantage, get_adv_estimator_fn, get_policy_loss_fn)
 from verl.workers.config import ActorConfig  # noqa: E402
 
-import aem_kernels.integrations.verl  # noqa: E402,F401  (what VERL_USE_EXTERNAL_MODULES does in every process)
+# What VERL_USE_EXTERNAL_MODULES does in every process: registers "aem" and wraps verl's compute_advantage.
+import aem_kernels.integrations.verl as aem_verl  # noqa: E402
 
 # The overrides of the README's command line (the test composes them against verl's own ppo_trainer config).
 OVERRIDES = [
@@ -64,11 +70,18 @@ def main() -> None:
     for beta in (0.0, 1.0):
         config = OmegaConf.create({"adv_estimator": "aem", "norm_adv_by_std_in_grpo": True,
                                    "aem": {"base_estimator": "grpo", "beta": beta}})
-        advantages, _ = estimator(token_level_rewards=rewards, response_mask=mask, index=uid, config=config,
-                                  old_log_probs=old_log_probs)
+        # The trainer's advantage step: the batch's old_log_probs reach the estimator as a keyword argument.
+        data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask,
+                                            "old_log_probs": old_log_probs}, non_tensors={"uid": uid})
+        advantages = aem_verl.compute_advantage(data, adv_estimator="aem", config=config).batch["advantages"]
+        explicit, _ = estimator(token_level_rewards=rewards, response_mask=mask, index=uid, config=config,
+                                old_log_probs=old_log_probs)
+        assert torch.equal(advantages, explicit), "the hook passes the batch's old log-probs"
         turn_weights = [[round(float(advantages[b, t] / stock[b, t]), 3) if stock[b, t] != 0 else None
                          for t in (0, 7)] for b in range(len(uid))]
-        print(f"beta={beta}: weights of (turn 1, turn 2) per trajectory: {turn_weights}")
+        metrics = aem_verl.last_metrics()  # verl's estimator interface returns none: log these yourself
+        print(f"beta={beta}: weights of (turn 1, turn 2) per trajectory: {turn_weights}; "
+              f"aem/w_std {metrics['aem/w_std']:.3f}, aem/drift {metrics['aem/drift']:.4f}")
         if beta == 0:
             assert torch.equal(advantages, stock), "beta = 0 must be verl's GRPO exactly"
 

@@ -1,7 +1,8 @@
 """Framework integrations: AEM and the fused token ops as a switch inside verl and TRL.
 
 `aem_kernels.integrations.verl` (extra `[verl]`, verl 0.9.1) registers an advantage estimator and a policy loss
-in verl's registries; `aem_kernels.integrations.trl` (extra `[trl]`, TRL 1.16.0) holds `AEMGRPOTrainer`.
+in verl's registries and wraps verl's `compute_advantage` to hand the estimator the batch's old log-probs;
+`aem_kernels.integrations.trl` (extra `[trl]`, TRL 1.16.0) holds `AEMGRPOTrainer`.
 Importing `aem_kernels` or this package imports neither framework; importing an integration without its
 framework raises an ImportError that names the extra to install.
 """

@@ -2,7 +2,9 @@
 
 Everything is called through verl's own registries (`get_adv_estimator_fn`, `get_policy_loss_fn`) on
 verl-shaped [B, T] batches and compared with verl's stock GRPO / RLOO estimators, verl's "vanilla" policy
-loss, and this package's public reference (`modulate_advantages`) on independently built packed inputs.
+loss, and this package's public reference (`modulate_advantages`) on independently built packed inputs. The
+advantage hook (the estimator's `old_log_probs=` / `entropys=` keywords, passed from the batch by the wrapped
+`compute_advantage`) runs through verl's own trainer functions in a child process.
 """
 
 from __future__ import annotations
@@ -182,46 +184,128 @@ def test_modulation_equals_package_reference(verl_api, aem):
     assert metrics["aem/w_std"] > 0
 
 
-def test_reads_old_log_probs_from_the_calling_compute_advantage(verl_api):
-    """verl's generic branch: `adv_estimator_fn(**adv_kwargs)` inside a function whose `data` is a DataProto."""
-    core_algos, _ = verl_api
+def _data_proto(rewards, mask, uid, **per_token):
     from verl import DataProto
 
-    rewards, mask, uid, old_lp, _ = _batch(3)
-    data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask,
-                                        "old_log_probs": old_lp}, non_tensors={"uid": uid})
-    cfg = _algo_config(beta=1.0)
+    return DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask, **per_token},
+                               non_tensors={"uid": uid})
 
-    def compute_advantage(data, adv_estimator, config):  # the shape of verl's call, verl's own objects
-        adv_estimator_fn = core_algos.get_adv_estimator_fn(adv_estimator)
-        adv_kwargs = {"token_level_rewards": data.batch["token_level_rewards"],
-                      "response_mask": data.batch["response_mask"], "config": config,
-                      "index": data.non_tensor_batch["uid"]}
-        return adv_estimator_fn(**adv_kwargs)
 
-    adv, _ = compute_advantage(data, "aem", cfg)
+def test_estimator_names_the_missing_values(verl_api):
+    core_algos, integration = verl_api
+    rewards, mask, uid, old_lp, entropys = _batch(3)
+    estimator = core_algos.get_adv_estimator_fn("aem")
+    estimator(token_level_rewards=rewards, response_mask=mask, index=uid, config=_algo_config(beta=1.0),
+              old_log_probs=old_lp)
+    assert integration.last_metrics()
+    # verl's generic call (no per-token values): a ValueError naming the keyword and the hook
+    with pytest.raises(ValueError, match=r"needs `old_log_probs=` .*\(7, 9\).*VERL_USE_EXTERNAL_MODULES"):
+        estimator(token_level_rewards=rewards, response_mask=mask, index=uid, config=_algo_config(beta=1.0))
+    assert integration.last_metrics() == {}  # a failed call leaves no previous batch's metrics behind
+    with pytest.raises(ValueError, match="needs `entropys=`"):
+        estimator(token_level_rewards=rewards, response_mask=mask, index=uid, old_log_probs=old_lp,
+                  config=_algo_config(uncertainty="entropy"))
+    with pytest.raises(TypeError, match=r"old_log_probs must be a \[B, T\] tensor, got ndarray"):
+        estimator(token_level_rewards=rewards, response_mask=mask, index=uid, config=_algo_config(),
+                  old_log_probs=old_lp.numpy())
+
+
+@pytest.mark.parametrize("aem, entropy_key", [(dict(beta=1.0), None),
+                                              (dict(beta=1.3, uncertainty="entropy"), "entropys"),
+                                              (dict(beta=0.8, uncertainty="entropy"), "entropy")])
+def test_compute_advantage_hands_the_batch_values(verl_api, aem, entropy_key):
+    """The module's compute_advantage (what verl's trainer calls once wrapped) on a verl DataProto."""
+    core_algos, integration = verl_api
+    rewards, mask, uid, old_lp, entropys = _batch(4)
+    per_token = {"old_log_probs": old_lp, **({entropy_key: entropys} if entropy_key else {})}
+    data = _data_proto(rewards, mask, uid, **per_token)
+    assert integration.advantage_inputs(data).keys() == {"old_log_probs", *(["entropys"] if entropy_key else [])}
+    cfg = _algo_config(**aem)
+    out = integration.compute_advantage(data, adv_estimator="aem", config=cfg)
+    assert out is data
+    base, base_returns = core_algos.compute_grpo_outcome_advantage(rewards, mask, uid)
+    aem_config, _, _ = integration.aem_settings(cfg)
+    expected = _expected_aem(base, mask, uid, entropys if entropy_key else old_lp, aem_config)
+    assert not torch.equal(out.batch["advantages"], base)
+    torch.testing.assert_close(out.batch["advantages"], expected, rtol=2 * EPS32, atol=0)
+    assert torch.equal(out.batch["returns"], base_returns)
     explicit, _ = core_algos.get_adv_estimator_fn("aem")(token_level_rewards=rewards, response_mask=mask,
-                                                         index=uid, config=cfg, old_log_probs=old_lp)
-    assert torch.equal(adv, explicit)
-    # a different response mask (not the batch's own tensor) is not mistaken for the batch
-    with pytest.raises(ValueError, match="old_log_probs"):
-        core_algos.get_adv_estimator_fn("aem")(token_level_rewards=rewards, response_mask=mask.clone(),
-                                               index=uid, config=cfg)
+                                                         index=uid, config=cfg, **integration.advantage_inputs(data))
+    assert torch.equal(out.batch["advantages"], explicit)
+    with pytest.raises(ValueError, match="needs `old_log_probs=`"):
+        integration.compute_advantage(_data_proto(rewards, mask, uid), adv_estimator="aem",
+                                      config=_algo_config(beta=1.0))
 
 
-def test_through_verl_compute_advantage(verl_api):
-    ray_trainer = pytest.importorskip("verl.trainer.ppo.ray_trainer")  # needs verl's full trainer deps
+# verl's trainer modules import, at import, the packages of its HTTP rollout server (cachetools, fastapi,
+# uvicorn) and of v1's transfer queue; none takes part in compute_advantage, so where one is not installed a
+# stand-in takes its name (in the child process only) and verl's own trainer code runs unchanged.
+_VERL_TRAINER_RUN = """
+    import importlib.util, sys, types
+    for name in ("cachetools", "fastapi", "uvicorn", "transfer_queue"):
+        if importlib.util.find_spec(name) is None:
+            stub = types.ModuleType(name)
+            stub.__path__ = []
+            def stand_in(attr):
+                if attr.startswith("__"):
+                    raise AttributeError(attr)
+                return type(attr, (), {{"__init__": lambda self, *args, **kwargs: None}})
+            stub.__getattr__ = stand_in
+            sys.modules[name] = stub
+    import torch, verl
+    from omegaconf import OmegaConf
     from verl import DataProto
+    from verl.trainer.ppo import core_algos
+    hook_first = "aem_kernels.integrations.verl" in sys.modules and "verl.trainer.ppo.ray_trainer" not in sys.modules
+    import verl.trainer.ppo.ray_trainer as ray_trainer, verl.trainer.ppo.v1.utils as v1_utils
+    import aem_kernels.integrations.verl
+    b = torch.load({inputs!r})
+    def data(**per_token):
+        return DataProto.from_dict(tensors={{"token_level_rewards": b["rewards"], "response_mask": b["mask"],
+                                             **per_token}}, non_tensors={{"uid": b["uid"]}})
+    cfg = OmegaConf.create({{"adv_estimator": "aem", "norm_adv_by_std_in_grpo": True, "aem": {{"beta": 1.0}}}})
+    out = {{"hook_first": hook_first, "same_in_v1": v1_utils.compute_advantage is ray_trainer.compute_advantage,
+           "verl_module": ray_trainer.compute_advantage.__wrapped__.__module__}}
+    # v0's fit and v1's _compute_advantage, as verl's trainers call them
+    out["v0"] = ray_trainer.compute_advantage(data(old_log_probs=b["old_lp"]), adv_estimator="aem", gamma=1.0,
+                                              lam=1.0, num_repeat=3, norm_adv_by_std_in_grpo=True,
+                                              config=cfg).batch["advantages"]
+    out["v1"] = v1_utils.compute_advantage_for_multi_trajectories(
+        data(old_log_probs=b["old_lp"]), batch_keys=[], adv_estimator="aem", config=cfg).batch["advantages"]
+    # other estimators: verl's own code paths (its GRPO branch and its generic branch)
+    for name in ("grpo", "rloo"):
+        got = ray_trainer.compute_advantage(data(), adv_estimator=name, config=cfg).batch["advantages"]
+        stock = core_algos.get_adv_estimator_fn(name)(token_level_rewards=b["rewards"], response_mask=b["mask"],
+                                                      index=b["uid"], config=cfg)[0]
+        out[name] = bool(torch.equal(got, stock))
+    try:  # verl's compute_advantage without the wrap: the estimator says what it lacks
+        ray_trainer.compute_advantage.__wrapped__(data(old_log_probs=b["old_lp"]), adv_estimator="aem", config=cfg)
+    except ValueError as error:
+        out["unwrapped_error"] = str(error)
+    torch.save(out, {result!r})
+"""
 
-    rewards, mask, uid, old_lp, _ = _batch(4)
-    data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask,
-                                        "old_log_probs": old_lp}, non_tensors={"uid": uid})
-    cfg = _algo_config(beta=1.0)
-    out = ray_trainer.compute_advantage(data, adv_estimator="aem", config=cfg)
+
+@pytest.mark.parametrize("order", ["external_modules", "imported_after_the_trainer"])
+def test_through_verl_compute_advantage(verl_api, tmp_path, order):
+    """verl 0.9.1's own compute_advantage (v0's call and v1's compute_advantage_for_multi_trajectories) with
+    the wrap in place, whether `import verl` imports this module before the trainer or it comes after."""
+    rewards, mask, uid, old_lp, _ = _batch(8)
+    inputs, result = str(tmp_path / "inputs.pt"), str(tmp_path / "result.pt")
+    torch.save({"rewards": rewards, "mask": mask, "uid": list(uid), "old_lp": old_lp}, inputs)
+    env = {"VERL_USE_EXTERNAL_MODULES": "aem_kernels.integrations.verl"} if order == "external_modules" else {}
+    proc = _python(_VERL_TRAINER_RUN.format(inputs=inputs, result=result), **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = torch.load(result)
+    assert out["hook_first"] == (order == "external_modules")
+    assert out["same_in_v1"] and out["verl_module"] == "verl.trainer.ppo.ray_trainer"
     base, _ = verl_api[0].compute_grpo_outcome_advantage(rewards, mask, uid)
-    aem_config, _, _ = verl_api[1].aem_settings(cfg)
-    torch.testing.assert_close(out.batch["advantages"], _expected_aem(base, mask, uid, old_lp, aem_config),
-                               rtol=2 * EPS32, atol=0)
+    aem_config, _, _ = verl_api[1].aem_settings(_algo_config(beta=1.0))
+    expected = _expected_aem(base, mask, uid, old_lp, aem_config)
+    for path in ("v0", "v1"):
+        torch.testing.assert_close(out[path], expected, rtol=2 * EPS32, atol=0)
+    assert out["grpo"] and out["rloo"]
+    assert "needs `old_log_probs=`" in out["unwrapped_error"]
 
 
 @pytest.mark.parametrize("aem, match", [
@@ -368,7 +452,8 @@ def test_verl_external_modules_switch(verl_api):
             print(getattr(fn, "__wrapped__", fn).__module__)
     """, AEM_KERNELS_VERL_TOKEN_OPS="1", VERL_USE_EXTERNAL_MODULES="aem_kernels.integrations.verl")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["aem_kernels.integrations.verl"] * 5
+    assert proc.stdout.split() == ["aem_kernels.integrations.verl." + name for name in
+                                   ("estimator", "policy_loss", "token_ops", "token_ops", "token_ops")]
 
 
 def test_example_runs(verl_api, capsys):
@@ -377,6 +462,8 @@ def test_example_runs(verl_api, capsys):
     runpy.run_path(os.path.join(ROOT, "examples", "verl_aem.py"), run_name="example")["main"]()
     out = capsys.readouterr().out
     assert "beta=1.0: weights" in out and out.count("policy loss") == 3
+    beta0, beta1 = out.split("beta=1.0: weights")
+    assert "aem/w_std 0.000" in beta0 and "aem/w_std 0.000" not in beta1  # beta 0 leaves the weights at 1
 
 
 def test_readme_overrides_compose_with_verl_config(verl_api):
