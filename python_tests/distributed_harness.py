@@ -1,5 +1,9 @@
 """The torch.distributed test harness: a test module registers its checks, the harness runs them in W spawned
-processes (gloo on CPU) once per module and world size, and the module's tests read each rank's outcome.
+processes (gloo on CPU), and the module's tests read each rank's outcome.
+
+One spawn per world size serves every module that registered checks in this test session (pytest imports every
+test module before the first test runs): the W processes import torch once, not once per module (4 processes
+importing torch on a loaded 2-core machine took ~25 s). The children find each check by its module and name.
 
 A check is fn(rank, world) that compares what this rank computed with a single-process reference it computes
 itself from the same seeded data. It records its mismatches (`Mismatches`) and raises only after its last
@@ -22,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 Check = Callable[[int, int], None]
+_REGISTRIES: List["Checks"] = []   # every module's checks, in import order
 
 
 class Checks:
@@ -30,6 +35,7 @@ class Checks:
     def __init__(self, module: str):
         self.module = module
         self._checks: Dict[str, Tuple[Check, Tuple[int, ...]]] = {}
+        _REGISTRIES.append(self)
 
     def register(self, *, worlds: Sequence[int]) -> Callable[[Check], Check]:
         def add(fn: Check) -> Check:
@@ -113,16 +119,17 @@ def _run_gloo_checks(rank: int, world: int, store_path: str, checks: Sequence[Ch
                             timeout=timedelta(seconds=int(os.environ.get("AEM_TEST_DIST_TIMEOUT", "120"))))
     results: Dict[str, object] = {}
     for fn in checks:
+        key = _key(fn.__module__, fn.__name__)
         torch.manual_seed(0)
         started = time.perf_counter()
         try:
             fn(rank, world)
-            results[fn.__name__] = None
+            results[key] = None
         except Exception:  # noqa: BLE001 - reported to the parent test
-            results[fn.__name__] = traceback.format_exc()
+            results[key] = traceback.format_exc()
             if os.environ.get("AEM_TEST_DIST_VERBOSE"):
-                print(f"rank {rank}: {results[fn.__name__]}", flush=True)
-        results[f"{fn.__name__}/seconds"] = time.perf_counter() - started
+                print(f"rank {rank}: {results[key]}", flush=True)
+        results[f"{key}/seconds"] = time.perf_counter() - started
         dist.barrier()
     dist.destroy_process_group()
     return results
@@ -159,16 +166,20 @@ def spawn(worker: Callable[..., Dict[str, object]], world: int, tmp_path, *args,
     return results
 
 
-_RESULTS: Dict[Tuple[str, int], List[Dict[str, object]]] = {}
+def _key(module: str, name: str) -> str:
+    return f"{module}::{name}"
+
+
+_RESULTS: Dict[int, List[Dict[str, object]]] = {}
 
 
 def assert_check_passed(checks: Checks, world: int, name: str, tmp_path_factory) -> None:
-    """Check `name` of `checks` passed on every rank of a `world`-process gloo run. The run (of every check of
-    that module at that world size) happens once per test session, at the first of its tests."""
-    key = (checks.module, world)
-    if key not in _RESULTS:
-        tmp = tmp_path_factory.mktemp(f"{checks.module}-world{world}")
-        _RESULTS[key] = spawn(_run_gloo_checks, world, tmp, checks.at(world))
-    failures: Dict[int, Optional[str]] = {rank: res[name] for rank, res in enumerate(_RESULTS[key])
-                                          if res[name] is not None}
+    """Check `name` of `checks` passed on every rank of a `world`-process gloo run. The run (of every registered
+    check at that world size) happens once per test session, at the first test that needs it."""
+    if world not in _RESULTS:
+        every = [fn for registry in _REGISTRIES for fn in registry.at(world)]
+        _RESULTS[world] = spawn(_run_gloo_checks, world, tmp_path_factory.mktemp(f"world{world}"), every)
+    key = _key(checks[name].__module__, name)
+    failures: Dict[int, Optional[str]] = {rank: res[key] for rank, res in enumerate(_RESULTS[world])
+                                          if res[key] is not None}
     assert not failures, "\n".join(f"rank {rank} of {world}:\n{text}" for rank, text in failures.items())

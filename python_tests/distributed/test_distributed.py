@@ -1,7 +1,7 @@
 """torch.distributed: vocab-parallel log-probs/entropies and cross-rank AEM statistics against one process.
 
 Every check of CHECKS runs in W gloo CPU processes per world size it names (2 and 4; the harness spawns them
-once per world size for this module); each check compares the ranks' results with the single-process op on the
+once per world size, for every module's checks); each check compares the ranks' results with the single-process op on the
 whole batch (each rank computes that itself from the same seeded data). The GPU smoke test runs NCCL with world
 size 1.
 """

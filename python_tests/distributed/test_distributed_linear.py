@@ -1,7 +1,7 @@
 """aem_kernels.distributed.vocab_parallel_fused_linear_logprobs_and_entropy: a vocab-sharded lm_head weight.
 
 Every check of CHECKS runs at the world sizes it names: in W gloo CPU processes (2 and 4; the harness spawns
-them once per world size for this module) and in this process with a world of one (group=None). Each rank
+them once per world size, for every module's checks) and in this process with a world of one (group=None). Each rank
 compares its outputs and gradients with one process's `ak.fused_linear_logprobs_and_entropy` on the whole weight
 and with fp64 of the materialised logits under the accuracy rule (both computed by every rank from the same
 seeded data).
