@@ -33,9 +33,9 @@ if not torch.cuda.is_available():
 import aem_kernels as ak  # noqa: E402
 
 from . import report  # noqa: E402
-from .cases import CASES, DEFAULT_CASES  # noqa: E402
-from .implementations import (Implementation, all_implementations, competitor_versions,  # noqa: E402
-                              reference_implementation)
+from .cases import CASES, DEFAULT_CASES, all_implementations  # noqa: E402
+from .implementations import competitor_versions, reference_implementation  # noqa: E402
+from .lines import Implementation  # noqa: E402
 from .profiles import GiB, Profile, get_profile, override  # noqa: E402
 from .measure import BandwidthRoofline  # noqa: E402
 from .runner import BenchContext, run_profile  # noqa: E402

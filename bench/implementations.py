@@ -29,35 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import aem_kernels as ak
 
+from .lines import Implementation, compile_reason, import_reason
+
 Outputs = Tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Implementation:
-    """One line of every table and plot."""
-
-    name: str
-    description: str
-    fn: Optional[Callable[..., Outputs]]
-    input_kind: str = "logits"            # "logits" or "hidden" (the later fused-linear cases)
-    unavailable: Optional[str] = None     # why it cannot run here (None: it can)
-    ours: bool = False
-    backend: Optional[str] = None         # ours only: the aem_kernels backend name
-    inplace: bool = False                 # ours only: inplace_backward=True
-    mutates_inputs: bool = False          # needs fresh logits for every call (prepared outside the timer)
-    backward_only: bool = False           # only differs from another line when a backward runs
-    compiled: bool = False                # the first call compiles; its time is reported separately
-    not_timed: Optional[str] = None       # it runs, but its speed means nothing here (why): only untimed
-                                          # cases (the precision table) run it
-    opt_in: Optional[str] = None          # a diagnostic line, left out (why) unless a profile's `lines` or
-                                          # --only names it
 
 
 def _entropy_context(entropy_grad: bool):
@@ -199,14 +179,6 @@ def warm_buffer_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, ent
     return _WarmBufferLogprobsEntropy.apply(logits, labels)
 
 
-def _import_reason(module: str, extra: str) -> Optional[str]:
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # ImportError, or a broken install that fails while importing
-        return f"{module} is not installed ({type(exc).__name__}); pip install 'aem-kernels[{extra}]'"
-    return None
-
-
 def _version(module: str) -> Optional[str]:
     try:
         return getattr(importlib.import_module(module), "__version__", "unknown")
@@ -230,12 +202,6 @@ def compiled_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, entrop
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         _COMPILED["eager"] = torch.compile(eager_logprobs_entropy)
     return _COMPILED["eager"](logits, labels, entropy_grad)
-
-
-def _compile_reason(device: torch.device) -> Optional[str]:
-    if device.type == "cuda" and _import_reason("triton", "triton") is not None:
-        return "torch.compile on CUDA needs Triton, which is not installed"
-    return None
 
 
 def our_implementations(device: torch.device) -> List[Implementation]:
@@ -270,14 +236,14 @@ def competitor_implementations(device: torch.device) -> List[Implementation]:
     on_gpu = device.type == "cuda"
     no_gpu = "needs a CUDA device (Triton kernels)"
     liger_reason = None if on_gpu else no_gpu
-    liger_reason = liger_reason or _import_reason("liger_kernel", "gpu-bench")
+    liger_reason = liger_reason or import_reason("liger_kernel", "gpu-bench")
     cce_reason = None if on_gpu else no_gpu
-    cce_reason = cce_reason or _import_reason("cut_cross_entropy", "gpu-bench")
+    cce_reason = cce_reason or import_reason("cut_cross_entropy", "gpu-bench")
     return [
         Implementation("eager", "log_softmax(logits.float()) + gather + -(p log p).sum(-1), autograd",
                        eager_logprobs_entropy),
         Implementation("torch.compile", "torch.compile(eager) (default mode); compile time reported apart",
-                       None if _compile_reason(device) else compiled_logprobs_entropy, unavailable=_compile_reason(device),
+                       None if compile_reason(device) else compiled_logprobs_entropy, unavailable=compile_reason(device),
                        compiled=True),
         Implementation("trl", "TRL selective_log_softmax (row loop) + entropy_from_logits (128-row chunks)",
                        trl_logprobs_entropy),
@@ -290,12 +256,6 @@ def competitor_implementations(device: torch.device) -> List[Implementation]:
                        cce_logprobs_from_hidden if cce_reason is None else None, unavailable=cce_reason,
                        input_kind="hidden"),
     ]
-
-
-def all_implementations(device: torch.device) -> List[Implementation]:
-    from .cases.fused_linear import hidden_implementations   # the hidden-state lines live with their cases
-
-    return our_implementations(device) + competitor_implementations(device) + hidden_implementations(device)
 
 
 def reference_implementation(lines: List[Implementation]) -> Implementation:

@@ -30,7 +30,7 @@ from . import checks, measure
 from .measure import BandwidthRoofline
 from .cases import CASES, DEFAULT_CASES, Case, Inputs, Point
 from .cases.base import make_logits
-from .implementations import Implementation
+from .lines import Implementation
 from .profiles import Profile
 
 STATUSES = ("ok", "skipped", "disagrees", "error")

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from bench import checks
-from bench.cases import CASES, Point
+from bench.cases import CASES, Point, all_implementations
 from bench.cases.base import make_logits
-from bench.implementations import all_implementations, reference_implementation
+from bench.implementations import reference_implementation
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 POINT = Point(n=int(os.environ.get("AEM_BENCH_N", 512)), v=int(os.environ.get("AEM_BENCH_V", 32000)),

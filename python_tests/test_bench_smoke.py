@@ -203,7 +203,7 @@ def test_a_new_case_is_one_module_and_one_registration(monkeypatch, one_thread):
     registered by one entry in CASES; the logits lines are recorded as not applicable there."""
     from bench import cases as cases_module
     from bench.cases import Case, Inputs
-    from bench.implementations import Implementation
+    from bench.lines import Implementation
     from bench.profiles import Profile, Sweep
     from bench.measure import TimingPolicy
     from bench.runner import BenchContext, run_profile

@@ -1,10 +1,16 @@
 """The benchmark cases, one module each. A new case (e.g. the fused linear + log-prob op over hidden states)
 is a module with a `Case` subclass and one entry in CASES below; `base.py` documents the interface."""
 
+from typing import List
+
+import torch
+
+from ..implementations import competitor_implementations, our_implementations
+from ..lines import Implementation
 from .aem_loss import AEMLossForwardBackward
 from .base import Case, Inputs, Point
 from .fused_linear import (FusedLinearForwardBackward, FusedLinearLogprobForwardBackward,
-                           FusedLinearLossForwardBackward)
+                           FusedLinearLossForwardBackward, hidden_implementations)
 from .logprobs_fwd import LogprobsForward
 from .logprobs_fwd_bwd import LogprobsForwardBackward
 from .precision import LogprobsPrecision
@@ -21,4 +27,11 @@ CASES = {case.name: case for case in (
 )}
 DEFAULT_CASES = [name for name, case in CASES.items() if case.default]
 
-__all__ = ["CASES", "DEFAULT_CASES", "Case", "Inputs", "Point"]
+
+def all_implementations(device: torch.device) -> List[Implementation]:
+    """Every line of every case on `device`: ours and the competitors over logits (implementations.py), then
+    the hidden-state lines of the fused-linear cases."""
+    return our_implementations(device) + competitor_implementations(device) + hidden_implementations(device)
+
+
+__all__ = ["CASES", "DEFAULT_CASES", "Case", "Inputs", "Point", "all_implementations"]

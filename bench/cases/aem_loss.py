@@ -19,7 +19,7 @@ import aem_kernels as ak
 from aem_kernels.loss import loss_from_token_terms, pack_inputs
 
 from .. import measure
-from ..implementations import Implementation
+from ..lines import Implementation
 from .base import Case, Inputs, Outputs, Point
 
 RESPONSES_PER_ROW = 4

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..implementations import Implementation
+from ..lines import Implementation
 
 Outputs = Dict[str, torch.Tensor]
 

@@ -34,8 +34,8 @@ import torch
 
 import aem_kernels as ak
 
-from ..implementations import (Implementation, _compile_reason, _import_reason, eager_logprobs_entropy,
-                               trl_entropy_from_logits, trl_selective_log_softmax)
+from ..implementations import eager_logprobs_entropy, trl_entropy_from_logits, trl_selective_log_softmax
+from ..lines import Implementation, compile_reason, import_reason
 from .base import Case, Inputs, Outputs, Point
 
 LOGIT_STD = 2.5
@@ -115,13 +115,13 @@ def hidden_implementations(device: torch.device) -> List[Implementation]:
                                     _ours(backend) if reason is None else None, input_kind="hidden",
                                     unavailable=reason, ours=True, backend=backend))
     gpu = None if device.type == "cuda" else "needs a CUDA device (Triton kernels)"
-    compile_reason = _compile_reason(device)
-    cce = _import_reason("cut_cross_entropy", "gpu-bench")
+    no_compile = compile_reason(device)
+    cce = import_reason("cut_cross_entropy", "gpu-bench")
     lines += [
         Implementation("eager-linear", "hidden @ weight.T, then log_softmax(logits.float()) + gather + entropy",
                        eager_linear, input_kind="hidden"),
         Implementation("torch.compile-linear", "torch.compile(eager-linear); compile time reported apart",
-                       None if compile_reason else compiled_linear, input_kind="hidden", unavailable=compile_reason,
+                       None if no_compile else compiled_linear, input_kind="hidden", unavailable=no_compile,
                        compiled=True),
         Implementation("trl-chunked-linear", "per sequence: logits = hidden[b] @ weight.T, TRL selective_log_softmax"
                        " + entropy_from_logits", trl_chunked_linear, input_kind="hidden"),
@@ -129,11 +129,11 @@ def hidden_implementations(device: torch.device) -> List[Implementation]:
                        "log-probs only", None if cce else cce_torch_compile, input_kind="hidden", unavailable=cce,
                        compiled=True),
         Implementation("liger-flce", "-LigerFusedLinearCrossEntropyLoss(reduction='none'), log-probs only",
-                       liger_flce if not (gpu or _import_reason("liger_kernel", "gpu-bench")) else None,
-                       input_kind="hidden", unavailable=gpu or _import_reason("liger_kernel", "gpu-bench")),
+                       liger_flce if not (gpu or import_reason("liger_kernel", "gpu-bench")) else None,
+                       input_kind="hidden", unavailable=gpu or import_reason("liger_kernel", "gpu-bench")),
         Implementation("verl-linear-ce", "verl.utils.kernel.linear_cross_entropy (log-probs + entropies)",
-                       verl_linear_ce if not (gpu or _import_reason("verl", "verl")) else None, input_kind="hidden",
-                       unavailable=gpu or _import_reason("verl", "verl")),
+                       verl_linear_ce if not (gpu or import_reason("verl", "verl")) else None, input_kind="hidden",
+                       unavailable=gpu or import_reason("verl", "verl")),
     ]
     _LINES[device.type] = lines
     return lines

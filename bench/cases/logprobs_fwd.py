@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..implementations import Implementation
+from ..lines import Implementation
 from .base import Case, Inputs, Outputs, Point
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import measure
-from ..implementations import Implementation
+from ..lines import Implementation
 from .base import Case, Inputs, Outputs, Point
 
 

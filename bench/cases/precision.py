@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..implementations import Implementation
+from ..lines import Implementation
 from .base import Case, Inputs, Outputs, Point
 
 LOGIT_STD = 4.0

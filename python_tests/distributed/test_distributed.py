@@ -1,81 +1,31 @@
 """torch.distributed: vocab-parallel log-probs/entropies and cross-rank AEM statistics against one process.
 
-One spawn of W gloo CPU processes per world size (2 and 4) runs every check of CHECKS (and of the other modules
-in CHECK_MODULES, whose tests read the same results); each check compares the ranks' results with the
-single-process op on the whole batch (each rank computes that itself from the same seeded data). A check records its mismatches and raises only after its last collective, so one failing rank
-never leaves the others waiting. The GPU smoke test runs NCCL with world size 1.
+Every check of CHECKS runs in W gloo CPU processes per world size it names (2 and 4; the harness spawns them
+once per world size, for every module's checks); each check compares the ranks' results with the single-process op on the
+whole batch (each rank computes that itself from the same seeded data). The GPU smoke test runs NCCL with world
+size 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import math
-import os
-import time
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import aem_kernels as ak
 from aem_kernels.distributed import vocab_parallel_logprobs_and_entropy
+from distributed_harness import Checks, Mismatches, assert_check_passed, slice_bounds, spawn
 
 D = torch.float64
-# the test modules whose CHECKS run in the same worker processes: one spawn per world size serves them all
-CHECK_MODULES = ("test_distributed", "test_distributed_linear")
 MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-CHECKS = {}
-
-
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
-
-
-class Mismatches:
-    """Collects failed comparisons of one check; `raise_if_any` at its end (after its last collective)."""
-
-    def __init__(self):
-        self.items = []
-
-    def close(self, name, got, want, atol, rtol=0.0):
-        got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-        if got.shape != want.shape:
-            self.items.append(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
-            return
-        same_nan = torch.equal(torch.isnan(got), torch.isnan(want))
-        ok = ~torch.isnan(want)
-        finite = ok & torch.isfinite(want)
-        same_inf = torch.equal(got[ok & ~finite], want[ok & ~finite])
-        err = (got[finite] - want[finite]).abs().max().item() if bool(finite.any()) else 0.0
-        bound = atol + rtol * (want[finite].abs().max().item() if bool(finite.any()) else 0.0)
-        if not (same_nan and same_inf and err <= bound):
-            self.items.append(f"{name}: err {err:.3g} > {bound:.3g} (nan pattern equal {same_nan}, inf equal "
-                              f"{same_inf})")
-
-    def true(self, name, condition):
-        if not condition:
-            self.items.append(name)
-
-    def raises(self, name, exc_type, pattern, fn):
-        try:
-            fn()
-        except exc_type as exc:
-            if pattern.lower() not in str(exc).lower():
-                self.items.append(f"{name}: {exc_type.__name__} without {pattern!r}: {exc}")
-        except Exception as exc:  # noqa: BLE001 - any other exception is the failure being reported
-            self.items.append(f"{name}: expected {exc_type.__name__}, got {type(exc).__name__}: {exc}")
-        else:
-            self.items.append(f"{name}: no {exc_type.__name__} raised")
-
-    def raise_if_any(self):
-        if self.items:
-            raise AssertionError("\n".join(self.items))
+WORLDS = (2, 4)
+CHECKS = Checks(__name__)
+check = CHECKS.register(worlds=WORLDS)
+# the Triton interpreter is slow: its checks run at world size 2 only
+check_triton = CHECKS.register(worlds=(2,))
 
 
 # ---- the vocab-parallel op ------------------------------------------------------------------------------------
@@ -88,13 +38,6 @@ def _eager(logits, labels, temperature, dtype):
     active = labels != -100
     lp = log_p.gather(-1, torch.where(active, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(active, lp, 0.0), torch.where(active, entropy, 0.0)
-
-
-def _bounds(world, vocab, generator, even):
-    if even:
-        return [vocab * r // world for r in range(world + 1)]
-    cuts = torch.randperm(vocab - 1, generator=generator)[:world - 1] + 1
-    return [0] + sorted(cuts.tolist()) + [vocab]
 
 
 def _vp_inputs(kind, rows, vocab, generator):
@@ -114,7 +57,7 @@ def _vp_case(m, rank, world, *, kind="normal", rows=19, vocab=37, temperature=1.
              backend="cpu", even=False, layout="2d", seed=0):
     g = torch.Generator().manual_seed(seed)
     z, labels = _vp_inputs("normal" if kind == "neg_inf" else kind, rows, vocab, g)
-    bounds = _bounds(world, vocab, g, even)
+    bounds = slice_bounds(world, vocab, g, even)
     if kind == "neg_inf":
         z[torch.rand(rows, vocab, generator=g) < 0.3] = float("-inf")
         z[:, -1] = 0.5                                          # every row keeps a finite entry ...
@@ -195,7 +138,7 @@ def vocab_parallel_partial_and_inplace_backward(rank, world):
     g = torch.Generator().manual_seed(5)
     vocab, rows = 29, 11
     z, labels = _vp_inputs("normal", rows, vocab, g)
-    bounds = _bounds(world, vocab, g, even=False)
+    bounds = slice_bounds(world, vocab, g, even=False)
     lo, hi = bounds[rank], bounds[rank + 1]
     for use in ("logprobs", "entropy", "both"):
         exact = z.clone().requires_grad_()
@@ -220,17 +163,15 @@ def vocab_parallel_partial_and_inplace_backward(rank, world):
     m.raise_if_any()
 
 
-@check
+@check_triton
 def triton_backend_paths(rank, world):
-    """The vocab-parallel op and the single-pass loss kernel with a process group (the Triton interpreter is
-    slow: small cases, world size 2 only)."""
+    """The vocab-parallel op and the single-pass loss kernel with a process group (small cases)."""
     m = Mismatches()
-    if world == 2:
-        _vp_case(m, rank, world, backend="triton", rows=6, vocab=21, temperature=0.8)
-        pieces, whole = _loss_batch(world, vocab=9, seed=7)
-        cfg = ak.AEMConfig(surprisal_source="old", loss_agg_mode="seq-mean-token-mean")
-        _compare_loss(m, "single-pass", rank, world, pieces, whole, cfg, backend="triton", dtype=torch.float32,
-                      tol=2e-5, single_pass=True)
+    _vp_case(m, rank, world, backend="triton", rows=6, vocab=21, temperature=0.8)
+    pieces, whole = _loss_batch(world, vocab=9, seed=7)
+    cfg = ak.AEMConfig(surprisal_source="old", loss_agg_mode="seq-mean-token-mean")
+    _compare_loss(m, "single-pass", rank, world, pieces, whole, cfg, backend="triton", dtype=torch.float32,
+                  tol=2e-5, single_pass=True)
     m.raise_if_any()
 
 
@@ -527,77 +468,11 @@ def modulation_whole_batch_equality(rank, world):
     m.raise_if_any()
 
 
-# ---- the harness ------------------------------------------------------------------------------------------------
+# ---- the runs --------------------------------------------------------------------------------------------------
 
-def _all_checks():
-    checks = {}
-    for module in CHECK_MODULES:
-        for name, fn in importlib.import_module(module).CHECKS.items():
-            assert name not in checks, f"two checks named {name}"
-            checks[name] = fn
-    return checks
-
-
-def _worker(rank, world, store_path, out_dir):
-    torch.set_num_threads(1)  # W processes share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=int(os.environ.get("AEM_TEST_DIST_TIMEOUT", "120"))))
-    results = {}
-    for name, fn in _all_checks().items():
-        torch.manual_seed(0)
-        started = time.perf_counter()
-        try:
-            fn(rank, world)
-            results[name] = None
-        except Exception:  # noqa: BLE001 - reported to the parent test
-            results[name] = traceback.format_exc()
-            if os.environ.get("AEM_TEST_DIST_VERBOSE"):
-                print(f"rank {rank}: {results[name]}", flush=True)
-        results[f"{name}/seconds"] = time.perf_counter() - started
-        dist.barrier()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
-    # The results are on disk: leave without the interpreter's teardown, where a C++ thread's destructor
-    # (seen once in ~10 spawns, after every check had passed and both ranks had written their results)
-    # called std::terminate ("terminate called without an active exception") and failed every check of the
-    # spawn with SIGABRT.
-    os._exit(0)
-
-
-def _spawn(fn, world, tmp_path, timeout_s=300):
-    ctx = mp.start_processes(fn, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail(f"the {world} worker processes did not finish within {timeout_s} s")
-    return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
-
-
-_RESULTS = {}
-
-
-def spawned_results(world, tmp_path_factory):
-    """The ranks' results of every check of CHECK_MODULES in W processes: spawned once per world size and test
-    session, whichever of those modules asks first."""
-    if world not in _RESULTS:
-        _RESULTS[world] = _spawn(_worker, world, tmp_path_factory.mktemp(f"world{world}"))
-    return _RESULTS[world]
-
-
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
-def world_results(request, tmp_path_factory):
-    return request.param, spawned_results(request.param, tmp_path_factory)
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_distributed(world_results, name):
-    world, results = world_results
-    failures = {rank: res[name] for rank, res in enumerate(results) if res[name] is not None}
-    assert not failures, "\n".join(f"rank {rank} of {world}:\n{text}" for rank, text in failures.items())
+@pytest.mark.parametrize("world, name", CHECKS.cases(WORLDS))
+def test_distributed(world, name, tmp_path_factory):
+    assert_check_passed(CHECKS, world, name, tmp_path_factory)
 
 
 def test_needs_an_initialised_process_group():
@@ -612,7 +487,7 @@ def test_needs_an_initialised_process_group():
         vocab_parallel_logprobs_and_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), group="tp")
 
 
-def _nccl_worker(rank, world, store_path, out_dir):
+def _nccl_worker(rank, world, store_path):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{store_path}", rank=rank, world_size=world)
     failures = []
@@ -638,16 +513,15 @@ def _nccl_worker(rank, world, store_path, out_dir):
     ref_loss, _ = ak.aem_policy_loss(logits, labels, adv, token_response=tr, response_group=rg)
     if not math.isclose(loss.item(), ref_loss.item(), rel_tol=1e-5, abs_tol=1e-6):
         failures.append(f"loss {loss.item()} != {ref_loss.item()}")
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"nccl": "\n".join(failures) or None}, f)
     dist.destroy_process_group()
+    return {"nccl": "\n".join(failures) or None}
 
 
 @pytest.mark.gpu
 def test_nccl_smoke_world_size_one(tmp_path):
     if not dist.is_nccl_available():
         pytest.skip("this torch build has no NCCL")
-    (result,) = _spawn(_nccl_worker, 1, tmp_path)
+    (result,) = spawn(_nccl_worker, 1, tmp_path)
     assert result["nccl"] is None, result["nccl"]
 
 

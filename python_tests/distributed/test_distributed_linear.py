@@ -1,9 +1,10 @@
 """aem_kernels.distributed.vocab_parallel_fused_linear_logprobs_and_entropy: a vocab-sharded lm_head weight.
 
-Every check of CHECKS runs in W gloo CPU processes per world size (2 and 4: the spawn of test_distributed.py,
-which runs these checks along with its own) and in this process with a world of one (group=None). Each rank compares its outputs and
-gradients with one process's `ak.fused_linear_logprobs_and_entropy` on the whole weight and with fp64 of the
-materialised logits under the accuracy rule (both computed by every rank from the same seeded data).
+Every check of CHECKS runs at the world sizes it names: in W gloo CPU processes (2 and 4; the harness spawns
+them once per world size, for every module's checks) and in this process with a world of one (group=None). Each rank
+compares its outputs and gradients with one process's `ak.fused_linear_logprobs_and_entropy` on the whole weight
+and with fp64 of the materialised logits under the accuracy rule (both computed by every rank from the same
+seeded data).
 """
 
 from __future__ import annotations
@@ -23,23 +24,20 @@ import aem_kernels as ak
 from helpers import REPO_ROOT
 from aem_kernels import distributed
 from aem_kernels.distributed import vocab_parallel_fused_linear_logprobs_and_entropy as vp_linear
-from test_distributed import Mismatches, _bounds, spawned_results
+from distributed_harness import Checks, Mismatches, assert_check_passed, slice_bounds
 from fused_linear_checks import grads, materialised
 
 D = torch.float64
-CHECKS = {}
-
-
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
+WORLDS = (2, 4)
+CHECKS = Checks(__name__)
+check = CHECKS.register(worlds=(1,) + WORLDS)
 
 
 def _data(world, *, rows, hidden, vocab, scale, bias, kind, even, seed):
     """fp64 hidden [rows, H], weight [V, H], bias [V] | None, labels [rows], the slice bounds and upstream (a, b).
     Labels sit on finite logits; rows 0 .. world-1 hold a label of each rank's slice (where it has a finite one)."""
     g = torch.Generator().manual_seed(seed)
-    bounds = _bounds(world, vocab, g, even)
+    bounds = slice_bounds(world, vocab, g, even)
     x = torch.randn(rows, hidden, generator=g, dtype=D) * scale
     w = torch.randn(vocab, hidden, generator=g, dtype=D) / hidden ** 0.5 * 3
     b = torch.randn(vocab, generator=g, dtype=D) if bias or kind in ("neg_inf", "empty_slice") else None
@@ -177,12 +175,12 @@ def fused_linear_partial_gradients_and_in_place_edits(rank, world):
     m.raise_if_any()
 
 
-@check
+@CHECKS.register(worlds=(1, 2))
 def fused_linear_triton_row_backend(rank, world):
-    """The Triton row kernels on the chunk logits (the interpreter is slow: one small case, world size 2)."""
+    """The Triton row kernels on the chunk logits (the interpreter is slow: one small case, world sizes 1 and
+    2)."""
     m = Mismatches()
-    if world == 2:
-        _case(m, rank, world, rows=6, hidden=8, vocab=41, temperature=0.8, backend="triton", budget=4 * 41 * 4)
+    _case(m, rank, world, rows=6, hidden=8, vocab=41, temperature=0.8, backend="triton")
     m.raise_if_any()
 
 
@@ -213,16 +211,9 @@ def fused_linear_bad_input_across_ranks(rank, world):
 
 # ---- the runs: W gloo processes, and a world of one in this process -------------------------------------------
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
-def world_results(request, tmp_path_factory):
-    return request.param, spawned_results(request.param, tmp_path_factory)
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_vocab_parallel_fused_linear(world_results, name):
-    world, results = world_results
-    failures = {rank: res[name] for rank, res in enumerate(results) if res[name] is not None}
-    assert not failures, "\n".join(f"rank {rank} of {world}:\n{text}" for rank, text in failures.items())
+@pytest.mark.parametrize("world, name", CHECKS.cases(WORLDS))
+def test_vocab_parallel_fused_linear(world, name, tmp_path_factory):
+    assert_check_passed(CHECKS, world, name, tmp_path_factory)
 
 
 @pytest.fixture
@@ -239,7 +230,7 @@ def world_of_one(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", list(CHECKS))
+@pytest.mark.parametrize("name", CHECKS.names(1))
 def test_world_of_one(world_of_one, name):
     CHECKS[name](0, 1)
 
@@ -309,7 +300,7 @@ def test_exported_and_importable_in_either_order():
     assert "VocabParallelFusedLinearFunction" in distributed.__all__
     code = """
         import sys
-        import aem_kernels.distributed_linear as linear
+        import aem_kernels.ops.fused_linear.vocab_parallel as linear
         from aem_kernels.distributed import vocab_parallel_fused_linear_logprobs_and_entropy as f
         assert f is linear.vocab_parallel_fused_linear_logprobs_and_entropy
         assert not any(name in sys.modules for name in ("verl", "trl", "liger_kernel"))

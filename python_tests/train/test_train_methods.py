@@ -47,28 +47,65 @@ def _batch(seed=0):
     return model, build_policy_batch(trajectories, [1.0, -0.5, -0.5, 0.8, 0.2, -1.0], "turn", tok.pad_id)
 
 
+def _loss_by_hand(model, batch, old_logprobs, config, weights, dtype):
+    """AEM_SPEC section 5 written out from the model's logits in `dtype`, token-mean over trained tokens:
+    (loss, pg_loss, entropy) with loss = pg_loss - entropy_coef * entropy (kl_coef = 0), the advantages
+    modulated by the given per-response weights (w = 1 for the methods with beta = 0)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    log_p = torch.log_softmax(logits.to(dtype), dim=-1)
+    trained = batch.token_response >= 0
+    logprob = log_p.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)[trained]
+    entropy = -(log_p.exp() * log_p).sum(-1)[trained]
+    advantage = (weights.to(dtype) * batch.advantages.to(dtype))[batch.token_response[trained]]
+    ratio = torch.exp(logprob - old_logprobs[trained].to(dtype))
+    clipped = ratio.clamp(1 - config.clip_low, 1 + config.clip_high)
+    token_loss = -torch.minimum(ratio * advantage, clipped * advantage)
+    token_loss = torch.where(advantage < 0, torch.minimum(token_loss, -config.dual_clip * advantage), token_loss)
+    pg_loss, mean_entropy = token_loss.mean(), entropy.mean()
+    return pg_loss - config.entropy_coef * mean_entropy, pg_loss, mean_entropy
+
+
 @pytest.mark.parametrize("method", A.METHODS)
 def test_each_method_config_reaches_the_loss(method, monkeypatch):
     """ppo_update hands the method's AEMConfig to the package's loss (ak.causal_lm_aem_policy_loss: the LM head
-    through the fused linear path) unchanged, and the loss uses it."""
+    through the fused linear path) unchanged, and the loss it gets back is the method's total, computed here
+    independently from the model's logits: pg_loss - entropy_coef * entropy (token-mean)."""
     model, batch = _batch()
     seen = []
     real = ak.causal_lm_aem_policy_loss
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["config"])
-        return real(*args, **kwargs)
+        loss, metrics = real(*args, **kwargs)
+        # by hand, before the optimizer step moves the model
+        weights = metrics["aem/weights"].detach()
+        exact = _loss_by_hand(model, batch, kwargs["old_logprobs"], kwargs["config"], weights, torch.float64)
+        eager = _loss_by_hand(model, batch, kwargs["old_logprobs"], kwargs["config"], weights, torch.float32)
+        seen.append((kwargs["config"], loss.detach().double(), dict(metrics), weights, exact, eager))
+        return loss, metrics
 
     monkeypatch.setattr(A.ak, "causal_lm_aem_policy_loss", spy)
     config = A.loss_config(method, 0.7, entropy_coef=0.05, clip_high=0.35)
     old, _ = A.policy_terms(model, batch)
     metrics = A.ppo_update(model, torch.optim.Adam(model.parameters(), lr=1e-2), [batch], [old], config,
                            epochs=1, max_grad_norm=1.0)
-    assert seen == [config]
-    # the loss reflects the entropy bonus: pg_loss - coef * entropy (token-mean) is the total
-    if method == "entropy":
-        assert metrics["actor/entropy"] > 0
-    assert metrics["aem/w_std"] > 0 if method == "aem" else metrics["aem/w_std"] == 0
+    assert [s[0] for s in seen] == [config]
+    _, loss, loss_metrics, weights, exact, eager = seen[0]
+    for name, got, want, fp32 in (("loss", loss, exact[0], eager[0]),
+                                  ("actor/pg_loss", loss_metrics["actor/pg_loss"], exact[1], eager[1]),
+                                  ("actor/entropy", loss_metrics["actor/entropy"], exact[2], eager[2])):
+        # the accuracy rule: within 3 x eager fp32's error against fp64, + 1e-5
+        bound = 3 * abs(fp32.item() - want.item()) + 1e-5
+        assert abs(float(got) - want.item()) <= bound, f"{method} {name}: {float(got)} != {want.item()}"
+    bonus = config.entropy_coef * exact[2].item()
+    if method == "entropy":   # the bonus is large enough that a loss without it would fail the check above
+        assert bonus > 1e-2
+    else:
+        assert bonus == 0.0
+    if method == "aem":
+        assert metrics["aem/w_std"] > 0
+    else:                     # beta = 0: every weight is exactly 1
+        assert metrics["aem/w_std"] == 0 and bool((weights == 1).all())
 
 
 def test_the_entropy_bonus_and_clip_higher_change_the_gradient():
