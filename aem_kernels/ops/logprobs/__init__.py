@@ -26,6 +26,8 @@ backend that cannot serve the tensor raises `BackendUnavailableError` with the r
 the entropy) plus a reference to the logits; its backward is the section-6 formula evaluated by the chosen
 backend in one read of the logits and one write of the gradient (optionally into the logits' own storage),
 never autograd through a softmax copy. The plain definition the tests compare against is `naive.py`.
+Every Function of this op keeps the autograd contract of `aem_kernels.contract`: the in-place gradient bumps
+the logits' version counter and is refused for overlapping logits, double backward raises a clear error.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 from ... import validation as V
 from ...capability import (TRITON_DTYPES, TRITON_FP64_REASON, cpu_extension_reason, dtype_name,
                            triton_reason)
+from ...contract import check_inplace_backward, first_order_only
 from ...errors import BackendUnavailableError
 from ...layout import as_rows3d, gradient_buffer
 from .gathered import GatheredLogprobsFunction
@@ -166,6 +169,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, ignore_index: int,
                 backend: Backend, inplace_backward: bool, with_entropy: bool = True):
+        inplace_backward = check_inplace_backward(logits, inplace_backward, ctx.needs_input_grad[0])
         flat_labels = labels.reshape(-1) if labels is not None else None
         # with_entropy=False (log-probs only, with labels): the row kernels skip the entropy's sum; the entropy
         # output is then zeros without a gradient, and the backward gets zeros in its (unread) entropy slot
@@ -192,6 +196,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         return logprobs_out, entropy_out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
         logits, labels, state, entropy = ctx.saved_tensors
         temperature, ignore_index, backend, inplace_backward, with_entropy = ctx.config
@@ -244,7 +249,9 @@ def logprobs_and_entropy(
         ignore_index: positions with this label give 0 in both outputs and a zero gradient.
         backend: "auto", "triton", "cpu" or "torch" (see `resolve_backend`).
         inplace_backward: write the logits' gradient into the logits' own storage (the logits must not be
-            needed after the backward); peak memory stays at one N x V buffer.
+            needed after the backward); peak memory stays at one N x V buffer. A node that saved the logits
+            then raises torch's "modified by an inplace operation" error; overlapping logits (expand) are
+            refused (see `aem_kernels.contract`).
         dtype: the outputs' dtype; None (default) keeps the fp32 math's result (fp64 for fp64 logits), also
             for half-precision logits; `dtype=logits.dtype` rounds them to the logits' dtype, as TRL returns.
 
@@ -313,6 +320,8 @@ def selective_log_softmax(
     logits' dtype: pass dtype=logits.dtype for that)."""
     if row_mask is not None:
         index = V.check_tensor("index", index)
+        if not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool):
+            index = index.long()  # any integer width; ignore_index must fit (-100 does not fit uint8)
         row_mask = V.check_tensor("row_mask", row_mask)
         if tuple(row_mask.shape) != tuple(index.shape) or row_mask.device != index.device:
             raise ValueError(f"row_mask must have index's shape {tuple(index.shape)} on {index.device}, got "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ...contract import check_inplace_backward, first_order_only
 from ...layout import as_rows3d, compute_dtype, gradient_buffer
 
 __all__ = ["GatheredLogprobsFunction"]
@@ -55,6 +56,7 @@ class GatheredLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                 backend, inplace_backward: bool):
+        inplace_backward = check_inplace_backward(logits, inplace_backward, ctx.needs_input_grad[0])
         dtype = compute_dtype(logits.dtype)
         logits3d = as_rows3d(logits)
         batch, rows, _ = logits3d.shape
@@ -83,6 +85,7 @@ class GatheredLogprobsFunction(torch.autograd.Function):
         return logprobs.view(labels.shape).clone()  # a private copy: users may edit the output in place
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logprobs):
         if grad_logprobs is None:
             return (None,) * 6

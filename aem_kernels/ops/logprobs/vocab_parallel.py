@@ -50,6 +50,7 @@ import torch
 
 from ... import collectives as C
 from ... import validation as V
+from ...contract import check_inplace_backward, first_order_only
 from ...layout import as_rows3d, gradient_buffer
 from . import mixture as M
 
@@ -132,6 +133,8 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, local_labels: torch.Tensor, in_shard: torch.Tensor,
                 temperature: float, backend, group, inplace_backward: bool):
+        inplace_backward = check_inplace_backward(logits, inplace_backward, ctx.needs_input_grad[0],
+                                                  "logits_shard")
         logits3d = as_rows3d(logits)
         _, h_k, state_k = backend.forward(logits3d, local_labels, temperature, LOCAL_IGNORE)
         lse_k, h_k = M.empty_slices(logits3d, M.slice_lse(state_k, temperature), h_k)
@@ -149,6 +152,7 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
         return logprobs.reshape(shape).clone(), entropy.reshape(shape).clone()
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
         logits, local_labels, in_shard, state_b, h_slot, w = ctx.saved_tensors
         temperature, backend, inplace_backward = ctx.config
@@ -214,8 +218,7 @@ def vocab_parallel_logprobs_and_entropy(
                                     "logits_shard.shape[:-1], global vocabulary ids or ignore_index")
     if vocab_start is not None:
         vocab_start = V.check_count("vocab_start", vocab_start)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    V.check_bool("inplace_backward", inplace_backward)
     group = C.resolve_group(group, "group", none_is_default=True)
     from . import resolve_backend  # the op's path decision (this module is imported lazily by it)
 
