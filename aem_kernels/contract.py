@@ -15,8 +15,9 @@ ops and custom ops keep it:
      A second backward through the same graph (retain_graph=True) raises the same way.
    - Logits whose elements overlap in memory (`b.expand(6, V)`: a stride-0 dimension, or any as_strided
      aliasing) cannot hold one gradient per element: `check_inplace_backward` refuses them with a ValueError
-     naming `inplace_backward`, at the call. Out of place, such logits are fine: the gradient buffer is a fresh
-     [B, T, V] tensor and autograd sums the aliased rows (`layout.gradient_buffer`).
+     naming `inplace_backward`, at the call of the public function (and, for code that applies an autograd
+     Function directly, in its backward before anything is written). Out of place, such logits are fine: the
+     gradient buffer is a fresh [B, T, V] tensor and autograd sums the aliased rows (`layout.gradient_buffer`).
    - The refusal is made only where a gradient will be written (the logits require grad and grad mode is on);
      under no_grad the flag changes nothing and is only type-checked.
    - The forward's outputs are O(N) private copies; the logits are read again by the backward, so they must not
@@ -43,7 +44,7 @@ ops and custom ops keep it:
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -72,11 +73,16 @@ def may_overlap(tensor: torch.Tensor) -> bool:
     return False
 
 
-def check_inplace_backward(logits: torch.Tensor, inplace_backward: object, writes_gradient: bool,
+def check_inplace_backward(logits: torch.Tensor, inplace_backward: object, writes_gradient: Optional[bool] = None,
                            name: str = "logits") -> bool:
     """`inplace_backward` checked as a bool, and refused (ValueError) for logits whose elements overlap when a
-    gradient will be written into them (`writes_gradient`: the logits require grad under grad mode)."""
+    gradient will be written into them. `writes_gradient` None: decided at the call (the logits require grad and
+    grad mode is on: the public functions); False: the bool check alone (an autograd Function's forward, where
+    grad mode is always off); True: the backward, just before the write (the refusal for callers that apply
+    the Function directly)."""
     inplace_backward = V.check_bool("inplace_backward", inplace_backward)
+    if writes_gradient is None:
+        writes_gradient = torch.is_grad_enabled() and logits.requires_grad
     if inplace_backward and writes_gradient and may_overlap(logits):
         raise ValueError(
             f"inplace_backward=True writes the gradient into the storage of {name}, but {name} (shape "

@@ -169,7 +169,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, ignore_index: int,
                 backend: Backend, inplace_backward: bool, with_entropy: bool = True):
-        inplace_backward = check_inplace_backward(logits, inplace_backward, ctx.needs_input_grad[0])
+        inplace_backward = check_inplace_backward(logits, inplace_backward, writes_gradient=False)
         flat_labels = labels.reshape(-1) if labels is not None else None
         # with_entropy=False (log-probs only, with labels): the row kernels skip the entropy's sum; the entropy
         # output is then zeros without a gradient, and the backward gets zeros in its (unread) entropy slot
@@ -207,6 +207,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
             return (None,) + rest
         if labels is None:
             grad_logprobs = None
+        check_inplace_backward(logits, inplace_backward, writes_gradient=True)
         logits3d = as_rows3d(logits)
         buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
         flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)
@@ -215,8 +216,10 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         return (buffer.finish(),) + rest
 
 
-def _prepare(logits, labels, temperature, ignore_index, backend, allow_k=False, labels_name="labels"):
+def _prepare(logits, labels, temperature, ignore_index, backend, inplace_backward, allow_k=False,
+             labels_name="labels"):
     logits = V.check_logits(logits)
+    check_inplace_backward(logits, inplace_backward)
     temperature = V.check_temperature(temperature)
     ignore_index = V.check_ignore_index(ignore_index)
     if labels is not None:
@@ -258,7 +261,8 @@ def logprobs_and_entropy(
     Returns:
         (logprobs, entropy), each of labels' shape: ordinary tensors that may be edited in place.
     """
-    logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend)
+    logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend,
+                                                             inplace_backward)
     dtype = V.check_output_dtype(dtype)
     if labels is None:
         raise TypeError("labels must be a torch.Tensor, got None (use entropy_from_logits for entropy alone)")
@@ -294,7 +298,7 @@ def logprobs_from_logits(
     if labels is None:
         raise TypeError("logprobs_from_logits() needs `labels` (or `index`)")
     logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend,
-                                                             allow_k=True, labels_name=name)
+                                                             inplace_backward, allow_k=True, labels_name=name)
     dtype = V.check_output_dtype(dtype)
     if labels.dim() == logits.dim():  # K labels per position
         return _as(dtype, GatheredLogprobsFunction.apply(logits, labels, temperature, ignore_index, be,
@@ -347,6 +351,6 @@ def entropy_from_logits(
     """
     if chunk_size is not None:
         V.check_count("chunk_size", chunk_size)
-    logits, _, temperature, _, be = _prepare(logits, None, temperature, -100, backend)
+    logits, _, temperature, _, be = _prepare(logits, None, temperature, -100, backend, inplace_backward)
     dtype = V.check_output_dtype(dtype)
     return _as(dtype, LogprobsEntropyFunction.apply(logits, None, temperature, -100, be, inplace_backward)[1])

@@ -56,7 +56,7 @@ class GatheredLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                 backend, inplace_backward: bool):
-        inplace_backward = check_inplace_backward(logits, inplace_backward, ctx.needs_input_grad[0])
+        inplace_backward = check_inplace_backward(logits, inplace_backward, writes_gradient=False)
         dtype = compute_dtype(logits.dtype)
         logits3d = as_rows3d(logits)
         batch, rows, _ = logits3d.shape
@@ -93,6 +93,7 @@ class GatheredLogprobsFunction(torch.autograd.Function):
         temperature, ignore_index, backend, inplace_backward = ctx.config
         grads = torch.where(active, grad_logprobs.reshape(safe.shape).to(logprobs.dtype), 0.0)
         total = grads.sum(dim=1)
+        check_inplace_backward(logits, inplace_backward, writes_gradient=True)
         logits3d = as_rows3d(logits)
         buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
         backend.backward(logits3d, anchor, state, entropy, total.contiguous(), None, temperature, ignore_index,

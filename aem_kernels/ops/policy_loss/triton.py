@@ -238,7 +238,7 @@ def aem_loss_single_pass(
     on-policy / no KL term). Pass grad to `FusedGradientFunction.apply(loss_value, logits, grad)`."""
     check_triton_device(logits)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
-    inplace_backward = check_inplace_backward(logits, inplace_backward, write_grad)
+    inplace_backward = check_inplace_backward(logits, inplace_backward, writes_gradient=write_grad)
     logits3d = as_rows3d(logits.detach())
     buffer = gradient_buffer(logits.detach(), inplace=inplace_backward, rows3d=logits3d) if write_grad else None
     per_token = (lambda v: v.reshape(-1).to(torch.float32).contiguous() if v is not None else None)  # noqa: E731
