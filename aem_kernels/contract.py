@@ -12,7 +12,9 @@ ops and custom ops keep it:
      next to the log-probs of `z`) then raises torch's "one of the variables needed for gradient computation
      has been modified by an inplace operation" when it runs after our backward, instead of reading the
      gradient as if it were the logits; when it runs before, it read the true logits and the result is right.
-     A second backward through the same graph (retain_graph=True) raises the same way.
+     A second backward through the same graph (retain_graph=True) raises the same way. (The raw C++ op
+     `torch.ops.aem_kernels.logprobs_entropy_bwd_` does not bump by itself: its callers here all go through
+     the gradient buffer.)
    - Logits whose elements overlap in memory (`b.expand(6, V)`: a stride-0 dimension, or any as_strided
      aliasing) cannot hold one gradient per element: `check_inplace_backward` refuses them with a ValueError
      naming `inplace_backward`, at the call of the public function (and, for code that applies an autograd
@@ -38,7 +40,11 @@ ops and custom ops keep it:
    (`validation.check_bool`: `inplace_backward="no"` is a TypeError, not a truthy string).
 
 4. Non-finite logits behave as in eager torch: a NaN anywhere in a row gives NaN outputs and a NaN gradient on the
-   whole row on every backend; -inf entries have p = 0 and a zero gradient (no NaN).
+   whole row on every backend (the entropy term's mask is `p == 0`, not `p > 0`, which a NaN p fails); -inf
+   entries have p = 0 and a zero gradient (no NaN).
+
+5. Integer labels of every width (uint8, int16, int32, int64) give identical results on every backend: they are
+   converted to int64 once, in `validation.check_labels` (torch's gather takes int64/int32 only).
 """
 
 from __future__ import annotations
