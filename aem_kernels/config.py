@@ -56,7 +56,8 @@ class AEMConfig:
         baseline: relative uncertainty u_r (eq. 5): "minmax" (the paper), "mean", "loo", "batch".
         zscore: divide the centred baselines by the group (or batch) std + 1e-6; not valid with "minmax".
         normalize: normalisation set N(r) of eq. 7: "group" (the paper), "batch" or "none".
-        w_min, w_max: clip range of the weights; None means no bound on that side.
+        w_min, w_max: clip range of the weights, 0 <= w_min <= w_max and w_max > 0; None means no bound on
+            that side.
         surprisal_source: "current" (detached values of this forward) or "old" (the rollout's values:
             `old_entropy` for uncertainty="entropy", `old_logprobs` for "surprisal").
         clip_low, clip_high: PPO ratio clip 1 - clip_low .. 1 + clip_high (verl's clip_ratio_low/high).
@@ -111,6 +112,10 @@ class AEMConfig:
             value = getattr(self, name)
             if value is not None and _finite_number(name, value) < 0:
                 raise ValueError(f"AEMConfig.{name} must be >= 0 or None, got {value}")
+        if self.w_max is not None and self.w_max <= 0:
+            # w_max = 0 would clip every weight to 0: every advantage vanishes and the loss trains nothing
+            raise ValueError(f"AEMConfig.w_max must be > 0 or None, got {self.w_max} (it would zero every "
+                             "advantage)")
         if self.w_min is not None and self.w_max is not None and self.w_max < self.w_min:
             raise ValueError(f"AEMConfig.w_max ({self.w_max}) must be >= w_min ({self.w_min})")
         if not 0 <= _finite_number("clip_low", self.clip_low) < 1:

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from .contract import mark_written
+
 
 def _mergeable(sizes, strides) -> bool:
     """Whether dims with these sizes/strides collapse into one by a view (no copy). Decided from the
@@ -49,15 +51,19 @@ class GradientBuffer:
     (`rows3d`, the [B, T, V] layout of `as_rows3d`). Use: `buf = gradient_buffer(...)`, let the kernel write
     `buf.rows3d`, then return `buf.finish()`."""
 
-    __slots__ = ("grad", "rows3d", "_copy_back")
+    __slots__ = ("grad", "rows3d", "_copy_back", "_inplace")
 
-    def __init__(self, grad: torch.Tensor, rows3d: torch.Tensor, copy_back: bool) -> None:
-        self.grad, self.rows3d, self._copy_back = grad, rows3d, copy_back
+    def __init__(self, grad: torch.Tensor, rows3d: torch.Tensor, copy_back: bool, inplace: bool = False) -> None:
+        self.grad, self.rows3d, self._copy_back, self._inplace = grad, rows3d, copy_back, inplace
 
     def finish(self) -> torch.Tensor:
-        """`grad`, after copying `rows3d` into it when `rows3d` is a separate copy (see `gradient_buffer`)."""
+        """`grad`, after copying `rows3d` into it when `rows3d` is a separate copy (see `gradient_buffer`).
+        An in-place buffer has its version counter bumped (`contract.mark_written`): kernels that write through
+        a raw pointer are invisible to autograd, and a node that saved the target must refuse it now."""
         if self._copy_back:
             self.grad.copy_(self.rows3d.view(self.grad.shape))
+        if self._inplace:
+            mark_written(self.grad)
         return self.grad
 
 
@@ -67,7 +73,8 @@ def gradient_buffer(target: torch.Tensor, *, inplace: bool,
 
     inplace=True: the gradient goes into `target`'s own storage (the logits for `inplace_backward`, or a
     gradient already written that is to be rescaled in place); `rows3d` is `as_rows3d(target)` (pass it when
-    already computed) and `finish()` copies it back in the one case where as_rows3d had to copy.
+    already computed) and `finish()` copies it back in the one case where as_rows3d had to copy, and bumps
+    target's version counter (the contract of `aem_kernels.contract`: the caller refuses overlapping targets).
     inplace=False: a fresh uninitialised buffer, allocated in [B, T, V] so that the kernel addresses the logits
     and the gradient with the same row split even when the logits are a non-contiguous slice such as
     logits[:, :-1]; `grad` is a view of it in target's shape and `finish()` copies nothing.
@@ -75,7 +82,7 @@ def gradient_buffer(target: torch.Tensor, *, inplace: bool,
     if rows3d is None:
         rows3d = as_rows3d(target)
     if inplace:
-        return GradientBuffer(target, rows3d, rows3d_needs_copy(target))
+        return GradientBuffer(target, rows3d, rows3d_needs_copy(target), inplace=True)
     fresh = torch.empty(rows3d.shape, dtype=target.dtype, device=target.device)
     return GradientBuffer(fresh.view(target.shape), fresh, False)
 

@@ -79,7 +79,7 @@ def check_integer_tensor(name: str, value: object, shape: Optional[Sequence[int]
 def check_labels(labels: object, logits: torch.Tensor, ignore_index: int, name: str = "labels", *,
                  allow_k: bool = False) -> torch.Tensor:
     """Labels of shape logits.shape[:-1] (or, with allow_k, logits.shape[:-1] + (K,), K >= 1: K labels per
-    position, TRL's index form), values in [0, V) or == ignore_index."""
+    position, TRL's index form), values in [0, V) or == ignore_index, any integer dtype; returned as int64."""
     vocab = logits.shape[-1]
     expected = f"logits.shape[:-1], values in [0, {vocab}) or ignore_index"
     shape = tuple(logits.shape[:-1])
@@ -96,7 +96,9 @@ def check_labels(labels: object, logits: torch.Tensor, ignore_index: int, name: 
             example = int(labels[bad].flatten()[0])
             raise ValueError(f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                              f"found {example} ({int(bad.sum())} bad entries)")
-    return labels
+    # int64 once here, so that every backend sees the same labels (torch's gather takes int64/int32 only; a
+    # narrow dtype that cannot hold ignore_index simply has no ignored entry). A no-op for int64 labels.
+    return labels.long()
 
 
 def check_output_dtype(dtype: object) -> Optional[torch.dtype]:
@@ -143,7 +145,14 @@ def check_float_tensor(name: str, value: object, shape: Optional[Sequence[int]],
 
 
 def check_temperature(temperature: object) -> float:
+    """tau > 0 as a Python float. A one-element tensor is read once (a host sync), unless it requires grad: no
+    op here differentiates with respect to tau, and a tensor that asks for a gradient must not silently get
+    none (`aem_kernels.contract`, point 3)."""
     if isinstance(temperature, torch.Tensor):
+        if temperature.requires_grad:
+            raise TypeError("temperature must be a float (or a tensor that does not require grad): no gradient "
+                            "flows to the temperature, got a tensor with requires_grad=True; pass "
+                            "temperature.detach() or float(temperature) to treat it as a constant")
         if temperature.numel() != 1:
             raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
         temperature = float(temperature)

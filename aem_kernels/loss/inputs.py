@@ -85,6 +85,18 @@ def _per_token(name: str, value: Optional[torch.Tensor], shape, device) -> Optio
     return V.check_float_tensor(name, value, shape, device).reshape(-1)
 
 
+def _check_response_count(token_response: torch.Tensor, num_responses: int) -> None:
+    """response_group must have an entry for every response token_response names (packed form). Checked after
+    token_response's own range (values >= -1), so that a short response_group is reported as such rather than as
+    a token_response out of range."""
+    if token_response.numel() and V.value_checks_enabled(token_response):
+        largest = int(token_response.max())
+        if largest >= num_responses:
+            raise ValueError(f"response_group must have one group id per response: token_response refers to "
+                             f"response {largest}, so response_group needs at least {largest + 1} entries, got "
+                             f"{num_responses} (or token_response must have values in [-1, {num_responses}))")
+
+
 def pack_inputs(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
                 token_response: Optional[torch.Tensor], response_group: torch.Tensor,
                 response_mask: Optional[torch.Tensor], turn_ids: Optional[torch.Tensor],
@@ -94,7 +106,9 @@ def pack_inputs(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Te
     """Validate every argument and convert any accepted form to the packed form."""
     device = logits.device
     token_shape = logits.shape[:-1]
-    labels = V.check_integer_tensor("labels", labels, token_shape, device, "logits.shape[:-1]")
+    # int64 at once: `torch.where(trained, labels, ignore_index)` below must not wrap ignore_index into a narrow
+    # integer dtype (uint8 labels: -100 -> 156)
+    labels = V.check_integer_tensor("labels", labels, token_shape, device, "logits.shape[:-1]").long()
     forms = [name for name, value in (("token_response", token_response), ("response_mask", response_mask),
                                       ("turn_ids", turn_ids)) if value is not None]
     if len(forms) != 1:
@@ -109,7 +123,8 @@ def pack_inputs(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Te
             raise ValueError(f"response_group must have shape [R], got {tuple(response_group.shape)}")
         num_responses = response_group.shape[0]
         token_response = V.check_index_map("token_response", token_response, token_shape, device,
-                                           upper=num_responses, allow_untrained=True)
+                                           upper=None, allow_untrained=True)
+        _check_response_count(token_response, num_responses)
     else:
         if logits.dim() != 3:
             raise ValueError(f"the padded form needs logits of shape [B, T, V], got {tuple(logits.shape)}")

@@ -17,6 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..config import AEMConfig
+from ..contract import first_order_only
 from ..ops.fused_linear import FusedLinearPath
 from ..ops.policy_loss import single_pass_unavailable, token_loss_derivatives
 from .inputs import PackedBatch
@@ -78,7 +79,7 @@ class FusedLinearLossGradientFunction(torch.autograd.Function):
         return loss.detach().clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only  # not once_differentiable: it returns no graph at all when grad_loss needs none
     def backward(ctx, grad_loss):
         unit = bool(grad_loss == 1)
         out = []

@@ -164,7 +164,8 @@ def store_row_grad(in_ptr, out_ptr, vocab, inv_temperature, m, log_d, entropy, a
         if HAS_A:
             grad = tl.where(idx == label, a, 0.0) - a * p
         if HAS_B:
-            grad -= b * tl.where(p > 0, p * (log_p + entropy), 0.0)
+            # p log p -> 0 at p == 0 (-inf logits, inactive rows); a NaN p (a NaN in the row) stays NaN, as in eager
+            grad -= b * tl.where(p == 0, 0.0, p * (log_p + entropy))
         tl.store(out_ptr + idx, to_storage(grad * inv_temperature, out_ptr.dtype.element_ty), mask=in_row)
 
 

@@ -1,6 +1,7 @@
 """AEMConfig: the paper's defaults and a ValueError/TypeError for every invalid value."""
 
 import pytest
+import torch
 
 import aem_kernels as ak
 
@@ -29,10 +30,13 @@ def test_verl_kl_names_are_normalised_and_replace_validates():
     ("uncertainty", "variance", ValueError), ("surprisal_reduction", "max", ValueError),
     ("baseline", "median", ValueError), ("zscore", 1, TypeError), ("normalize", "global", ValueError),
     ("w_min", -1.0, ValueError), ("w_max", float("inf"), ValueError), ("surprisal_source", "ref", ValueError),
+    # w_max = 0 would clip every weight, hence every advantage, to 0
+    ("w_max", 0.0, ValueError), ("w_max", -0.5, ValueError), ("zscore", "no", TypeError),
     ("clip_low", 1.0, ValueError), ("clip_low", -0.1, ValueError), ("clip_high", -0.2, ValueError),
     ("dual_clip", 1.0, ValueError), ("loss_agg_mode", "mean", ValueError), ("entropy_coef", float("inf"), ValueError),
     ("kl_coef", -0.1, ValueError), ("kl_type", "k4", ValueError), ("temperature", 0.0, ValueError),
-    ("temperature", -1.0, ValueError), ("ignore_index", 1.5, TypeError),
+    ("temperature", -1.0, ValueError), ("temperature", torch.tensor(1.0, requires_grad=True), TypeError),
+    ("ignore_index", 1.5, TypeError),
 ])
 def test_invalid_values(field, value, error):
     with pytest.raises(error, match=field):

@@ -26,6 +26,8 @@ backend that cannot serve the tensor raises `BackendUnavailableError` with the r
 the entropy) plus a reference to the logits; its backward is the section-6 formula evaluated by the chosen
 backend in one read of the logits and one write of the gradient (optionally into the logits' own storage),
 never autograd through a softmax copy. The plain definition the tests compare against is `naive.py`.
+Every Function of this op keeps the autograd contract of `aem_kernels.contract`: the in-place gradient bumps
+the logits' version counter and is refused for overlapping logits, double backward raises a clear error.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 from ... import validation as V
 from ...capability import (TRITON_DTYPES, TRITON_FP64_REASON, cpu_extension_reason, dtype_name,
                            triton_reason)
+from ...contract import check_inplace_backward, first_order_only
 from ...errors import BackendUnavailableError
 from ...layout import as_rows3d, gradient_buffer
 from .gathered import GatheredLogprobsFunction
@@ -166,6 +169,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, ignore_index: int,
                 backend: Backend, inplace_backward: bool, with_entropy: bool = True):
+        inplace_backward = check_inplace_backward(logits, inplace_backward, writes_gradient=False)
         flat_labels = labels.reshape(-1) if labels is not None else None
         # with_entropy=False (log-probs only, with labels): the row kernels skip the entropy's sum; the entropy
         # output is then zeros without a gradient, and the backward gets zeros in its (unread) entropy slot
@@ -192,6 +196,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         return logprobs_out, entropy_out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
         logits, labels, state, entropy = ctx.saved_tensors
         temperature, ignore_index, backend, inplace_backward, with_entropy = ctx.config
@@ -202,6 +207,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
             return (None,) + rest
         if labels is None:
             grad_logprobs = None
+        check_inplace_backward(logits, inplace_backward, writes_gradient=True)
         logits3d = as_rows3d(logits)
         buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
         flat = (lambda g: g.reshape(-1).contiguous() if g is not None else None)
@@ -210,8 +216,10 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         return (buffer.finish(),) + rest
 
 
-def _prepare(logits, labels, temperature, ignore_index, backend, allow_k=False, labels_name="labels"):
+def _prepare(logits, labels, temperature, ignore_index, backend, inplace_backward, allow_k=False,
+             labels_name="labels"):
     logits = V.check_logits(logits)
+    check_inplace_backward(logits, inplace_backward)
     temperature = V.check_temperature(temperature)
     ignore_index = V.check_ignore_index(ignore_index)
     if labels is not None:
@@ -244,14 +252,17 @@ def logprobs_and_entropy(
         ignore_index: positions with this label give 0 in both outputs and a zero gradient.
         backend: "auto", "triton", "cpu" or "torch" (see `resolve_backend`).
         inplace_backward: write the logits' gradient into the logits' own storage (the logits must not be
-            needed after the backward); peak memory stays at one N x V buffer.
+            needed after the backward); peak memory stays at one N x V buffer. A node that saved the logits
+            then raises torch's "modified by an inplace operation" error; overlapping logits (expand) are
+            refused (see `aem_kernels.contract`).
         dtype: the outputs' dtype; None (default) keeps the fp32 math's result (fp64 for fp64 logits), also
             for half-precision logits; `dtype=logits.dtype` rounds them to the logits' dtype, as TRL returns.
 
     Returns:
         (logprobs, entropy), each of labels' shape: ordinary tensors that may be edited in place.
     """
-    logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend)
+    logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend,
+                                                             inplace_backward)
     dtype = V.check_output_dtype(dtype)
     if labels is None:
         raise TypeError("labels must be a torch.Tensor, got None (use entropy_from_logits for entropy alone)")
@@ -287,7 +298,7 @@ def logprobs_from_logits(
     if labels is None:
         raise TypeError("logprobs_from_logits() needs `labels` (or `index`)")
     logits, labels, temperature, ignore_index, be = _prepare(logits, labels, temperature, ignore_index, backend,
-                                                             allow_k=True, labels_name=name)
+                                                             inplace_backward, allow_k=True, labels_name=name)
     dtype = V.check_output_dtype(dtype)
     if labels.dim() == logits.dim():  # K labels per position
         return _as(dtype, GatheredLogprobsFunction.apply(logits, labels, temperature, ignore_index, be,
@@ -313,6 +324,8 @@ def selective_log_softmax(
     logits' dtype: pass dtype=logits.dtype for that)."""
     if row_mask is not None:
         index = V.check_tensor("index", index)
+        if not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool):
+            index = index.long()  # any integer width; ignore_index must fit (-100 does not fit uint8)
         row_mask = V.check_tensor("row_mask", row_mask)
         if tuple(row_mask.shape) != tuple(index.shape) or row_mask.device != index.device:
             raise ValueError(f"row_mask must have index's shape {tuple(index.shape)} on {index.device}, got "
@@ -338,6 +351,6 @@ def entropy_from_logits(
     """
     if chunk_size is not None:
         V.check_count("chunk_size", chunk_size)
-    logits, _, temperature, _, be = _prepare(logits, None, temperature, -100, backend)
+    logits, _, temperature, _, be = _prepare(logits, None, temperature, -100, backend, inplace_backward)
     dtype = V.check_output_dtype(dtype)
     return _as(dtype, LogprobsEntropyFunction.apply(logits, None, temperature, -100, be, inplace_backward)[1])

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from ...capability import cpu_extension
+from ...contract import first_order_only
 from ...layout import compute_dtype
 
 __all__ = ["DTYPES", "kernel_isa", "logprobs_entropy_fwd", "logprobs_entropy_bwd"]
@@ -88,6 +89,7 @@ def _register_op_python_parts() -> None:
         ctx.temperature, ctx.ignore_index, ctx.with_entropy = temperature, ignore_index, with_entropy
         ctx.set_materialize_grads(False)
 
+    @first_order_only  # the C++ backward is not differentiable: double backward raises (aem_kernels.contract)
     def _fwd_backward(ctx, grad_logprobs, grad_entropy, grad_state):
         logits, labels, state, entropy = ctx.saved_tensors
         if not ctx.with_entropy:

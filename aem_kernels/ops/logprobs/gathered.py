@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ...contract import check_inplace_backward, first_order_only
 from ...layout import as_rows3d, compute_dtype, gradient_buffer
 
 __all__ = ["GatheredLogprobsFunction"]
@@ -55,6 +56,7 @@ class GatheredLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                 backend, inplace_backward: bool):
+        inplace_backward = check_inplace_backward(logits, inplace_backward, writes_gradient=False)
         dtype = compute_dtype(logits.dtype)
         logits3d = as_rows3d(logits)
         batch, rows, _ = logits3d.shape
@@ -83,6 +85,7 @@ class GatheredLogprobsFunction(torch.autograd.Function):
         return logprobs.view(labels.shape).clone()  # a private copy: users may edit the output in place
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logprobs):
         if grad_logprobs is None:
             return (None,) * 6
@@ -90,6 +93,7 @@ class GatheredLogprobsFunction(torch.autograd.Function):
         temperature, ignore_index, backend, inplace_backward = ctx.config
         grads = torch.where(active, grad_logprobs.reshape(safe.shape).to(logprobs.dtype), 0.0)
         total = grads.sum(dim=1)
+        check_inplace_backward(logits, inplace_backward, writes_gradient=True)
         logits3d = as_rows3d(logits)
         buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
         backend.backward(logits3d, anchor, state, entropy, total.contiguous(), None, temperature, ignore_index,

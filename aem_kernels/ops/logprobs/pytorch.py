@@ -129,7 +129,9 @@ def logprobs_entropy_bwd(
         if grad_entropy is not None:
             h = entropy[start:stop].to(dtype).unsqueeze(1)
             b_t = grad_entropy[start:stop].to(dtype).unsqueeze(1)
-            grad = -b_t * torch.where(prob > 0, prob * (log_p + h), zero)
+            # p log p -> 0 where p == 0 (-inf logits); `prob == 0` rather than `prob > 0` so that a NaN row
+            # (NaN state) keeps its NaN gradient, as eager autograd gives
+            grad = -b_t * torch.where(prob == 0, zero, prob * (log_p + h))
         if labels is not None:
             rows_labels = labels[start:stop]
             active = rows_labels != ignore_index

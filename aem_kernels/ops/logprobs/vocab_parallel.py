@@ -50,6 +50,7 @@ import torch
 
 from ... import collectives as C
 from ... import validation as V
+from ...contract import check_inplace_backward, first_order_only
 from ...layout import as_rows3d, gradient_buffer
 from . import mixture as M
 
@@ -132,6 +133,7 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, local_labels: torch.Tensor, in_shard: torch.Tensor,
                 temperature: float, backend, group, inplace_backward: bool):
+        inplace_backward = check_inplace_backward(logits, inplace_backward, writes_gradient=False)
         logits3d = as_rows3d(logits)
         _, h_k, state_k = backend.forward(logits3d, local_labels, temperature, LOCAL_IGNORE)
         lse_k, h_k = M.empty_slices(logits3d, M.slice_lse(state_k, temperature), h_k)
@@ -149,6 +151,7 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
         return logprobs.reshape(shape).clone(), entropy.reshape(shape).clone()
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
         logits, local_labels, in_shard, state_b, h_slot, w = ctx.saved_tensors
         temperature, backend, inplace_backward = ctx.config
@@ -163,6 +166,7 @@ class VocabParallelLogprobsEntropyFunction(torch.autograd.Function):
         column = torch.where(active, local_labels, 0).view(logits3d.shape[:-1] + (1,))
         # read the label column before an in-place backward overwrites the logits
         x_col = logits3d.gather(2, column).reshape(-1).to(dtype)
+        check_inplace_backward(logits, inplace_backward, writes_gradient=True, name="logits_shard")
         buffer = gradient_buffer(logits, inplace=inplace_backward, rows3d=logits3d)
         scaled = (lambda g, present: (g * w).contiguous() if present else None)  # noqa: E731
         out3d = backend.backward(logits3d, local_labels, state_b, h_slot, scaled(a, grad_logprobs is not None),
@@ -214,8 +218,7 @@ def vocab_parallel_logprobs_and_entropy(
                                     "logits_shard.shape[:-1], global vocabulary ids or ignore_index")
     if vocab_start is not None:
         vocab_start = V.check_count("vocab_start", vocab_start)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    check_inplace_backward(logits_shard, inplace_backward, name="logits_shard")
     group = C.resolve_group(group, "group", none_is_default=True)
     from . import resolve_backend  # the op's path decision (this module is imported lazily by it)
 

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...contract import check_inplace_backward, first_order_only
 from ...layout import as_rows3d, gradient_buffer
 from ..utils import (BWD_TILE_BYTES, FWD_TILE_BYTES, check_triton_device, launch_config, row_epilogue, row_offset,
                     store_row_grad, streaming_softmax_stats, temperature_args, to_storage)
@@ -213,6 +214,7 @@ class FusedGradientFunction(torch.autograd.Function):
         return loss_value.detach().clone()
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_output: torch.Tensor):
         try:
             (grad,) = ctx.saved_tensors
@@ -236,6 +238,7 @@ def aem_loss_single_pass(
     on-policy / no KL term). Pass grad to `FusedGradientFunction.apply(loss_value, logits, grad)`."""
     check_triton_device(logits)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
+    inplace_backward = check_inplace_backward(logits, inplace_backward, writes_gradient=write_grad)
     logits3d = as_rows3d(logits.detach())
     buffer = gradient_buffer(logits.detach(), inplace=inplace_backward, rows3d=logits3d) if write_grad else None
     per_token = (lambda v: v.reshape(-1).to(torch.float32).contiguous() if v is not None else None)  # noqa: E731
