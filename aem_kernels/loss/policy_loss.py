@@ -16,6 +16,7 @@ import torch
 
 from .. import validation as V
 from ..config import AEMConfig
+from ..contract import check_inplace_backward
 from ..ops.logprobs import BACKENDS, LogprobsEntropyFunction, resolve_backend
 from .inputs import loss_batch
 from .single_pass import logits_single_pass_loss, logits_single_pass_unavailable
@@ -98,7 +99,7 @@ def aem_policy_loss(
     """
     config = V.check_config(config)
     logits = V.check_logits(logits)
-    inplace_backward = V.check_bool("inplace_backward", inplace_backward)
+    inplace_backward = check_inplace_backward(logits, inplace_backward)
     batch = loss_batch(logits, labels, advantages, config, token_response=token_response,
                         response_group=response_group, response_mask=response_mask, turn_ids=turn_ids,
                         old_logprobs=old_logprobs, old_entropy=old_entropy, ref_logprobs=ref_logprobs,
