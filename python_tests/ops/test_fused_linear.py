@@ -11,7 +11,7 @@ import aem_kernels as ak
 from aem_kernels import BackendUnavailableError
 from aem_kernels.ops.fused_linear import plan
 from aem_kernels.ops.fused_linear import resolve_fused_linear_path
-from fused_linear_checks import (BACKENDS, assert_rule, check_against_rule, device_for, grads, linear_inputs,
+from fused_linear_checks import (BACKENDS, check_against_rule, device_for, grads, linear_inputs,
                                  materialised, max_error)
 
 @pytest.mark.parametrize("backend", BACKENDS)

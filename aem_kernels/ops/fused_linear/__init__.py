@@ -29,7 +29,8 @@ the one budget knob `chunk_budget_bytes` (the bytes of the one fp32 logits buffe
 
 The op's forward and backward are torch.library custom ops (torch.compile, fullgraph too, sees two opaque
 calls, not the chunk loops and their data-dependent row selection). The path travels to them as its name, and
-its O(N) backward state as one [N, 2] tensor.
+its O(N) backward state as one [N, 2] tensor. The op's autograd Functions are differentiable once: a double
+backward raises a RuntimeError naming the Function (`once.py`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from .once import differentiable_once
 from .plan import check_chunk_budget
 
 __all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearPath", "check_budget", "check_linear",
-           "differentiable_once", "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path", "logits_like",
-           "resolve_fused_linear_path"]
+           "differentiable_once", "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path",
+           "logits_like", "resolve_fused_linear_path"]
 
 _HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -6,8 +6,8 @@ precision: ~0.85 x the bf16 logits of extra memory at N = 4096, H = 1024, V = 32
 Both passes are the op's one chunk loop over vocab blocks (`loop.chunk_loop` with `loop.VocabBlocks`): blocks
 W_k = weight[v0:v1], each upcast once to fp32 (exact for bf16/fp16) and used for every active row, so the
 conversion is amortised over all rows: z_k = X @ W_k^T (+ b_k), the hidden rows upcast to fp32 in row pieces
-(or once, when all active rows fit the budget); each pass has its own per-block step. CPU BLAS in torch has no bf16 x bf16 ->
-fp32 product, and bf16 logits would lose eager fp32's accuracy, so the products are fp32.
+(or once, when all active rows fit the budget); each pass has its own per-block step. CPU BLAS in torch has no
+bf16 x bf16 -> fp32 product, and bf16 logits would lose eager fp32's accuracy, so the products are fp32.
 
 Forward: the row backend's forward on each block gives its per-row (lse_k, h_k) and the label logit from the
 block that holds it (local label y - v0 there, column 0 elsewhere); `ops/logprobs/mixture.combine_slices` turns the

@@ -14,7 +14,8 @@ on the row backend's choice, every dtype; that function says why), its plan `pla
 both passes are the op's one chunk loop over row chunks (`loop.chunk_loop` with `loop.RowChunks`) with their
 own steps. Forward, per row chunk X_c of the active (not ignored) rows: z = X_c W_k^T + b_k in fp32 into one
 reused buffer of the chunk budget; the row backend's forward on it with local labels (h_k and its state
-(m, log d), hence lse_k); s_y gathered from the buffer where this rank owns the label. Then the combination (`ops/logprobs/vocab_parallel.py`).
+(m, log d), hence lse_k); s_y gathered from the buffer where this rank owns the label. Then the combination
+(`ops/logprobs/vocab_parallel.py`).
 Backward, per chunk: z recomputed; the row backend's backward with a' = a w_k, b' = b w_k, h' = log w_k + h_t
 writes dL/dz over it; the label column is rewritten exactly (`label_column_grad`); then
     dX_c = dz W_k,   dW_k += dz^T X_c,   db_k += sum_rows dz.
