@@ -1,4 +1,4 @@
-"""The fused-linear AEM loss's single pass (`fused_linear._single_pass_loss`, `_chunked_linear.chunked_single_pass`):
+"""The fused-linear AEM loss's single pass (`loss/single_pass.py`, `ops/fused_linear/chunked.chunked_single_pass`):
 when the modulation weights are known before the forward, every chunk's gradient is finished in the forward.
 It must give the two-pass path's loss, metrics and gradients (up to fp32 summation order), for every option."""
 
@@ -188,10 +188,10 @@ def test_single_pass_true_says_why_it_cannot_apply():
 def test_gradients_are_handed_on_without_a_copy():
     """The single pass's gradient buffers become `.grad` themselves for the usual upstream gradient 1 (no second
     [V, H] / [N, H] copy at the backward); with a retained graph they are copied, so a second backward is right."""
-    from aem_kernels.ops.fused_linear import chunked as _chunked_linear
+    from aem_kernels.ops.fused_linear import chunked
 
     ptrs = {}
-    original = _chunked_linear.chunked_single_pass
+    original = chunked.chunked_single_pass
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -202,7 +202,7 @@ def test_gradients_are_handed_on_without_a_copy():
     leaves = [hidden.requires_grad_(), weight.requires_grad_()]
     config = ak.AEMConfig(beta=0.0)
     try:
-        _chunked_linear.chunked_single_pass = spy
+        chunked.chunked_single_pass = spy
         loss, _ = ak.fused_linear_aem_policy_loss(hidden, weight, labels, adv, config=config, **kw)
         loss.backward()
         assert hidden.grad.data_ptr() == ptrs["hidden"] and weight.grad.data_ptr() == ptrs["weight"]
@@ -214,7 +214,7 @@ def test_gradients_are_handed_on_without_a_copy():
         assert weight.grad.data_ptr() != ptrs["weight"]
         loss.backward()
     finally:
-        _chunked_linear.chunked_single_pass = original
+        chunked.chunked_single_pass = original
     for t, g in zip(leaves, first):
         torch.testing.assert_close(t.grad, 2 * g)
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import aem_kernels as ak
-from aem_kernels.ops.fused_linear import chunked as _chunked_linear
 from aem_kernels import BackendUnavailableError
-from aem_kernels.ops.fused_linear import resolve_fused_linear_path as resolve_fused_linear_backend
-from fused_linear_checks import (BACKENDS, assert_rule, check_against_rule, device_for, grads, linear_inputs,
+from aem_kernels.ops.fused_linear import plan
+from aem_kernels.ops.fused_linear import resolve_fused_linear_path
+from fused_linear_checks import (BACKENDS, check_against_rule, device_for, grads, linear_inputs,
                                  materialised, max_error)
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -58,22 +58,22 @@ def test_without_entropy(backend):
 def test_chunking_is_invisible(budget):
     x, w, b, labels, ga, gb = linear_inputs()
     lp, ent, grads = check_against_rule("cpu", x, w, b, labels, ga, gb, chunk_budget_bytes=budget)
-    rows = _chunked_linear.chunk_plan(37, 301, torch.float32, budget)
+    rows = plan.chunk_plan(37, 301, torch.float32, budget)
     assert rows == (1 if budget == 1 else 5 if budget < 10 ** 9 else 37)
 
 
 def test_half_precision_several_chunks():
     x, w, b, labels, ga, gb = linear_inputs(dtype=torch.bfloat16, hidden=40, vocab=700)
     check_against_rule("cpu", x, w, b, labels, ga, gb, chunk_budget_bytes=4 * 700 * 6)
-    assert _chunked_linear.chunk_plan(37, 700, torch.bfloat16, 4 * 700 * 6) == 6
+    assert plan.chunk_plan(37, 700, torch.bfloat16, 4 * 700 * 6) == 6
 
 
 def test_default_budget():
-    rows = _chunked_linear.chunk_plan(4096, 151936, torch.float32)
+    rows = plan.chunk_plan(4096, 151936, torch.float32)
     assert rows == 256   # = logits / 16 at fp32
-    assert _chunked_linear.chunk_plan(4096, 151936, torch.bfloat16) == 256   # the row floor (budget: 128 rows)
-    assert _chunked_linear.chunk_plan(100000, 32000, torch.bfloat16) == 100000 * 2 // 64
-    rows = _chunked_linear.chunk_plan(8, 1000, torch.float32)
+    assert plan.chunk_plan(4096, 151936, torch.bfloat16) == 256   # the row floor (budget: 128 rows)
+    assert plan.chunk_plan(100000, 32000, torch.bfloat16) == 100000 * 2 // 64
+    rows = plan.chunk_plan(8, 1000, torch.float32)
     assert rows == 8   # the 16 MiB floor holds every row of a small batch
 
 
@@ -158,7 +158,7 @@ def test_matches_logprobs_and_entropy_of_materialised_logits():
 
 def test_fp64_inputs_take_the_torch_path():
     x, w, b, labels, ga, gb = linear_inputs(dtype=torch.float64)
-    assert resolve_fused_linear_backend("auto", torch.device("cpu"), torch.float64).name == "torch"
+    assert resolve_fused_linear_path("auto", torch.device("cpu"), torch.float64).key == "torch-chunked"
     lp, ent = ak.fused_linear_logprobs_and_entropy(x, w, labels, bias=b)
     truth = materialised(x, w, b, labels, 1.0, torch.float64)
     assert lp.dtype == torch.float64 and max_error(lp, truth[0]) < 1e-12 and max_error(ent, truth[1]) < 1e-12

@@ -1,4 +1,4 @@
-"""The vocab-blocked fused-linear path (`_blocked_linear.py`) that bf16/fp16 hidden states take on the CPU and
+"""The vocab-blocked fused-linear path (`ops/fused_linear/blocked.py`) that bf16/fp16 hidden states take on the CPU and
 torch backends: values and the three gradients against fp64 of the materialised logits under the accuracy
 rule (many blocks, 1-column blocks, hidden upcast in pieces, odd vocabularies, labels in the first and last
 block, ignored rows, -inf logits, |z| ~ 1e4, temperatures 0.3-3), agreement with the chunked path, the
@@ -12,12 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import aem_kernels as ak
-from aem_kernels.ops.fused_linear import blocked as _blocked_linear
-from aem_kernels.ops.fused_linear import chunked as _chunked_linear
-from aem_kernels.ops.fused_linear import FusedLinearPath as FusedLinearBackend
-from aem_kernels.ops.fused_linear import resolve_fused_linear_path as resolve_fused_linear_backend
+from aem_kernels.ops.fused_linear import (FusedLinearLogprobsEntropyFunction, blocked, chunked, fused_linear_path,
+                                          resolve_fused_linear_path)
+from aem_kernels.ops.fused_linear.plan import BlockPlan, block_plan
 from aem_kernels.ops.logprobs import resolve_backend
-from aem_kernels.ops.fused_linear import FusedLinearLogprobsEntropyFunction
 from fused_linear_checks import assert_rule, check_against_rule, grads, linear_inputs, materialised, max_error
 
 HALF = [torch.bfloat16, torch.float16]
@@ -38,7 +36,7 @@ def _budget(columns: int, rows: int = N_ACTIVE) -> int:
                          ids=["default", "1-column", "7-columns-hidden-pieces", "29-columns", "one-block"])
 def test_values_and_gradients_follow_the_accuracy_rule(backend, dtype, budget):
     x, w, b, labels, ga, gb = linear_inputs(dtype=dtype, vocab=303)   # 303 = 43 x 7 + 2: a narrow last block
-    plan = _blocked_linear.block_plan(37, N_ACTIVE, 303, 29, dtype, budget)
+    plan = block_plan(37, N_ACTIVE, 303, 29, dtype, budget)
     if budget == _budget(7):
         assert plan.columns == 7 and plan.blocks(303) == 44 and plan.hidden_rows == _budget(7) // (8 * 29)
     if budget == 1:
@@ -53,7 +51,7 @@ def test_labels_in_the_first_and_last_block(dtype):
     x, w, b, labels, ga, gb = linear_inputs(shape=(12,), dtype=dtype, vocab=101, ignore=())
     labels[:4] = torch.tensor([0, 1, 2, 3])       # first block of 4 columns
     labels[4:8] = torch.tensor([100, 99, 97, 96])  # 101 = 25 x 4 + 1: the last block is column 100 alone
-    assert _blocked_linear.block_plan(12, 12, 101, 29, dtype, _budget(4, 12)).columns == 4
+    assert block_plan(12, 12, 101, 29, dtype, _budget(4, 12)).columns == 4
     check_against_rule("cpu", x, w, b, labels, ga, gb, temperature=1.3, chunk_budget_bytes=_budget(4, 12))
 
 
@@ -106,9 +104,8 @@ def test_rows_without_a_distribution_are_nan_like_the_chunked_path():
     w[:, 0] = -(w[:, 0].abs() + 0.1)
     x[4, 0] = float("inf")                         # z[4, v] = -inf for every v
     lp, ent = ak.fused_linear_logprobs_and_entropy(x, w, labels, bias=b, chunk_budget_bytes=_budget(8, 6))
-    row = resolve_backend("cpu", torch.device("cpu"), torch.bfloat16)
-    chunked = _path(_chunked_linear.chunked_fwd, _chunked_linear.chunked_bwd, row)
-    lp_c, ent_c = FusedLinearLogprobsEntropyFunction.apply(x, w, b, labels, 1.0, -100, True, chunked,
+    lp_c, ent_c = FusedLinearLogprobsEntropyFunction.apply(x, w, b, labels, 1.0, -100, True,
+                                                           fused_linear_path(CHUNKED),
                                                            (False, None, labels.shape))
     bad = torch.tensor([False, False, True, False, True, False])
     for ours, theirs in ((lp, lp_c), (ent, ent_c)):
@@ -158,20 +155,9 @@ def test_only_some_gradients_and_without_entropy(wanted):
 
 # ---- the chunked path, dispatch, determinism, the plan ------------------------------------------------------
 
-def _path(fwd, bwd, row):
-    """A fused-linear path over `row` by the given module's functions (as dispatch builds it, but for any dtype)."""
-    if fwd is _blocked_linear.blocked_fwd:
-        pack, unpack, state_dtype = _blocked_linear.blocked_pack, _blocked_linear.blocked_unpack, \
-            (lambda dtype: torch.float64)
-    else:
-        pack, state_dtype = _chunked_linear.chunked_pack, _chunked_linear.compute_dtype
-
-        def unpack(state, entropy, labels, ignore_index, vocab, hidden, dtype, budget):
-            return _chunked_linear.chunked_unpack(state, entropy, labels, ignore_index, vocab, dtype, budget)
-    return FusedLinearBackend(row.name, lambda *a, budget=None: fwd(row, *a, budget=budget),
-                              lambda h, w, b, y, s, e, ga, gb, t, i, n, d=False: bwd(row, h, w, b, y, s, ga, gb,
-                                                                                      t, i, n),
-                              pack, unpack, state_dtype)
+# A path runs any dtype: "cpu-chunked" on bf16/fp16 is the row-chunk path the resolver takes for fp32 (an fp32
+# copy of the weight and an fp32 [V, H] gradient), for comparison with "cpu-blocked".
+CHUNKED, BLOCKED = "cpu-chunked", "cpu-blocked"
 
 
 def _run(path, x, w, b, labels, ga, gb, temperature=1.0, budget=None):
@@ -184,16 +170,13 @@ def _run(path, x, w, b, labels, ga, gb, temperature=1.0, budget=None):
 @pytest.mark.parametrize("dtype", HALF)
 def test_agrees_with_the_chunked_path_within_the_rule(dtype):
     x, w, b, labels, ga, gb = linear_inputs(dtype=dtype, vocab=411, hidden=40)
-    row = resolve_backend("cpu", torch.device("cpu"), dtype)
-    blocked = _run(_path(_blocked_linear.blocked_fwd, _blocked_linear.blocked_bwd, row), x, w, b, labels, ga, gb,
-                   0.8, _budget(13))
-    chunked = _run(_path(_chunked_linear.chunked_fwd, _chunked_linear.chunked_bwd, row), x, w, b, labels, ga, gb,
-                   0.8)
+    by_blocks = _run(fused_linear_path(BLOCKED), x, w, b, labels, ga, gb, 0.8, _budget(13))
+    by_rows = _run(fused_linear_path(CHUNKED), x, w, b, labels, ga, gb, 0.8)
     eager, truth = (materialised(x, w, b, labels, 0.8, dt) for dt in (torch.float32, torch.float64))
     eager_all = eager[:2] + grads(eager[:2], eager[2], ga, gb)
     truth_all = truth[:2] + grads(truth[:2], truth[2], ga, gb)
     names = ("logprobs", "entropy", "grad hidden", "grad weight", "grad bias")
-    for name, ours, theirs, eag, tru in zip(names, blocked, chunked, eager_all, truth_all):
+    for name, ours, theirs, eag, tru in zip(names, by_blocks, by_rows, eager_all, truth_all):
         eag = eag.to(ours.dtype)     # half-precision gradients end rounded to the leaf's dtype
         assert ours.dtype == theirs.dtype
         assert max_error(ours, theirs) <= 3 * max_error(eag, tru) + 1e-5, name
@@ -204,32 +187,32 @@ def test_dispatch_takes_the_blocked_path_for_half_precision_only():
     x, w, b, labels, _, _ = linear_inputs()
     for backend in ROW_BACKENDS:
         for dtype, blocked in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False)):
-            be = resolve_fused_linear_backend(backend, cpu, dtype)
+            be = resolve_fused_linear_path(backend, cpu, dtype)
             *_, saved = be.forward(x.to(dtype).reshape(-1, 29), w.to(dtype), b.to(dtype), labels, 1.0, -100,
                                    True, budget=None)
-            assert isinstance(saved[1], _blocked_linear.BlockPlan) == blocked, (backend, dtype)
-    assert resolve_fused_linear_backend("auto", cpu, torch.bfloat16) is resolve_fused_linear_backend("cpu", cpu,
+            assert isinstance(saved[1], BlockPlan) == blocked, (backend, dtype)
+    assert resolve_fused_linear_path("auto", cpu, torch.bfloat16) is resolve_fused_linear_path("cpu", cpu,
                                                                                                      torch.bfloat16)
 
 
 def test_deterministic():
     x, w, b, labels, ga, gb = linear_inputs(dtype=torch.bfloat16, vocab=257)
-    be = resolve_fused_linear_backend("cpu", torch.device("cpu"), torch.bfloat16)
+    be = resolve_fused_linear_path("cpu", torch.device("cpu"), torch.bfloat16)
     first, second = (_run(be, x, w, b, labels, ga, gb, 1.0, _budget(9)) for _ in range(2))
     assert all(torch.equal(a, c) for a, c in zip(first, second))
 
 
 def test_block_plan():
-    plan = _blocked_linear.block_plan(4096, 4096, 32000, 1024, torch.bfloat16)
+    plan = block_plan(4096, 4096, 32000, 1024, torch.bfloat16)
     # default budget: bf16 logits / 64 = 4 096 000 bytes -> 250 columns; hidden in pieces of half of it
     assert plan.columns == 250 and plan.blocks(32000) == 128 and plan.hidden_rows == 500
-    assert _blocked_linear.block_plan(8, 8, 1000, 64, torch.bfloat16) == (1000, 8)   # the 1 MiB floor: one block
-    big = _blocked_linear.block_plan(65536, 65536, 151936, 4096, torch.bfloat16)       # the 256 MiB ceiling
+    assert block_plan(8, 8, 1000, 64, torch.bfloat16) == (1000, 8)   # the 1 MiB floor: one block
+    big = block_plan(65536, 65536, 151936, 4096, torch.bfloat16)       # the 256 MiB ceiling
     assert big.columns == (1 << 28) // (4 * 65536)
-    assert _blocked_linear.block_plan(4096, 1000, 32000, 1024, torch.bfloat16).columns == 4096000 // 4000
-    assert _blocked_linear.block_plan(4096, 4096, 100, 1024, torch.bfloat16).columns == 100   # at most V
-    assert _blocked_linear.block_plan(10, 10, 50, 8, torch.float16, 1) == (1, 1)
-    assert _blocked_linear.block_plan(10, 10, 50, 8, torch.float16, 4 * 10 * 3) == (3, 1)
+    assert block_plan(4096, 1000, 32000, 1024, torch.bfloat16).columns == 4096000 // 4000
+    assert block_plan(4096, 4096, 100, 1024, torch.bfloat16).columns == 100   # at most V
+    assert block_plan(10, 10, 50, 8, torch.float16, 1) == (1, 1)
+    assert block_plan(10, 10, 50, 8, torch.float16, 4 * 10 * 3) == (3, 1)
 
 
 # ---- memory: what the path allocates ------------------------------------------------------------------------
@@ -269,14 +252,13 @@ def _large_temporaries(path, dtype=torch.bfloat16, budget=_budget(40, 62)):
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_no_fp32_weight_copy_nor_logits_sized_buffer(dtype):
-    row = resolve_backend("cpu", torch.device("cpu"), dtype)
-    assert _blocked_linear.block_plan(64, 62, 1999, 96, dtype, _budget(40, 62)) == (40, 12)
-    assert _large_temporaries(_path(_blocked_linear.blocked_fwd, _blocked_linear.blocked_bwd, row), dtype) == []
+    assert block_plan(64, 62, 1999, 96, dtype, _budget(40, 62)) == (40, 12)
+    assert _large_temporaries(fused_linear_path(BLOCKED), dtype) == []
     # the check can fail: the chunked path makes an fp32 copy of the weight and an fp32 [V, H] gradient
-    flagged = _large_temporaries(_path(_chunked_linear.chunked_fwd, _chunked_linear.chunked_bwd, row), dtype, None)
+    flagged = _large_temporaries(fused_linear_path(CHUNKED), dtype, None)
     assert any(shape == (1999, 96) and dt == torch.float32 for _, shape, dt in flagged)
     # and the public function, through the dispatcher, takes the blocked path
-    assert _large_temporaries(resolve_fused_linear_backend("auto", torch.device("cpu"), dtype), dtype) == []
+    assert _large_temporaries(resolve_fused_linear_path("auto", torch.device("cpu"), dtype), dtype) == []
 
 
 def _peak_beyond_gradients(path, n, hidden, vocab, budget):
@@ -305,19 +287,16 @@ def test_peak_memory_is_the_plan_s():
     the O(N x blocks) statistics and their combination's fp64 pieces; O(N) and O(V_block) vectors besides."""
     n, hidden, vocab = 256, 64, 4099
     budget = 4 * n * 512                           # 512-column blocks (9 of them); the hidden rows fit whole
-    plan = _blocked_linear.block_plan(n, n, vocab, hidden, torch.bfloat16, budget)
+    plan = block_plan(n, n, vocab, hidden, torch.bfloat16, budget)
     assert plan == (512, n) and plan.blocks(vocab) == 9
     stats = n * plan.blocks(vocab)
-    forward = 12 * stats + 80 * min(stats, _blocked_linear._COMBINE_ELEMENTS) + 64 * n
+    forward = 12 * stats + 80 * min(stats, blocked.COMBINE_ELEMENTS) + 64 * n
     backward = budget + 8 * plan.columns * hidden + 8 * n * hidden + 64 * n + 64 * plan.columns
-    row = resolve_backend("cpu", torch.device("cpu"), torch.bfloat16)
-    blocked = _peak_beyond_gradients(_path(_blocked_linear.blocked_fwd, _blocked_linear.blocked_bwd, row), n,
-                                     hidden, vocab, budget)
-    assert 0 < blocked <= max(forward, backward), (blocked, forward, backward)
+    by_blocks = _peak_beyond_gradients(fused_linear_path(BLOCKED), n, hidden, vocab, budget)
+    assert 0 < by_blocks <= max(forward, backward), (by_blocks, forward, backward)
     # the measure can fail: the chunked path holds an fp32 copy of the weight (4 V H) and of its gradient
-    chunked = _peak_beyond_gradients(_path(_chunked_linear.chunked_fwd, _chunked_linear.chunked_bwd, row), n,
-                                     hidden, vocab, budget)
-    assert chunked > 8 * vocab * hidden > max(forward, backward)
+    by_rows = _peak_beyond_gradients(fused_linear_path(CHUNKED), n, hidden, vocab, budget)
+    assert by_rows > 8 * vocab * hidden > max(forward, backward)
 
 
 @pytest.mark.parametrize("single_pass", [False, True])
@@ -334,11 +313,11 @@ def test_chunked_path_stages_no_copy_of_the_active_rows(single_pass):
         if single_pass:
             def token_grads(index, lp, ent):
                 return ga.float()[index], gb.float()[index]
-            _chunked_linear.chunked_single_pass(row, x, w, b, labels, 1.0, -100, token_grads, (True, True, True),
+            chunked.chunked_single_pass(row, x, w, b, labels, 1.0, -100, token_grads, (True, True, True),
                                                 budget=budget)
         else:
-            _, ent, saved = _chunked_linear.chunked_fwd(row, x, w, b, labels, 1.0, -100, True, budget=budget)
-            _chunked_linear.chunked_bwd(row, x, w, b, labels, saved, ga.float(), gb.float(), 1.0, -100,
+            _, ent, saved = chunked.chunked_fwd(row, x, w, b, labels, 1.0, -100, True, budget=budget)
+            chunked.chunked_bwd(row, x, w, b, labels, saved, ga.float(), gb.float(), 1.0, -100,
                                         (True, True, True))
     staged = [o for o in seen.outputs if o[1] == (n_active, hidden)]
     assert staged == []

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import aem_kernels as ak
-from aem_kernels.ops import fused_linear
-from aem_kernels.ops.fused_linear import resolve_fused_linear_path as resolve_fused_linear_backend
+from aem_kernels.ops.fused_linear import resolve_fused_linear_path
 
 
 def _inputs(dtype, bias=True, seed=0):
@@ -83,17 +82,18 @@ def test_fused_linear_loss_under_fullgraph_compile_takes_two_passes():
 def test_custom_ops_pass_opcheck(dtype):
     hidden, weight, b, labels = _inputs(dtype)
     hidden2d, flat = hidden.reshape(-1, 24), labels.reshape(-1)
-    path = resolve_fused_linear_backend("torch" if dtype == torch.float64 else "cpu", hidden.device, dtype)
-    backend = fused_linear._path_key(path)   # the ops name their path by a string key
-    args = (hidden2d, weight, b, flat, 0.7, -100, True, backend, 4 * 517 * 8)
+    path = resolve_fused_linear_path("torch" if dtype == torch.float64 else "cpu", hidden.device, dtype)
+    args = (hidden2d, weight, b, flat, 0.7, -100, True, path.key, 4 * 517 * 8)   # the ops name their path
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(fused_linear._fused_linear_fwd_op, args, test_utils=tests)
-    lp, ent, state = fused_linear._fused_linear_fwd_op(*args)
+    fwd_op = torch.ops.aem_kernels.fused_linear_logprobs_entropy_fwd.default
+    bwd_op = torch.ops.aem_kernels.fused_linear_logprobs_entropy_bwd.default
+    torch.library.opcheck(fwd_op, args, test_utils=tests)
+    lp, ent, state = fwd_op(*args)
     assert state.shape == (39, 2)
     grad = torch.randn(39, dtype=lp.dtype)
     bwd_args = (hidden2d, weight, b, flat, state, ent, grad, grad.flip(0), 0.7, -100, True, True, True, False,
-                backend, 4 * 517 * 8)
-    torch.library.opcheck(fused_linear._fused_linear_bwd_op, bwd_args, test_utils=tests)
+                path.key, 4 * 517 * 8)
+    torch.library.opcheck(bwd_op, bwd_args, test_utils=tests)
 
 
 def test_vocab_parallel_ops_trace_with_fullgraph(tmp_path):

@@ -17,13 +17,20 @@ package's accuracy rule; `naive.py` is that definition, the tests' oracle.
 The op's one path decision is `resolve_fused_linear_path`: "triton" (CUDA, or the interpreter) takes the tile
 kernels; "cpu" / "torch" take a BLAS path over that row backend, vocab blocks for bf16/fp16 hidden states and
 row chunks otherwise; "auto" with fp64 hidden states (a checking path; Triton computes in fp32) takes the
-chunked torch path. The loss's single pass (`chunked.chunked_single_pass`, when the per-token derivatives are
-known before the forward) is the chunked path's, taken unasked for fp32/fp64 only (half precision would hold
-the fp32 weight copy and gradient accumulator from the forward to the backward).
+chunked torch path. With `vocab_parallel=True` it decides the vocab-parallel op's path (`vocab_parallel.py`):
+always row chunks over the rank's shard, "<row>-chunked", on the row backend's own choice (Triton's row
+kernels included); see that function for why. The loss's single pass (`chunked.chunked_single_pass`, when the
+per-token derivatives are known before the forward) is the chunked path's, taken unasked for fp32/fp64 only
+(half precision would hold the fp32 weight copy and gradient accumulator from the forward to the backward).
+
+Every BLAS path runs the one chunk loop of `loop.py` with its per-chunk steps; every path's chunk plan, and
+the one budget knob `chunk_budget_bytes` (the bytes of the one fp32 logits buffer; Triton refuses it), are in
+`plan.py`.
 
 The op's forward and backward are torch.library custom ops (torch.compile, fullgraph too, sees two opaque
 calls, not the chunk loops and their data-dependent row selection). The path travels to them as its name, and
-its O(N) backward state as one [N, 2] tensor.
+its O(N) backward state as one [N, 2] tensor. The op's autograd Functions are differentiable once: a double
+backward raises a RuntimeError naming the Function (`once.py`).
 """
 
 from __future__ import annotations
@@ -35,18 +42,22 @@ import torch
 
 from ... import validation as V
 from ...errors import BackendUnavailableError
-from ..logprobs import load_backend, resolve_backend
+from ..logprobs import Backend, load_backend, resolve_backend
+from .once import differentiable_once
+from .plan import check_chunk_budget
 
 __all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearPath", "check_budget", "check_linear",
-           "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path", "logits_like",
-           "resolve_fused_linear_path"]
+           "differentiable_once", "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path",
+           "logits_like", "resolve_fused_linear_path"]
 
 _HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
 class FusedLinearPath:
-    """One path of the op, named by `key` ("triton", "<row backend>-chunked" or "<row backend>-blocked"):
+    """One path of the op, named by `key` ("triton", "<row backend>-chunked" or "<row backend>-blocked") over
+    the row backend `row` (None for the tile kernels; "triton-chunked", Triton's row kernels on row chunks, is
+    the vocab-parallel op's path on CUDA):
     `forward(hidden2d, weight, bias, labels, temperature, ignore_index, with_entropy, budget) -> (logprobs,
     entropy | None, saved)`, `backward(hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy,
     temperature, ignore_index, needs, deterministic, budget) -> (grad_hidden, grad_weight, grad_bias)`,
@@ -55,6 +66,7 @@ class FusedLinearPath:
     dtype)`, and `single_pass` (the chunked path's one-pass loss, else None)."""
 
     key: str
+    row: Optional[Backend]
     forward: Callable
     backward: Callable
     pack: Callable
@@ -70,7 +82,7 @@ def _build_path(key: str) -> FusedLinearPath:
         def triton_forward(*args, budget=None):   # the tiles are the working set (a budget is refused earlier)
             return tiles.fused_linear_fwd(*args)
 
-        return FusedLinearPath("triton", triton_forward, tiles.fused_linear_bwd,
+        return FusedLinearPath("triton", None, triton_forward, tiles.fused_linear_bwd,
                                pack=lambda saved, *_: torch.stack(saved, dim=1),                # (m, log d)
                                unpack=lambda state, *_: tuple(t.contiguous() for t in state.unbind(1)),
                                state_dtype=lambda dtype: torch.float32)
@@ -101,7 +113,7 @@ def _build_path(key: str) -> FusedLinearPath:
         def unpack(state, entropy, labels, ignore_index, vocab, hidden, dtype, budget):
             return chunked.chunked_unpack(state, entropy, labels, ignore_index, vocab, dtype, budget)
 
-    return FusedLinearPath(key, forward, backward, pack, unpack, state_dtype, single_pass)
+    return FusedLinearPath(key, row, forward, backward, pack, unpack, state_dtype, single_pass)
 
 
 _PATHS: Dict[str, FusedLinearPath] = {}
@@ -114,9 +126,21 @@ def fused_linear_path(key: str) -> FusedLinearPath:
     return _PATHS[key]
 
 
-def resolve_fused_linear_path(backend: str, device: torch.device, dtype: torch.dtype) -> FusedLinearPath:
+def resolve_fused_linear_path(backend: str, device: torch.device, dtype: torch.dtype, *,
+                              vocab_parallel: bool = False) -> FusedLinearPath:
     """The path for hidden states of `dtype` on `device` (the row backend's choice, same names and errors;
-    see the module docstring)."""
+    see the module docstring).
+
+    vocab_parallel=True: the vocab-parallel op's path, always "<row>-chunked" (row chunks over this rank's
+    shard, `vocab_parallel.py`) on the row backend's own choice for `dtype`, every dtype:
+      - no tile kernels: the ranks combine per-row slice statistics (lse_k, h_k, s_y), which the Triton tile
+        kernels do not output; on CUDA the chunks run Triton's row kernels instead;
+      - bf16/fp16 keep row chunks, not vocab blocks: the fp32 copy of the weight and its fp32 gradient that
+        the blocked path avoids are the shard's, V_k H = V H / world each, and blocks inside a shard would
+        combine their statistics twice (blocks, then ranks), changing the numbers of every existing call.
+    """
+    if vocab_parallel:
+        return fused_linear_path(f"{resolve_backend(backend, device, dtype).name}-chunked")
     if backend == "auto" and dtype == torch.float64:
         backend = "torch"
     row = resolve_backend(backend, device, dtype)
@@ -201,7 +225,10 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
         return logprobs.reshape(shape).clone(), (entropy.reshape(shape).clone() if entropy is not None else None)
 
     @staticmethod
+    @differentiable_once("FusedLinearLogprobsEntropyFunction")
     def backward(ctx, grad_logprobs, grad_entropy):
+        # the backward op computes numbers, not a graph: a double backward (create_graph=True, then a gradient
+        # of the gradient) raises autograd's clear once_differentiable error, not a second derivative
         hidden2d, weight, bias, labels, entropy, state = ctx.saved_tensors
         temperature, ignore_index, with_entropy, path, deterministic, budget = ctx.config
         if not with_entropy:
@@ -259,17 +286,9 @@ def logits_like(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def check_budget(budget: object, path: Optional[FusedLinearPath] = None) -> Optional[int]:
-    """`chunk_budget_bytes`: None or a positive int, the bytes of the one fp32 logits buffer of the chunked and
-    vocab-blocked paths. The Triton path's working set is its register tiles, so it refuses a budget rather
-    than ignore it."""
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"chunk_budget_bytes must be None or a positive int (bytes), got {budget!r}")
-    if path is not None and path.key == "triton":
-        raise ValueError("chunk_budget_bytes applies to the chunked and vocab-blocked paths (CPU, backend='torch'); "
-                         "the Triton path keeps its logits in register tiles and has no buffer to size: pass None")
-    return budget
+    """`chunk_budget_bytes` checked for `path` (`plan.py` states its meaning): None or a positive int; the
+    Triton path refuses one (ValueError) rather than ignore it."""
+    return check_chunk_budget(budget, path.key if path is not None else None)
 
 
 def fused_linear_apply(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -312,7 +331,8 @@ def fused_linear_logprobs_and_entropy(
             the chunked path is always deterministic.
         chunk_budget_bytes: bytes of the one fp32 logits buffer of the CPU / torch paths (its shape is the
             path's: a chunk of rows for fp32/fp64 hidden states, a block of vocabulary columns over every row
-            for bf16/fp16; default: `plan.py`). The Triton path has no such buffer and refuses it (ValueError).
+            for bf16/fp16; defaults and plans: `ops/fused_linear/plan.py`). The Triton path has no such buffer
+            and refuses it (ValueError).
 
     Returns:
         (logprobs, entropy | None), each of labels' shape, fp32 (fp64 for fp64 inputs); differentiable with

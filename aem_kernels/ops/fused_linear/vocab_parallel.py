@@ -9,9 +9,13 @@ twin of `vocab_parallel_logprobs_and_entropy` (`ops/logprobs/vocab_parallel.py`,
 mixture combination of the ranks' per-row (lse_k, h_k, s_y), three [N] all_reduces, over slice statistics
 that the chunked fused-linear path (`chunked.py`) computes without the logits.
 
-Forward, per row chunk X_c of the active (not ignored) rows: z = X_c W_k^T + b_k in fp32 into one reused buffer
-of the chunk budget; the row backend's forward on it with local labels (h_k and its state (m, log d), hence
-lse_k); s_y gathered from the buffer where this rank owns the label. Then the combination (`ops/logprobs/vocab_parallel.py`).
+Its path is the op's decision (`resolve_fused_linear_path(..., vocab_parallel=True)`: row chunks over the shard
+on the row backend's choice, every dtype; that function says why), its plan `plan.vocab_parallel_plan`, and
+both passes are the op's one chunk loop over row chunks (`loop.chunk_loop` with `loop.RowChunks`) with their
+own steps. Forward, per row chunk X_c of the active (not ignored) rows: z = X_c W_k^T + b_k in fp32 into one
+reused buffer of the chunk budget; the row backend's forward on it with local labels (h_k and its state
+(m, log d), hence lse_k); s_y gathered from the buffer where this rank owns the label. Then the combination
+(`ops/logprobs/vocab_parallel.py`).
 Backward, per chunk: z recomputed; the row backend's backward with a' = a w_k, b' = b w_k, h' = log w_k + h_t
 writes dL/dz over it; the label column is rewritten exactly (`label_column_grad`); then
     dX_c = dz W_k,   dW_k += dz^T X_c,   db_k += sum_rows dz.
@@ -25,8 +29,8 @@ sequence parallelism, gather the hidden states with a gather whose backward only
 reduce-scatters would sum the ranks' identical full gradients once more.
 
 Every rank must run the backward (it holds that collective), as it does when every rank computes the same
-loss from the outputs. Memory: the chunk buffer (rows = budget // (4 V_k), the default budget that of
-`chunked.chunk_plan` for V_k) plus O(N) per-row state; half-precision weights as on the chunked path
+loss from the outputs. Memory: the chunk buffer (rows = budget // (4 V_k), the default budget that of the
+chunked path for V_k) plus O(N) per-row state; half-precision weights as on the chunked path
 (one fp32 copy of W_k per pass, an fp32 [V_k, H] gradient accumulator).
 """
 
@@ -39,128 +43,114 @@ import torch
 from ... import collectives as C
 from ... import validation as V
 from ...layout import compute_dtype
-from ..logprobs import Backend, resolve_backend
+from ..logprobs import Backend
 from ..logprobs import mixture as M
 from ..logprobs import vocab_parallel as VP
-from . import check_budget, check_linear
-from .chunked import active_rows, chunk_logits, chunk_plan, in_work_dtype
+from . import FusedLinearPath, check_budget, check_linear, resolve_fused_linear_path
+from .loop import ActiveRows, GradHidden, RowChunk, RowChunks, accumulate, chunk_loop
+from .once import differentiable_once
+from .plan import vocab_parallel_plan
 
 __all__ = ["VocabParallelFusedLinearFunction", "vocab_parallel_fused_linear_logprobs_and_entropy"]
 
 
-def _all_rows(values: torch.Tensor, index: Optional[torch.Tensor], n_rows: int) -> torch.Tensor:
-    """[N, ...] from the active rows' values (zeros on the ignored rows); `values` itself when all are active."""
-    if index is None:
-        return values
-    return values.new_zeros((n_rows,) + tuple(values.shape[1:])).index_copy_(0, index, values)
-
-
-def _slice_statistics(row_backend: Backend, x_all: torch.Tensor, weight: torch.Tensor,
-                      bias: Optional[torch.Tensor], labels: torch.Tensor, temperature: float, rows: int):
-    """Per active row, chunk by chunk: (lse_k fp64, h_k, state (m, log d), s_y fp64) of this slice."""
-    n_active, device = x_all.shape[0], x_all.device
-    work = compute_dtype(x_all.dtype)
+def _slice_statistics(row_backend: Backend, hidden2d: torch.Tensor, rows: ActiveRows, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], labels: torch.Tensor, temperature: float, per_chunk: int):
+    """Per active row [N_active], chunk by chunk: (lse_k fp64, h_k, state (m, log d), s_y fp64) of this slice;
+    `labels` [N_active] local."""
+    n_active, device = rows.n_active, hidden2d.device
+    work = compute_dtype(hidden2d.dtype)
     lse = torch.empty(n_active, dtype=torch.float64, device=device)
     target = torch.empty_like(lse)
     entropy = torch.empty(n_active, dtype=work, device=device)
     state = torch.empty(n_active, 2, dtype=work, device=device)
-    if n_active:
-        w_work, b_work = in_work_dtype(weight, bias, work)
-        buffer = torch.empty(min(rows, n_active), weight.shape[0], dtype=work, device=device)
-        for start in range(0, n_active, rows):
-            stop = min(start + rows, n_active)
-            z = chunk_logits(x_all[start:stop].to(work), w_work, b_work, buffer[:stop - start])
-            z3 = z.unsqueeze(0)
-            _, h_c, state_c = row_backend.forward(z3, labels[start:stop], temperature, VP.LOCAL_IGNORE)
-            lse[start:stop], entropy[start:stop] = M.empty_slices(z3, M.slice_lse(state_c, temperature), h_c)
-            state[start:stop] = state_c
-            # s_y from the chunk buffer, O(rows); used only where this rank owns the label
-            # (an ignored row, computed only under torch.compile, reads column 0: unused)
-            column = labels[start:stop, None].clamp(min=0)
-            target[start:stop] = z.gather(1, column).squeeze(1).double() / temperature
-        del buffer, w_work, b_work
+
+    def step(chunk: RowChunk) -> None:
+        span = slice(chunk.start, chunk.stop)
+        z3 = chunk.z.unsqueeze(0)
+        _, h_c, state_c = row_backend.forward(z3, labels[span], temperature, VP.LOCAL_IGNORE)
+        lse[span], entropy[span] = M.empty_slices(z3, M.slice_lse(state_c, temperature), h_c)
+        state[span] = state_c
+        # s_y from the chunk buffer, O(rows); used only where this rank owns the label
+        # (an ignored row, computed only under torch.compile, reads column 0: unused)
+        column = labels[span, None].clamp(min=0)
+        target[span] = chunk.z.gather(1, column).squeeze(1).double() / temperature
+
+    chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work), step)
     return lse, entropy, state, target
 
 
 class VocabParallelFusedLinearFunction(torch.autograd.Function):
     """(hidden2d [N, H], weight_shard [V_k, H], bias_shard [V_k] | None, local labels [N], in_shard [N]) ->
-    full-vocabulary (logprobs, entropy) in labels' shape; see the module docstring."""
+    full-vocabulary (logprobs, entropy) in labels' shape on the `FusedLinearPath` of
+    `resolve_fused_linear_path(..., vocab_parallel=True)` (its row backend); see the module docstring."""
 
     @staticmethod
     def forward(ctx, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                local_labels: torch.Tensor, in_shard: torch.Tensor, temperature: float, row_backend: Backend,
+                local_labels: torch.Tensor, in_shard: torch.Tensor, temperature: float, path: FusedLinearPath,
                 group, options):
         budget, shape = options
-        n_rows = hidden2d.shape[0]
         # ignored rows cost no matmul (as on the chunked path); the combination runs on all N rows, so that
         # the ranks' all_reduces always have the same size
-        index = active_rows(local_labels, VP.LOCAL_IGNORE) if n_rows else None
-        pick = (lambda t: t if index is None else t.index_select(0, index))  # noqa: E731
-        rows = chunk_plan(n_rows, weight.shape[0], hidden2d.dtype, budget)
-        stats = _slice_statistics(row_backend, pick(hidden2d), weight, bias, pick(local_labels), temperature, rows)
-        lse_k, h_k, state_k, target = (_all_rows(t, index, n_rows) for t in stats)
+        rows = ActiveRows(local_labels, VP.LOCAL_IGNORE)
+        per_chunk = vocab_parallel_plan(rows.n_rows, weight.shape[0], hidden2d.dtype, budget)
+        stats = _slice_statistics(path.row, hidden2d, rows, weight, bias, rows.pick(local_labels), temperature,
+                                  per_chunk)
+        lse_k, h_k, state_k, target = (rows.spread(t) for t in stats)
         active = local_labels != VP.LOCAL_IGNORE
         logprobs, entropy, state_b, h_slot, w = VP.mixture_outputs(lse_k, h_k, state_k, target, in_shard, active,
                                                                    group)
         ctx.save_for_backward(hidden2d, weight, bias, local_labels, in_shard, state_b, h_slot, w)
-        ctx.index = index
-        ctx.config = (temperature, row_backend, group, rows)
+        ctx.rows = rows
+        ctx.config = (temperature, path, group, per_chunk)
         ctx.set_materialize_grads(False)
         # O(N) copies in labels' shape, not views: users edit their log-probs in place (masked_fill_)
         return logprobs.reshape(shape).clone(), entropy.reshape(shape).clone()
 
     @staticmethod
+    @differentiable_once("VocabParallelFusedLinearFunction")
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
+        # the row kernels write dL/dz in place and the shard's chunks are not recorded: a double backward
+        # raises autograd's once_differentiable error instead of differentiating a partial graph
         hidden2d, weight, bias, local_labels, in_shard, state_b, h_slot, w = ctx.saved_tensors
-        temperature, row_backend, group, rows = ctx.config
-        index = ctx.index
+        temperature, path, group, per_chunk = ctx.config
+        rows = ctx.rows
         none = (None,) * 6
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 3 + none
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
-        (n_rows, width), vocab, device, work = hidden2d.shape, weight.shape[0], hidden2d.device, h_slot.dtype
+        width, vocab, device, work = hidden2d.shape[1], weight.shape[0], hidden2d.device, h_slot.dtype
         upstream = (lambda g: g.reshape(-1).to(work) if g is not None else torch.zeros_like(h_slot))  # noqa: E731
-        pick = (lambda t: t if index is None else t.index_select(0, index))  # noqa: E731
-        x_all, labels, in_shard, state_b, h_slot, w, a, b = (pick(t) for t in (
-            hidden2d, local_labels, in_shard, state_b, h_slot, w, upstream(grad_logprobs), upstream(grad_entropy)))
+        labels, in_shard, state_b, h_slot, w, a, b = (rows.pick(t) for t in (
+            local_labels, in_shard, state_b, h_slot, w, upstream(grad_logprobs), upstream(grad_entropy)))
         a_scaled = (a * w).contiguous() if grad_logprobs is not None else None
         b_scaled = (b * w).contiguous() if grad_entropy is not None else None
-        n_active = x_all.shape[0]
-        dx = torch.zeros(n_active, width, dtype=work, device=device) if need_dx else None
+        dx = GradHidden(rows, width, work, device) if need_dx else None
         # fp32 accumulators for every dtype, one rounding at the end (as on the chunked path)
         dw = torch.zeros(vocab, width, dtype=work, device=device) if need_dw else None
         db = torch.zeros(vocab, dtype=work, device=device) if need_db else None
-        if n_active and (need_dx or need_dw or need_db):
-            w_work, b_work = in_work_dtype(weight, bias, work)
-            buffer = torch.empty(min(rows, n_active), vocab, dtype=work, device=device)
-            owned = labels != VP.LOCAL_IGNORE   # every picked row, except under torch.compile (all rows picked)
-            for start in range(0, n_active, rows):
-                rows_c = slice(start, min(start + rows, n_active))
-                x = x_all[rows_c].to(work)
-                z = chunk_logits(x, w_work, b_work, buffer[:x.shape[0]])
-                column = labels[rows_c, None].clamp(min=0)
-                x_col = z.gather(1, column).squeeze(1)   # read before the backward overwrites z with dL/dz
-                z3 = z.unsqueeze(0)
-                row_backend.backward(z3, labels[rows_c], state_b[rows_c], h_slot[rows_c],
-                                     a_scaled[rows_c] if a_scaled is not None else None,
-                                     b_scaled[rows_c] if b_scaled is not None else None,
-                                     temperature, VP.LOCAL_IGNORE, z3)
-                col_grad = M.label_column_grad(x_col, state_b[rows_c], h_slot[rows_c], a[rows_c], b[rows_c],
-                                               w[rows_c], in_shard[rows_c], owned[rows_c], temperature)
-                z.scatter_(1, column, col_grad.unsqueeze(1).to(z.dtype))
-                if need_db:
-                    db += z.sum(0)
-                if need_dx:
-                    torch.mm(z, w_work, out=dx[rows_c])
-                if need_dw:
-                    dw.addmm_(z.t(), x)
-            del buffer, w_work, b_work
+        owned = labels != VP.LOCAL_IGNORE   # every picked row, except under torch.compile (all rows picked)
+
+        def step(chunk: RowChunk) -> None:
+            span, z = slice(chunk.start, chunk.stop), chunk.z
+            column = labels[span, None].clamp(min=0)
+            x_col = z.gather(1, column).squeeze(1)   # read before the backward overwrites z with dL/dz
+            z3 = z.unsqueeze(0)
+            path.row.backward(z3, labels[span], state_b[span], h_slot[span],
+                              a_scaled[span] if a_scaled is not None else None,
+                              b_scaled[span] if b_scaled is not None else None, temperature, VP.LOCAL_IGNORE, z3)
+            col_grad = M.label_column_grad(x_col, state_b[span], h_slot[span], a[span], b[span], w[span],
+                                           in_shard[span], owned[span], temperature)
+            z.scatter_(1, column, col_grad.unsqueeze(1).to(z.dtype))
+            accumulate(chunk, dx, dw, db)
+
+        if need_dx or need_dw or need_db:
+            chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work), step)
         grad_hidden = None
         if need_dx:
             # this slice's share of dLoss/dhidden; the sum over the ranks is the gradient (module docstring)
-            full = C.all_reduce(_all_rows(dx, index, n_rows), "sum", group)
-            grad_hidden = full.to(hidden2d.dtype)
+            grad_hidden = C.all_reduce(dx.buffer, "sum", group).to(hidden2d.dtype)
         return (grad_hidden, dw.to(weight.dtype) if dw is not None else None,
                 db.to(bias.dtype) if db is not None else None) + none
 
@@ -197,9 +187,10 @@ def vocab_parallel_fused_linear_logprobs_and_entropy(
             call (a host sync), skipped inside `ak.skip_value_checks()` along with the label range check.
         temperature: tau > 0; the logits are divided by it.
         ignore_index: rows with this label give 0 in both outputs and a zero gradient (and cost no matmul).
-        backend: the row backend run on each chunk's logits: "auto", "triton", "cpu" or "torch".
-        chunk_budget_bytes: bytes of the per-chunk [rows, V_k] fp32 logits buffer (default as
-            `fused_linear_logprobs_and_entropy`'s chunked path, for V_k).
+        backend: the row backend run on each chunk's logits: "auto", "triton", "cpu" or "torch" (the path:
+            `resolve_fused_linear_path(..., vocab_parallel=True)`).
+        chunk_budget_bytes: bytes of the one [rows, V_k] fp32 logits buffer of the row chunks (default as
+            `fused_linear_logprobs_and_entropy`'s chunked path, for V_k; `ops/fused_linear/plan.py`).
 
     Returns:
         (logprobs, entropy), each labels' shape, fp32 (fp64 for fp64 inputs), identical on every rank.
@@ -214,11 +205,11 @@ def vocab_parallel_fused_linear_logprobs_and_entropy(
                                     "hidden.shape[:-1], global vocabulary ids or ignore_index")
     if vocab_start is not None:
         vocab_start = V.check_count("vocab_start", vocab_start)
-    budget = check_budget(chunk_budget_bytes)
-    row_backend = resolve_backend(backend, hidden.device, hidden.dtype)
+    path = resolve_fused_linear_path(backend, hidden.device, hidden.dtype, vocab_parallel=True)
+    budget = check_budget(chunk_budget_bytes, path)
     group = C.resolve_group(group, "group", none_is_default=True)
     local_labels, in_shard = VP.localise_labels(labels, group, vocab_start, weight_shard.shape[0], ignore_index,
                                                 ("hidden.shape[:-1]", "weight_shard.shape[0]"))
     return VocabParallelFusedLinearFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard,
-                                                  local_labels, in_shard, temperature, row_backend, group,
+                                                  local_labels, in_shard, temperature, path, group,
                                                   (budget, labels.shape))
