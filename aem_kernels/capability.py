@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TRITON_DTYPES", "TRITON_FOUND", "TRITON_FP64_REASON", "cpu_extension", "cpu_extension_reason", "dtype_name", "triton_interpreting",
+__all__ = ["TRITON_DTYPES", "TRITON_FOUND", "TRITON_FP64_REASON", "cpu_extension", "cpu_extension_reason",
+           "dtype_name", "triton_interpreting",
            "triton_reason"]
 
 # Looked up once without importing Triton (cheap at import, and a plain constant for torch.compile to trace).

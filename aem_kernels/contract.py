@@ -107,9 +107,10 @@ def mark_written(tensor: torch.Tensor) -> torch.Tensor:
 
 class _RefuseDoubleBackward(torch.autograd.Function):
     """(grad, *anchors) -> grad, a node whose backward raises: it marks a first-order gradient computed under
-    create_graph=True. The anchors (the Function's saved inputs that require grad) put the node on every path
-    from the gradient to those inputs, so that `autograd.grad(penalty, inputs)` and `backward(inputs=...)` reach
-    it and raise, rather than report the inputs unused or leave their gradient without the penalty's part."""
+    create_graph=True. The anchors (the Function's saved inputs and the upstream gradients that require grad)
+    put the node on every path from the gradient to what it depends on, so that `autograd.grad(penalty,
+    inputs)` and `backward(inputs=...)` reach it and raise, rather than report the inputs unused (None with
+    allow_unused) or leave their gradient without the penalty's part."""
 
     @staticmethod
     def forward(ctx, grad: torch.Tensor, *anchors: torch.Tensor) -> torch.Tensor:
@@ -126,17 +127,18 @@ def first_order_only(backward: Callable) -> Callable:
 
     Grad mode off (the usual backward): the body runs as it is. create_graph=True (grad mode on in the backward):
     the body runs under no_grad and its gradients come back attached to a node that raises
-    `DOUBLE_BACKWARD_MESSAGE` when differentiated, anchored to the saved tensors that require grad (the
-    Function's inputs: see `_RefuseDoubleBackward`). A Function that saves no such tensor (the losses whose
-    backward only hands on gradients computed in the forward) has nothing to anchor the refusal to, so it
-    raises at once."""
+    `DOUBLE_BACKWARD_MESSAGE` when differentiated, anchored to the saved tensors and upstream gradients that
+    require grad (see `_RefuseDoubleBackward`). A Function with no such tensor (the losses whose backward only
+    hands on gradients computed in the forward, under a plain upstream gradient) has nothing to anchor the
+    refusal to, so it raises at once."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
         if not torch.is_grad_enabled():
             return backward(ctx, *grad_outputs)
         # unpacked before the body runs: an in-place gradient bumps the saved logits' version
-        anchors = tuple(t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad)
+        anchors = tuple(t for t in (*ctx.saved_tensors, *grad_outputs)
+                        if isinstance(t, torch.Tensor) and t.requires_grad)
         if not anchors:
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE + " (refused at create_graph=True: this backward hands "
                                "on gradients computed in the forward)")

@@ -24,7 +24,7 @@ What changes against `GRPOTrainer` (everything else, every `loss_type` included,
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 

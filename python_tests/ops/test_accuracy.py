@@ -27,7 +27,6 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 import aem_kernels as ak  # noqa: E402
 from aem_kernels import capability  # noqa: E402
-from aem_kernels.ops.logprobs import cpu as cpu_backend  # noqa: E402
 import aem_kernels.loss.policy_loss as loss_module  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),

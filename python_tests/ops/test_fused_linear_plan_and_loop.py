@@ -1,7 +1,7 @@
 """The fused-linear op's structure: each path's chunk plan from the one budget knob (`plan.py`) and the Triton
 path's refusal of it, the one chunk loop (`loop.py`) that every BLAS pass runs (a spy row backend sees every
 active row once per pass, in order, in buffers of the plan's size), the vocab-parallel op's path taken from the
-op's decision, and the autograd contract of the two Functions: differentiable once, a double backward raises."""
+op's decision, and the autograd contract of the two Functions: first-order only, a double backward raises."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import torch
 import torch.distributed as dist
 
 import aem_kernels as ak
-from aem_kernels.distributed import VocabParallelFusedLinearFunction
 from aem_kernels.distributed import vocab_parallel_fused_linear_logprobs_and_entropy as vp_linear
-from aem_kernels.ops.fused_linear import (FusedLinearLogprobsEntropyFunction, blocked, check_budget, chunked,
-                                          fused_linear_path, resolve_fused_linear_path, vocab_parallel)
+from aem_kernels.ops.fused_linear import (blocked, check_budget, chunked, fused_linear_path,
+                                          resolve_fused_linear_path, vocab_parallel)
 from aem_kernels.ops.fused_linear import plan as P
 from aem_kernels.ops.fused_linear.loop import ActiveRows, RowChunks, VocabBlocks, chunk_loop
 from aem_kernels.ops.logprobs import Backend, resolve_backend
@@ -226,14 +225,14 @@ def test_the_vocab_parallel_decision_is_row_chunks_on_the_row_backend_s_choice(b
     assert single.endswith("-blocked") == (dtype in (torch.bfloat16, torch.float16) and backend != "triton")
 
 
-# ---- differentiable once -----------------------------------------------------------------------------------
+# ---- first-order only -------------------------------------------------------------------------------------
 
 def _first_order(fn, leaves, upstream, create_graph):
     lp, ent = fn(*leaves)
     return torch.autograd.grad((lp * upstream).sum() + ent.sum(), leaves, create_graph=create_graph)
 
 
-def _assert_differentiable_once(fn, leaves, name):
+def _assert_first_order_only(fn, leaves):
     upstream = torch.linspace(-1, 1, 5, device=leaves[0].device)
     plain = _first_order(fn, leaves, upstream, False)
     assert all(g.grad_fn is None for g in plain)
@@ -244,15 +243,15 @@ def _assert_differentiable_once(fn, leaves, name):
         penalty = sum(g.square().sum() for g in graphed)
         for inputs in (leaves, leaves[1:], [up] if up.requires_grad else leaves[:1]):
             # never a silent None / zero second derivative, allow_unused included
-            with pytest.raises(RuntimeError, match=f"{name} is differentiable once"):
+            with pytest.raises(RuntimeError, match="first-order only"):
                 torch.autograd.grad(penalty, inputs, retain_graph=True, allow_unused=True)
-        with pytest.raises(RuntimeError, match=f"{name} is differentiable once"):
+        with pytest.raises(RuntimeError, match="first-order only"):
             penalty.backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_linear_is_differentiable_once(backend, dtype):
+def test_fused_linear_is_first_order_only(backend, dtype):
     dev = device_for(backend)
     x, w, b, labels, _, _ = linear_inputs(shape=(5,), vocab=40, hidden=8, dtype=dtype, ignore=(1,))
     leaves = [t.to(dev).requires_grad_() for t in (x, w, b)]
@@ -261,14 +260,14 @@ def test_fused_linear_is_differentiable_once(backend, dtype):
         return ak.fused_linear_logprobs_and_entropy(h, weight, labels.to(dev), bias=bias, backend=backend,
                                                     deterministic=True)   # the same bits on every call
 
-    _assert_differentiable_once(fn, leaves, FusedLinearLogprobsEntropyFunction.__name__)
+    _assert_first_order_only(fn, leaves)
 
 
-def test_vocab_parallel_fused_linear_is_differentiable_once(world_of_one):
+def test_vocab_parallel_fused_linear_is_first_order_only(world_of_one):
     x, w, b, labels, _, _ = linear_inputs(shape=(5,), vocab=40, hidden=8, ignore=(1,))
     leaves = [t.requires_grad_() for t in (x, w, b)]
 
     def fn(h, weight, bias):
         return vp_linear(h, weight, labels, bias_shard=bias, backend="torch")
 
-    _assert_differentiable_once(fn, leaves, VocabParallelFusedLinearFunction.__name__)
+    _assert_first_order_only(fn, leaves)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import aem_kernels as ak
 from aem_kernels import capability
-from aem_kernels.ops.logprobs import cpu as cpu_backend
 from aem_kernels.ops.logprobs import resolve_backend
 
 from helpers import oracle_logprobs_entropy

@@ -19,13 +19,14 @@ from hypothesis import strategies as st
 
 import aem_kernels as ak
 from aem_kernels import capability
+from helpers import CPP_BUILT, CPP_REASON
 from aem_kernels.ops.logprobs import cpu as cpu_backend
 from aem_kernels.layout import as_rows3d
 from aem_kernels.ops.logprobs.naive import logprobs_entropy_fwd_ref
 from aem_kernels.ops.segment.naive import segment_mean_ref as segment_mean, segment_sum_ref as segment_sum
 from aem_kernels.ops.segment import cpu as segment_cpu
 
-pytestmark = pytest.mark.skipif(not (capability.cpu_extension() is not None), reason=f"C++ extension not built: {capability.cpu_extension_reason()}")
+pytestmark = pytest.mark.skipif(not CPP_BUILT, reason=CPP_REASON)
 
 ISAS = ["baseline", "avx2"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

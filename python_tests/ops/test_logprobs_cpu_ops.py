@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import aem_kernels as ak
-from helpers import REPO_ROOT
+from helpers import CPP_BUILT, CPP_REASON, REPO_ROOT
 from aem_kernels import capability
 from aem_kernels.ops.logprobs import cpu as cpu_backend
 
-pytestmark = pytest.mark.skipif(not (capability.cpu_extension() is not None), reason=f"C++ extension not built: {capability.cpu_extension_reason()}")
+pytestmark = pytest.mark.skipif(not CPP_BUILT, reason=CPP_REASON)
 OPS = torch.ops.aem_kernels if (capability.cpu_extension() is not None) else None
 ROOT = REPO_ROOT
 

@@ -8,7 +8,6 @@ import aem_kernels as ak
 from aem_kernels.ops.logprobs import naive as reference
 from aem_kernels.ops.logprobs import pytorch as _torch
 from aem_kernels.ops.segment import naive as segment_naive
-from aem_kernels.ops.segment import pytorch as segment_torch
 from aem_kernels.layout import as_rows3d
 
 from helpers import adversarial_logits, oracle_logprobs_entropy

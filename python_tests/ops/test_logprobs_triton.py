@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import aem_kernels as ak
-from aem_kernels.ops.logprobs import naive as ref
 from aem_kernels.ops.segment.naive import segment_sum_ref
 from helpers import REPO_ROOT, reference_backward, reference_forward
 from helpers import DEVICE

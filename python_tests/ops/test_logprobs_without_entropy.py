@@ -15,12 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import aem_kernels as ak
 from aem_kernels import capability
+from helpers import CPP_BUILT, CPP_REASON
 from aem_kernels.ops.fused_linear import chunked as _chunked_linear
-from aem_kernels.ops.logprobs import cpu as cpu_backend
 from aem_kernels.ops.logprobs import pytorch as _torch
 from aem_kernels.ops.logprobs import Backend, resolve_backend
 
-needs_cpp = pytest.mark.skipif(not (capability.cpu_extension() is not None), reason=f"C++ extension not built: {capability.cpu_extension_reason()}")
+needs_cpp = pytest.mark.skipif(not CPP_BUILT, reason=CPP_REASON)
 OPS = torch.ops.aem_kernels if (capability.cpu_extension() is not None) else None
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -29,8 +29,8 @@ the one budget knob `chunk_budget_bytes` (the bytes of the one fp32 logits buffe
 
 The op's forward and backward are torch.library custom ops (torch.compile, fullgraph too, sees two opaque
 calls, not the chunk loops and their data-dependent row selection). The path travels to them as its name, and
-its O(N) backward state as one [N, 2] tensor. The op's autograd Functions are differentiable once: a double
-backward raises a RuntimeError naming the Function (`once.py`).
+its O(N) backward state as one [N, 2] tensor. The op's autograd Functions are first-order only: a double
+backward raises a clear RuntimeError (`aem_kernels.contract.first_order_only`).
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ... import validation as V
+from ...contract import first_order_only
 from ...errors import BackendUnavailableError
 from ..logprobs import Backend, load_backend, resolve_backend
-from .once import differentiable_once
 from .plan import check_chunk_budget
 
 __all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearPath", "check_budget", "check_linear",
-           "differentiable_once", "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path",
+           "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path",
            "logits_like", "resolve_fused_linear_path"]
 
 _HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -225,10 +225,10 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
         return logprobs.reshape(shape).clone(), (entropy.reshape(shape).clone() if entropy is not None else None)
 
     @staticmethod
-    @differentiable_once("FusedLinearLogprobsEntropyFunction")
+    @first_order_only
     def backward(ctx, grad_logprobs, grad_entropy):
         # the backward op computes numbers, not a graph: a double backward (create_graph=True, then a gradient
-        # of the gradient) raises autograd's clear once_differentiable error, not a second derivative
+        # of the gradient) raises a clear error (aem_kernels.contract), never a wrong second derivative
         hidden2d, weight, bias, labels, entropy, state = ctx.saved_tensors
         temperature, ignore_index, with_entropy, path, deterministic, budget = ctx.config
         if not with_entropy:

@@ -42,13 +42,13 @@ import torch
 
 from ... import collectives as C
 from ... import validation as V
+from ...contract import first_order_only
 from ...layout import compute_dtype
 from ..logprobs import Backend
 from ..logprobs import mixture as M
 from ..logprobs import vocab_parallel as VP
 from . import FusedLinearPath, check_budget, check_linear, resolve_fused_linear_path
 from .loop import ActiveRows, GradHidden, RowChunk, RowChunks, accumulate, chunk_loop
-from .once import differentiable_once
 from .plan import vocab_parallel_plan
 
 __all__ = ["VocabParallelFusedLinearFunction", "vocab_parallel_fused_linear_logprobs_and_entropy"]
@@ -108,10 +108,10 @@ class VocabParallelFusedLinearFunction(torch.autograd.Function):
         return logprobs.reshape(shape).clone(), entropy.reshape(shape).clone()
 
     @staticmethod
-    @differentiable_once("VocabParallelFusedLinearFunction")
+    @first_order_only
     def backward(ctx, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
         # the row kernels write dL/dz in place and the shard's chunks are not recorded: a double backward
-        # raises autograd's once_differentiable error instead of differentiating a partial graph
+        # raises a clear error (aem_kernels.contract) instead of differentiating a partial graph
         hidden2d, weight, bias, local_labels, in_shard, state_b, h_slot, w = ctx.saved_tensors
         temperature, path, group, per_chunk = ctx.config
         rows = ctx.rows

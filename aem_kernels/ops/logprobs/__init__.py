@@ -123,7 +123,8 @@ def load_backend(name: str) -> Backend:
 def _auto(device: torch.device, dtype: Optional[torch.dtype]) -> Backend:
     if device.type == "cuda":
         if dtype is not None and dtype not in TRITON_DTYPES:
-            return load_backend("torch")  # e.g. fp64 logits: a checking path the Triton kernels (fp32 math) do not serve
+            # e.g. fp64 logits: a checking path the Triton kernels (fp32 math) do not serve
+            return load_backend("torch")
         preferred = "triton"
     elif device.type == "cpu":
         preferred = "cpu"

@@ -22,7 +22,8 @@ so achieved GB/s = N_a V E / t_fwd and (2 N_a + (N - N_a)) V E / t_bwd, against 
 4.8 TB/s (H200). The single-pass loss (`ops/policy_loss/triton.py`) reads each active row twice and writes it once.
 
 fp64 logits are not served here (Triton's exp/log lower to fp32 approximations, so the result would not be
-fp64-accurate): the path decision (`ops/logprobs/__init__.py`) sends them to a backend that computes in fp64, and the launchers refuse them.
+fp64-accurate): the path decision (`ops/logprobs/__init__.py`) sends them to a backend that computes in fp64,
+and the launchers refuse them.
 
 Every launcher is a `torch.library.custom_op` with a fake implementation, so `torch.compile` sees an opaque
 op with known output shapes instead of a graph break, and nothing on the host reads device memory (no sync:

@@ -1,8 +1,8 @@
 """Single-pass AEM policy loss: the loss terms and the logits' gradient from one launch over the logits.
 
 The kernel takes per-token tensors and scalars only; the loss (`aem_kernels.loss`) prepares them (the
-modulated advantages A~_t and the aggregation weights c_t) and computes the loss value and metrics from the kernel's l_t and h_t. With
-per-token weights c_t,
+modulated advantages A~_t and the aggregation weights c_t) and computes the loss value and metrics from the
+kernel's l_t and h_t. With per-token weights c_t,
 
     loss = sum_t c_t (L_t - entropy_coef h_t + kl_coef KL_t)                          (sections 5-6)
     dloss/dz_t = a_t (onehot(y_t) - p_t) / tau - b_t p_t (log p_t + h_t) / tau
@@ -21,7 +21,8 @@ so the logits and their gradient never coexist (Liger-Kernel's cross-entropy doe
 
 dL_t/dl_t follows `pytorch.token_loss_derivatives` (autograd of `ppo_token_loss`) exactly, ties included (the
 tests compare them): the log-ratio clamp to [-20, 20] (the constants of `pytorch.py`) and the ratio clamp pass
-gradient on their closed intervals; torch.maximum / torch.minimum split the gradient in half on a tie. With rho = exp(clamp(l - l_old)), u = -A~ rho, v = -A~ clip(rho):
+gradient on their closed intervals; torch.maximum / torch.minimum split the gradient in half on a tie. With
+rho = exp(clamp(l - l_old)), u = -A~ rho, v = -A~ clip(rho):
 
     dL/drho = -A~ [u > v] + (-A~ [rho in clip range]) [v > u] + tie halves,   dL/dl = dL/drho * rho
     dual clip (A~ < 0, floor = -dual_clip A~): dL/dl *= [L < floor] (+ 1/2 on a tie)
@@ -174,7 +175,8 @@ def aem_loss_fused_fwd(
         old_logprobs if old_logprobs is not None else advantages,
         ref_logprobs if ref_logprobs is not None else advantages, logprobs, entropy,
         rows, logits3d.stride(0), logits3d.stride(1), grad.stride(0), grad.stride(1), vocab,
-        *temperature_args(temperature), ignore_index, clip_low, clip_high, dual_clip if dual_clip is not None else 0.0, entropy_coef, kl_coef,
+        *temperature_args(temperature), ignore_index, clip_low, clip_high,
+        dual_clip if dual_clip is not None else 0.0, entropy_coef, kl_coef,
         HAS_OLD=old_logprobs is not None, DUAL_CLIP=dual_clip is not None, KL_TYPE=kl_code,
         HAS_ENTROPY_BONUS=entropy_coef != 0, WRITE_GRAD=write_grad, BLOCK_V=block_v,
         GRAD_BLOCK_V=grad_block_v, num_warps=num_warps)

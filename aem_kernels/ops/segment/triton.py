@@ -8,7 +8,8 @@ span in fixed BLOCK_N chunks followed by a fixed-shape `tl.sum`. Every step is d
 depends on scheduling, and there is no host sync (the grid is R, known on the host). Cost: O(N log N) on
 the [N] ids plus O(N) loads, negligible next to the N x V read of the logits.
 
-`segment_sum` is the CUDA implementation of the segment sum (chosen in `ops/segment/__init__.py`): one value per token, accumulated in fp32 (fp64 for fp64 values) and rounded once to the
+`segment_sum` is the CUDA implementation of the segment sum (chosen in `ops/segment/__init__.py`): one value
+per token, accumulated in fp32 (fp64 for fp64 values) and rounded once to the
 values' dtype, a `torch.library.custom_op` (traced by torch.compile) whose gradient is the upstream
 gradient gathered back to the tokens (0 for dropped ones).
 """
