@@ -21,10 +21,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "${STEP:-logits}" = fused-linear ]; then
   # second command of a session (each must end inside 10 minutes): the fused linear op from hidden states
-  timeout 240 $PY -m pytest python_tests/test_fused_linear.py -q -x 2>&1 | tail -15
+  timeout 240 $PY -m pytest python_tests/ops/test_fused_linear.py -q -x 2>&1 | tail -15
   timeout 280 $PY -m bench --profile fused-linear-gpu --no-plots   # vs Liger FLCE, CCE, verl linear_cross_entropy
 else
-timeout 200 $PY -m pytest python_tests/test_ops_triton_gpu.py python_tests/test_ops_logprobs.py python_tests/test_ops_aem_loss.py \
+timeout 200 $PY -m pytest python_tests/ops/test_logprobs_triton_gpu.py python_tests/ops/test_logprobs_triton.py \
+    python_tests/ops/test_policy_loss_triton.py \
     -q -x 2>&1 | tail -15
 timeout 330 $PY -m bench --profile gpu-short   # its own budget is 5 min; the tests above <= 200 s
 fi
