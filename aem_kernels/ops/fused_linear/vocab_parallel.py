@@ -41,7 +41,6 @@ from typing import Optional, Tuple
 import torch
 
 from ... import collectives as C
-from ... import validation as V
 from ...contract import first_order_only
 from ...layout import compute_dtype
 from ..logprobs import Backend
@@ -199,15 +198,10 @@ def vocab_parallel_fused_linear_logprobs_and_entropy(
     """
     hidden, weight_shard, bias_shard = check_linear(hidden, weight_shard, bias_shard,
                                                      ("weight_shard", "bias_shard"))
-    temperature = V.check_temperature(temperature)
-    ignore_index = V.check_ignore_index(ignore_index)
-    labels = V.check_integer_tensor("labels", labels, hidden.shape[:-1], hidden.device,
-                                    "hidden.shape[:-1], global vocabulary ids or ignore_index")
-    if vocab_start is not None:
-        vocab_start = V.check_count("vocab_start", vocab_start)
+    labels, temperature, ignore_index, vocab_start, group = VP.check_shard_call(
+        labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", temperature, ignore_index, vocab_start, group)
     path = resolve_fused_linear_path(backend, hidden.device, hidden.dtype, vocab_parallel=True)
     budget = check_budget(chunk_budget_bytes, path)
-    group = C.resolve_group(group, "group", none_is_default=True)
     local_labels, in_shard = VP.localise_labels(labels, group, vocab_start, weight_shard.shape[0], ignore_index,
                                                 ("hidden.shape[:-1]", "weight_shard.shape[0]"))
     return VocabParallelFusedLinearFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard,

@@ -53,9 +53,10 @@ from ... import validation as V
 from ...contract import check_inplace_backward, first_order_only
 from ...layout import as_rows3d, gradient_buffer
 from . import mixture as M
+from . import resolve_backend
 
-__all__ = ["LOCAL_IGNORE", "VocabParallelLogprobsEntropyFunction", "check_tiling", "combine_shards",
-           "localise_labels", "mixture_outputs", "vocab_parallel_logprobs_and_entropy"]
+__all__ = ["LOCAL_IGNORE", "VocabParallelLogprobsEntropyFunction", "check_shard_call", "check_tiling",
+           "combine_shards", "localise_labels", "mixture_outputs", "vocab_parallel_logprobs_and_entropy"]
 
 # Local label of an ignored row: never a valid local column id (the user's ignore_index may be one).
 LOCAL_IGNORE = -1
@@ -87,6 +88,20 @@ def check_tiling(group, vocab_start: Optional[int], local_vocab: int, rows: int,
                                                           " (vocab_start=None means rank * V_local; pass it)"))
         expected += widths[r]
     return start, expected
+
+
+def check_shard_call(labels: object, token_shape, device: torch.device, token_dims: str, temperature: object,
+                     ignore_index: object, vocab_start: object, group: object):
+    """The checks both vocab-parallel ops make of their shared arguments: (labels, temperature, ignore_index,
+    vocab_start, group) with GLOBAL integer labels of `token_shape` (spelled `token_dims` in the message), the
+    group resolved (None: the default group)."""
+    temperature = V.check_temperature(temperature)
+    ignore_index = V.check_ignore_index(ignore_index)
+    labels = V.check_integer_tensor("labels", labels, token_shape, device,
+                                    f"{token_dims}, global vocabulary ids or ignore_index")
+    if vocab_start is not None:
+        vocab_start = V.check_count("vocab_start", vocab_start)
+    return labels, temperature, ignore_index, vocab_start, C.resolve_group(group, "group", none_is_default=True)
 
 
 def localise_labels(labels: torch.Tensor, group, vocab_start: Optional[int], local_vocab: int, ignore_index: int,
@@ -212,18 +227,12 @@ def vocab_parallel_logprobs_and_entropy(
         (logprobs, entropy), each labels' shape, fp32 (fp64 for fp64 logits), identical on every rank.
     """
     logits_shard = V.check_logits(logits_shard, "logits_shard")
-    temperature = V.check_temperature(temperature)
-    ignore_index = V.check_ignore_index(ignore_index)
-    labels = V.check_integer_tensor("labels", labels, logits_shard.shape[:-1], logits_shard.device,
-                                    "logits_shard.shape[:-1], global vocabulary ids or ignore_index")
-    if vocab_start is not None:
-        vocab_start = V.check_count("vocab_start", vocab_start)
+    labels, temperature, ignore_index, vocab_start, group = check_shard_call(
+        labels, logits_shard.shape[:-1], logits_shard.device, "logits_shard.shape[:-1]", temperature, ignore_index,
+        vocab_start, group)
     check_inplace_backward(logits_shard, inplace_backward, name="logits_shard")
-    group = C.resolve_group(group, "group", none_is_default=True)
-    from . import resolve_backend  # the op's path decision (this module is imported lazily by it)
-
     be = resolve_backend(backend, logits_shard.device, logits_shard.dtype)
     local_labels, in_shard = localise_labels(labels, group, vocab_start, logits_shard.shape[-1], ignore_index,
-                                                ("logits_shard.shape[:-1]", "logits_shard.shape[-1]"))
+                                             ("logits_shard.shape[:-1]", "logits_shard.shape[-1]"))
     return VocabParallelLogprobsEntropyFunction.apply(logits_shard, local_labels, in_shard, temperature, be, group,
                                                       inplace_backward)
