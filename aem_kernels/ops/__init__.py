@@ -9,7 +9,7 @@
                    single-pass kernel of the AEM loss
     utils.py       the Triton kernels' shared launch table and jit helpers
 
-Each folder has `naive.py` (the plain definition, the tests' oracle) where the op has one, one file per
-backend or path, and an `__init__.py` with the op's public functions and its one path decision, made from what
+Each folder has `naive.py` (the plain definition, the tests' oracle; production never imports it), one file
+per backend or path, and an `__init__.py` with the op's public functions and its one path decision, made from what
 `aem_kernels.capability` says this machine has. The ops import nothing of `aem_kernels.loss` and above.
 """
