@@ -10,6 +10,6 @@
     utils.py       the Triton kernels' shared launch table and jit helpers
 
 Each folder has `naive.py` (the plain definition, the tests' oracle; production never imports it), one file
-per backend or path, and an `__init__.py` with the op's public functions and its one path decision, made from what
-`aem_kernels.capability` says this machine has. The ops import nothing of `aem_kernels.loss` and above.
+per backend or path, and an `__init__.py` with the op's public functions and its one path decision, made from
+what `aem_kernels.capability` says this machine has. The ops import nothing of `aem_kernels.loss` and above.
 """
