@@ -198,10 +198,11 @@ def vocab_parallel_fused_linear_logprobs_and_entropy(
     """
     hidden, weight_shard, bias_shard = check_linear(hidden, weight_shard, bias_shard,
                                                      ("weight_shard", "bias_shard"))
-    labels, temperature, ignore_index, vocab_start, group = VP.check_shard_call(
-        labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", temperature, ignore_index, vocab_start, group)
+    labels, temperature, ignore_index, vocab_start = VP.check_shard_call(
+        labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", temperature, ignore_index, vocab_start)
     path = resolve_fused_linear_path(backend, hidden.device, hidden.dtype, vocab_parallel=True)
     budget = check_budget(chunk_budget_bytes, path)
+    group = C.resolve_group(group, "group", none_is_default=True)
     local_labels, in_shard = VP.localise_labels(labels, group, vocab_start, weight_shard.shape[0], ignore_index,
                                                 ("hidden.shape[:-1]", "weight_shard.shape[0]"))
     return VocabParallelFusedLinearFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard,

@@ -91,17 +91,18 @@ def check_tiling(group, vocab_start: Optional[int], local_vocab: int, rows: int,
 
 
 def check_shard_call(labels: object, token_shape, device: torch.device, token_dims: str, temperature: object,
-                     ignore_index: object, vocab_start: object, group: object):
+                     ignore_index: object, vocab_start: object):
     """The checks both vocab-parallel ops make of their shared arguments: (labels, temperature, ignore_index,
-    vocab_start, group) with GLOBAL integer labels of `token_shape` (spelled `token_dims` in the message), the
-    group resolved (None: the default group)."""
+    vocab_start) with GLOBAL integer labels of `token_shape` (spelled `token_dims` in the message). The group is
+    resolved by the caller, after its own argument checks (a bad argument is reported even without
+    torch.distributed initialised)."""
     temperature = V.check_temperature(temperature)
     ignore_index = V.check_ignore_index(ignore_index)
     labels = V.check_integer_tensor("labels", labels, token_shape, device,
                                     f"{token_dims}, global vocabulary ids or ignore_index")
     if vocab_start is not None:
         vocab_start = V.check_count("vocab_start", vocab_start)
-    return labels, temperature, ignore_index, vocab_start, C.resolve_group(group, "group", none_is_default=True)
+    return labels, temperature, ignore_index, vocab_start
 
 
 def localise_labels(labels: torch.Tensor, group, vocab_start: Optional[int], local_vocab: int, ignore_index: int,
@@ -227,10 +228,11 @@ def vocab_parallel_logprobs_and_entropy(
         (logprobs, entropy), each labels' shape, fp32 (fp64 for fp64 logits), identical on every rank.
     """
     logits_shard = V.check_logits(logits_shard, "logits_shard")
-    labels, temperature, ignore_index, vocab_start, group = check_shard_call(
+    labels, temperature, ignore_index, vocab_start = check_shard_call(
         labels, logits_shard.shape[:-1], logits_shard.device, "logits_shard.shape[:-1]", temperature, ignore_index,
-        vocab_start, group)
+        vocab_start)
     check_inplace_backward(logits_shard, inplace_backward, name="logits_shard")
+    group = C.resolve_group(group, "group", none_is_default=True)
     be = resolve_backend(backend, logits_shard.device, logits_shard.dtype)
     local_labels, in_shard = localise_labels(labels, group, vocab_start, logits_shard.shape[-1], ignore_index,
                                              ("logits_shard.shape[:-1]", "logits_shard.shape[-1]"))
