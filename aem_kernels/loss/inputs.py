@@ -18,6 +18,7 @@ Only the O(N) maps are built; the logits are never copied (see `aem_kernels.layo
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -187,11 +188,6 @@ def _advantage_level(advantages: torch.Tensor, token_shape, n_tokens: int, num_r
                      f"{tuple(token_shape)} (one per token), got {tuple(advantages.shape)}")
 
 
-_LOSS_KEYWORDS = ("token_response", "response_group", "old_logprobs", "old_entropy", "ref_logprobs",
-                  "response_mask", "turn_ids", "advantage_level", "num_groups", "dp_size", "batch_num_tokens",
-                  "global_batch_size", "loss_scale_factor", "process_group")
-
-
 def loss_batch(logits: torch.Tensor, labels, advantages, config: AEMConfig, *, response_group,
                token_response=None, old_logprobs=None, old_entropy=None, ref_logprobs=None, response_mask=None,
                turn_ids=None, advantage_level: str = "auto", num_groups=None, dp_size: int = 1,
@@ -218,7 +214,9 @@ def loss_batch(logits: torch.Tensor, labels, advantages, config: AEMConfig, *, r
 
 
 def check_loss_keywords(keywords: dict) -> None:
-    """TypeError naming a keyword that is not one of `aem_policy_loss`'s batch keywords."""
-    unknown = sorted(set(keywords) - set(_LOSS_KEYWORDS))
+    """TypeError naming a keyword that is not one of `aem_policy_loss`'s batch keywords (those of `loss_batch`)."""
+    accepted = [name for name, parameter in inspect.signature(loss_batch).parameters.items()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(keywords) - set(accepted))
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; the loss takes {sorted(_LOSS_KEYWORDS)}")
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the loss takes {sorted(accepted)}")
