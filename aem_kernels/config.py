@@ -90,6 +90,27 @@ class AEMConfig:
     kl_type: str = "k3"
     temperature: float = 1.0
     ignore_index: int = -100
+    # --- the policy-loss mode and its hyper-parameters (verl's names; TRL's for what verl lacks) ---
+    loss_mode: str = "vanilla"
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 0.1
+    dro_beta: Optional[float] = None
+    # (end of the policy-loss block)
+
+    # --- corrections and selections applied around the loss mode ---
+    top_entropy_quantile: float = 1.0
+    rollout_is: Optional[str] = None
+    rollout_is_threshold: Any = 2.0
+    rollout_rs: Optional[str] = None
+    rollout_rs_threshold: Any = None
+    spread_floor: float = 1e-8
+    relative_spread_floor: float = 0.0
+    # (end of the corrections block)
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -131,6 +152,8 @@ class AEMConfig:
             raise ValueError(f"AEMConfig.temperature must be > 0, got {self.temperature}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"AEMConfig.ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        _check_policy_loss_fields(self)
+        _check_correction_fields(self)
 
     def replace(self, **changes: Any) -> "AEMConfig":
         """A copy with some fields changed (validated again)."""
@@ -138,3 +161,15 @@ class AEMConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_policy_loss_fields(config: AEMConfig) -> None:
+    """The policy-loss mode and its hyper-parameters."""
+    if config.loss_mode != "vanilla":
+        raise ValueError(f"AEMConfig.loss_mode must be 'vanilla', got {config.loss_mode!r}")
+    # (end of the policy-loss checks)
+
+
+def _check_correction_fields(config: AEMConfig) -> None:
+    """Rollout corrections, the entropy-token selection and the modulation's spread floors."""
+    # (end of the correction checks)
