@@ -53,11 +53,11 @@ class _Stats:
     def __init__(self, group) -> None:
         self.group = group
 
-    def mean(self, values: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def mean(self, values: torch.Tensor, valid: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
         valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
         sums = torch.stack([torch.where(valid, values, 0.0).sum(), valid.sum().to(values.dtype)])
         sums = C.all_reduce(sums, "sum", self.group)
-        return sums[0] / sums[1].clamp(min=1)
+        return sums[0] / (sums[1] + eps if eps else sums[1].clamp(min=1))
 
     def extreme(self, values: torch.Tensor, valid: Optional[torch.Tensor], reduce: str) -> torch.Tensor:
         fill = float("-inf") if reduce == "max" else float("inf")
@@ -116,7 +116,8 @@ def _verl_is_weights(lr: torch.Tensor, trained: torch.Tensor, batch: PackedBatch
 
     if config.rollout_is_batch_normalize:
         if config.rollout_is == "token":
-            mean = stats.mean(weights, trained)
+            # verl: masked_mean (its + 1e-8 in the denominator) in one process, the exact global mean over ranks
+            mean = stats.mean(weights, trained, eps=_VERL_EPS if stats.group is None else 0.0)
         else:
             counts = segment_count(tr, num_responses).to(lr.dtype)
             per_response = segment_sum(weights, tr, num_responses) / (counts + _VERL_EPS)
