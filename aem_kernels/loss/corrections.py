@@ -227,9 +227,10 @@ def apply_rollout_corrections(batch: PackedBatch, config: AEMConfig
     Returns:
         (batch, weights, metrics): the batch with rejected tokens' token_response set to -1 and their labels to
         ignore_index (a copy when rollout_rs is set, else the input batch); the per-token importance weights [N]
-        (fp32 or wider, 0 on untrained and rejected tokens), or None when neither rollout_is nor vllm_importance_sampling_mode is set; detached 0-d metrics
-        (no host sync) under verl's names (a subset of verl's) ("rollout_corr/rollout_is_mean", ".../rollout_rs_masked_fraction", ".../kl", ...) and
-        TRL's ("sampling/importance_sampling_ratio/mean", ...). Every correction off: (batch, None, {}).
+        (fp32 or wider, 0 on untrained and rejected tokens), or None when neither rollout_is nor
+        vllm_importance_sampling_mode is set; detached 0-d metrics (no host sync) under verl's names, a subset
+        of verl's ("rollout_corr/rollout_is_mean", ".../rollout_rs_masked_fraction", ".../kl", ...), and TRL's
+        ("sampling/importance_sampling_ratio/mean", ...). Every correction off: (batch, None, {}).
     """
     if not rollout_corrections_on(config):
         return batch, None, {}

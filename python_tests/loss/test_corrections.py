@@ -47,7 +47,8 @@ VERL_CASES = [
     dict(rollout_is="sequence", rollout_is_threshold=1.5, rollout_is_batch_normalize=True,
          rollout_rs="seq_sum_k1", rollout_rs_threshold="0.5_2.0"),
     dict(rollout_rs="token_k1,seq_mean_k3,seq_max_k2", rollout_rs_threshold="1.3,0.05,0.1"),
-    dict(rollout_rs="token_k2,token_k3,seq_sum_k2,seq_mean_k1,seq_max_k3", rollout_rs_threshold="0.08,0.08,0.5,1.1,0.1"),
+    dict(rollout_rs="token_k2,token_k3,seq_sum_k2,seq_mean_k1,seq_max_k3",
+         rollout_rs_threshold="0.08,0.08,0.5,1.1,0.1"),
 ]
 
 
