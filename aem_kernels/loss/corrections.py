@@ -61,8 +61,9 @@ class _Stats:
 
     def extreme(self, values: torch.Tensor, valid: Optional[torch.Tensor], reduce: str) -> torch.Tensor:
         fill = float("-inf") if reduce == "max" else float("inf")
-        local = (values if valid is None else torch.where(valid, values, fill)).reshape(-1)
-        local = local.amax() if reduce == "max" else local.amin() if local.numel() else values.new_tensor(fill)
+        local = torch.cat([(values if valid is None else torch.where(valid, values, fill)).reshape(-1),
+                           values.new_full((1,), fill)])   # the fill keeps an empty batch reducible
+        local = local.amax() if reduce == "max" else local.amin()
         out = C.all_reduce(local.reshape(1), reduce, self.group)[0]
         return torch.where(torch.isfinite(out), out, 0.0)  # no token anywhere: 0, not an infinity
 
@@ -112,7 +113,9 @@ def _verl_is_weights(lr: torch.Tensor, trained: torch.Tensor, batch: PackedBatch
     # effective sample size of the truncated weights: 1 / mean((w / mean w)^2)
     clamped = weights.clamp(min=0.0, max=upper)
     normalised = clamped / (stats.mean(clamped, trained) + _VERL_EPS)
-    metrics["rollout_is_eff_sample_size"] = 1.0 / stats.mean(normalised.square(), trained)
+    second_moment = stats.mean(normalised.square(), trained)
+    # every weight 0 (IcePop) or no token: 0, where verl's 1 / 0.0 would raise
+    metrics["rollout_is_eff_sample_size"] = torch.where(second_moment > 0, 1.0 / second_moment, 0.0)
 
     if config.rollout_is_batch_normalize:
         if config.rollout_is == "token":

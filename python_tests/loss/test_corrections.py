@@ -154,6 +154,17 @@ def test_entropy_mask_edge_cases():
     assert entropy_token_mask(torch.rand(6), batch, ak.AEMConfig()) is None  # q = 1: no selection
 
 
+@pytest.mark.parametrize("case", [VERL_CASES[3], dict(vllm_importance_sampling_mode="token_mask")])
+def test_batch_without_trained_tokens(case):
+    """A data-parallel rank may hold no trained token: zero weights and finite metrics (verl raises there)."""
+    _, old, rollout = _inputs(torch.float32)
+    config = ak.AEMConfig(**case)
+    batch, weights, metrics = apply_rollout_corrections(
+        _batch(config, torch.zeros(B, T, dtype=torch.bool), old, rollout), config)
+    assert not (batch.token_response >= 0).any() and not weights.any()
+    assert all(bool(torch.isfinite(value)) for value in metrics.values())
+
+
 def test_rollout_logprobs_checks():
     mask, old, rollout = _inputs(torch.float32)
     on = ak.AEMConfig(rollout_rs="token_k2", rollout_rs_threshold=0.1)
