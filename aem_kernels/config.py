@@ -192,10 +192,10 @@ def _check_correction_fields(config: AEMConfig) -> None:
         raise ValueError(f"AEMConfig.top_entropy_quantile must be in [0, 1], got {config.top_entropy_quantile}")
     if config.rollout_is is not None and config.rollout_is not in ROLLOUT_IS_LEVELS:
         raise ValueError(f"AEMConfig.rollout_is must be one of {ROLLOUT_IS_LEVELS} or None, got {config.rollout_is!r}")
-    if config.rollout_is is not None:
-        if config.rollout_is_threshold is None:
-            # verl silently skips the weights then; a switched-on option that does nothing is refused here
-            raise ValueError("AEMConfig.rollout_is_threshold must be set when rollout_is is")
+    if config.rollout_is is not None and config.rollout_is_threshold is None:
+        # verl silently skips the weights then; a switched-on option that does nothing is refused here
+        raise ValueError("AEMConfig.rollout_is_threshold must be set when rollout_is is")
+    if config.rollout_is_threshold is not None:
         rollout_is_bounds(config.rollout_is_threshold)
     if not isinstance(config.rollout_is_batch_normalize, bool):
         raise TypeError("AEMConfig.rollout_is_batch_normalize must be a bool, got "
