@@ -133,6 +133,7 @@ for name in gpu-short fused-linear-gpu precision; do
 done
 cp "$WORK/steps.tsv" "$dest/steps.tsv"
 if [ -f "$WORK/tests.log" ]; then cp "$WORK/tests.log" "$dest/tests.log"; fi
+cp "$WORK/session.log" "$dest/session.log"   # counted below; copied again with the last line
 total=$(awk -v a="$started" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
 echo "=== session: ${total} s in all; $(ls "$dest" | wc -l) files in $dest: $(ls "$dest" | tr '\n' ' ')" \
   | tee -a "$WORK/session.log"
