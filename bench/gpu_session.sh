@@ -49,6 +49,7 @@ if [ "$DRY" = 1 ]; then
   FUSED_ARGS=(--n 32 --v 384 --seq-len 16 --reps 1 --warmup 0)
   PRECISION_ARGS=(--n 16 --v 384)
   TEST_ARGS=(-m gpu)                                         # collected and skipped: no CUDA device
+  WHEEL_ARGS=(--python-version 3.12 --only-binary=:all:)     # the wheels are the lent image's (Python 3.12)
   RESULTS=${RESULTS:-$WORK/results}
 else
   DEVICE_ARGS=()
@@ -56,6 +57,7 @@ else
   FUSED_ARGS=(--n 16384 --reps 5 --warmup 1 --budget-s 95)   # the headline point only: 16384 x 151936 bf16
   PRECISION_ARGS=(--n 4096 --v 151936)
   TEST_ARGS=()
+  WHEEL_ARGS=()
   RESULTS=${RESULTS:-bench/results}
 fi
 
@@ -68,7 +70,7 @@ step() {
   began=$(now)
   echo "=== step $name (budget ${budget} s): $*"
   if declare -F "$1" > /dev/null; then   # a function of this script: its own shell, with what it reads
-    set -- bash -c "$(declare -p DRY WORK PY DEVICE_ARGS); $(declare -f "$1"); $1"
+    set -- bash -c "$(declare -p DRY WORK PY DEVICE_ARGS WHEEL_ARGS); $(declare -f "$1"); $1"
   fi
   timeout --kill-after=10 "$budget" "$@" 2>&1 | tee "$WORK/$name.log"
   rc=${PIPESTATUS[0]}
@@ -84,11 +86,11 @@ setup() {
   fi
   local site=$WORK/site
   if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-      .whl/*.whl; then
+      "${WHEEL_ARGS[@]}" .whl/*.whl; then
     echo "installing the wheels together failed; one at a time (a wheel for another Python is left out):"
     for wheel in .whl/*.whl; do
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-        "$wheel" || echo "  left out: $wheel"
+        "${WHEEL_ARGS[@]}" "$wheel" || echo "  left out: $wheel"
     done
   fi
   ls "$site" | grep dist-info
@@ -120,7 +122,7 @@ run_session() {
 if [ "$DRY" = 1 ]; then
   slug=dry-run-cpu
 else
-  slug=$("$PY" -c "import torch; from bench.report import slug; print(slug(torch.cuda.get_device_name()))" \
+  slug=$(timeout 60 "$PY" -c "import torch; from bench.report import slug; print(slug(torch.cuda.get_device_name()))" \
          2>/dev/null || echo gpu)
 fi
 started=$(now)
