@@ -29,7 +29,8 @@ its users write it (all take hidden states; the logits-input lines of the other 
 
 Lines whose logits are rounded to the inputs' dtype (the materialising ones, at bf16/fp16) report their
 per-token outputs in that dtype, so the checker applies that dtype's tolerance to them (as for TRL and verl in
-the logits cases). The reference is our chunked C++ path (the torch one where the extension is not built).
+the logits cases). The reference is our chunked C++ path on the CPU (the torch one where the extension is not
+built) and the package's default plan (`fused[default]`) on CUDA.
 Peak memory includes the gradients of hidden and weight, which every line returns; the README subtracts them.
 """
 
