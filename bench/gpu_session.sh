@@ -106,7 +106,7 @@ run_session() {
   step setup 20 setup
   if [ -d "$WORK/site" ]; then export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH#"$PWD"}"; fi
   step env 30 environment
-  step tests 90 "$PY" -m pytest -q -p no:cacheprovider -x --durations=8 "${TEST_ARGS[@]}" \
+  step tests 90 "$PY" -m pytest -q -p no:cacheprovider --maxfail=5 --durations=8 "${TEST_ARGS[@]}" \
     python_tests/ops/test_logprobs_triton_gpu.py python_tests/ops/test_fused_linear.py \
     python_tests/ops/test_logprobs_triton.py python_tests/ops/test_policy_loss_triton.py
   local out="$RESULTS/$slug"
@@ -119,13 +119,14 @@ run_session() {
   cat "$WORK/steps.tsv"
 }
 
+started=$(now)
 if [ "$DRY" = 1 ]; then
   slug=dry-run-cpu
 else
   slug=$(timeout 60 "$PY" -c "import torch; from bench.report import slug; print(slug(torch.cuda.get_device_name()))" \
          2>/dev/null || echo gpu)
+  case "$slug" in ""|*[!a-z0-9-]*) slug=gpu ;; esac
 fi
-started=$(now)
 run_session 2>&1 | tee "$WORK/session.log"
 dest=${OUT:-$WORK/out}
 mkdir -p "$dest"
