@@ -211,6 +211,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                        excluded=excluded, seed=args.seed,
                        roofline=BandwidthRoofline(device, args.peak_gbs * 1e9 if args.peak_gbs else None),
                        floor=device_for(env["gpu_name"], args.floor) if device.type == "cuda" or args.floor else None)
+    if ctx.floor is not None:
+        print(f"time floor: {ctx.floor[1]} (bench/roofline.py); each time is followed by its % of it",
+              file=sys.stderr)
     started = time.perf_counter()
     records = run_profile(ctx)
     env["loadavg_end"] = _loadavg()

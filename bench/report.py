@@ -308,7 +308,8 @@ def summary_table(doc: dict) -> str:
             else:
                 base = eager.get((r["case"], r["n"], r["v"], r["dtype"]))
                 speed = f"{base['time_s']['median'] / r['time_s']['median']:.2f}x" if base else "-"
-                cells.append(f"{_ms(r['time_s']['median'])} / {_mib(r.get('peak_bytes'))} / {speed}")
+                floor = "" if r.get("pct_floor") is None else f" ({r['pct_floor']:.0f} % of floor)"
+                cells.append(f"{_ms(r['time_s']['median'])}{floor} / {_mib(r.get('peak_bytes'))} / {speed}")
         out.append(f"| {impl} | " + " | ".join(cells) + " |")
     if absent:
         out += ["", "Not run here:"] + [f"- {name}: {reason}" for name, reason in absent.items()]
