@@ -114,9 +114,10 @@ def _verl_kernel():
     utils.device, plugin.platform) need only torch, triton and packaging, so there they are loaded from the
     installed verl's files under empty `verl` / `verl.utils` package stand-ins (verl's code itself unchanged)."""
     try:
+        from verl.utils.kernel import kernels  # noqa: F401  (what the forward imports: fail here, not there)
         from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
         return linear_cross_entropy
-    except ImportError:
+    except Exception:   # ImportError (Ray absent), or verl's __init__ failing on another package's version
         pass
     spec = importlib.util.find_spec("verl")   # locates the package without running its __init__
     if spec is None or not spec.submodule_search_locations:
@@ -128,6 +129,7 @@ def _verl_kernel():
         package = types.ModuleType(name)
         package.__path__ = [folder]
         sys.modules[name] = package
+    importlib.import_module("verl.utils.kernel.kernels")
     return importlib.import_module("verl.utils.kernel.linear_cross_entropy").linear_cross_entropy
 
 
