@@ -6,6 +6,7 @@
     python -m bench --profile cpu-kernel # the C++ kernels at 4096 x 32000: interleaved rounds, fwd/bwd apart
     python -m bench --profile precision  # error against fp64 on bf16/fp16 logits (untimed; seconds)
     python -m bench --n 1024,4096 --v 151936 --dtype bfloat16 --cases logprobs_fwd_bwd
+    python -m bench --roofline           # bytes, FLOPs and the time floor of every GPU case on H100 / H200
 
 Results go to bench/results/<device>/<name>.{json,md} and <name>_*.png, <name> the profile's name unless
 --name is given (see bench/README.md).
@@ -39,6 +40,8 @@ from .lines import Implementation  # noqa: E402
 from .profiles import GiB, Profile, get_profile, override  # noqa: E402
 from .measure import BandwidthRoofline  # noqa: E402
 from .runner import BenchContext, run_profile  # noqa: E402
+from .roofline import FLOOR_CHOICES, device_for  # noqa: E402
+from .session import roofline_rows, roofline_text  # noqa: E402
 
 # environment switches that change what a run measures; recorded with the results
 SWITCHES = ("THP_MEM_ALLOC_ENABLE", "TRITON_INTERPRET", "ATEN_CPU_CAPABILITY", "AEM_KERNELS_DISABLE_CPU_EXT",
@@ -76,6 +79,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--mem-limit-gb", type=float, default=None, help="enforced peak-memory limit per line (GiB)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new points after this long")
     p.add_argument("--peak-gbs", type=float, default=None, help="device bandwidth for the roofline (GB/s)")
+    p.add_argument("--roofline", action="store_true", help="print the bytes, FLOPs and time floor of every GPU "
+                   "case on H100 SXM and H200 (bench/roofline.py) and exit")
+    p.add_argument("--floor", choices=sorted(FLOOR_CHOICES), default=None, help="the device whose time floor "
+                   "the timed lines are compared with (default: by the GPU's name; none on the CPU)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); on a shared machine "
                    "fewer threads than cores avoids OpenMP stalls when another process holds a core")
@@ -176,6 +183,9 @@ def select_lines(profile: Profile, device: torch.device, only: Optional[List[str
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.roofline:
+        print(roofline_text())
+        return {"roofline": [row.__dict__ for row in roofline_rows()]}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,7 +209,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     env["note"] = args.note
     ctx = BenchContext(device=device, profile=profile, lines=lines, reference=reference_implementation(lines),
                        excluded=excluded, seed=args.seed,
-                       roofline=BandwidthRoofline(device, args.peak_gbs * 1e9 if args.peak_gbs else None))
+                       roofline=BandwidthRoofline(device, args.peak_gbs * 1e9 if args.peak_gbs else None),
+                       floor=device_for(env["gpu_name"], args.floor) if device.type == "cuda" or args.floor else None)
+    if ctx.floor is not None:
+        print(f"time floor: {ctx.floor[1]} (bench/roofline.py); each time is followed by its % of it",
+              file=sys.stderr)
     started = time.perf_counter()
     records = run_profile(ctx)
     env["loadavg_end"] = _loadavg()

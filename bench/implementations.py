@@ -13,6 +13,8 @@ Each competitor is written the way its users write it, from the libraries' docum
                    its users take the entropy from verl's formula. Liger writes the logits' gradient into its
                    input during the forward, so when the entropy also needs a gradient (its graph keeps the
                    logits) Liger must run on a copy: that copy is part of what a Liger user pays.
+    trl-kernel     TRL's Triton kernel `trl.kernels.logprob_entropy.selective_log_softmax_and_entropy` (one pass
+                   for both, fp32 outputs; GPU only); with entropy_grad=False its entropy is detached
     cut-cross-entropy  Apple's CCE; it takes hidden states and the classifier weight, never logits, so it only
                    joins cases whose inputs are hidden states (`input_kind == "hidden"`).
     aem_kernels[cpu]+warm-buffer  (diagnostic, opt-in: the cpu-kernel profile) the C++ forward and backward
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -118,6 +121,14 @@ def liger_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, entropy_g
     return logprobs.view(labels.shape), entropy
 
 
+# --- TRL's own Triton kernel (trl >= 1.16): log-probs and entropies of the logits in one pass ------------
+def trl_kernel_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, entropy_grad: bool = True) -> Outputs:
+    from trl.kernels.logprob_entropy import selective_log_softmax_and_entropy
+
+    logprobs, entropy = selective_log_softmax_and_entropy(logits, labels)
+    return logprobs, (entropy if entropy_grad else entropy.detach())
+
+
 # --- Cut-Cross-Entropy: hidden states + classifier -> log-probs (for hidden-state cases) -----------------
 def cce_logprobs_from_hidden(hidden: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     from cut_cross_entropy import linear_cross_entropy
@@ -179,15 +190,15 @@ def warm_buffer_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, ent
     return _WarmBufferLogprobsEntropy.apply(logits, labels)
 
 
-def _version(module: str) -> Optional[str]:
-    try:
-        return getattr(importlib.import_module(module), "__version__", "unknown")
-    except Exception:
-        return None
-
-
 def competitor_versions() -> Dict[str, Optional[str]]:
-    return {"liger_kernel": _version("liger_kernel"), "cut_cross_entropy": _version("cut_cross_entropy")}
+    """Installed versions of the competitor packages (from their metadata: importing verl would start Ray)."""
+    versions = {}
+    for dist in ("liger-kernel", "cut-cross-entropy", "trl", "verl"):
+        try:
+            versions[dist.replace("-", "_")] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist.replace("-", "_")] = None
+    return versions
 
 
 _COMPILED: Dict[str, Callable[..., Outputs]] = {}
@@ -239,6 +250,7 @@ def competitor_implementations(device: torch.device) -> List[Implementation]:
     liger_reason = liger_reason or import_reason("liger_kernel", "gpu-bench")
     cce_reason = None if on_gpu else no_gpu
     cce_reason = cce_reason or import_reason("cut_cross_entropy", "gpu-bench")
+    trl_reason = (None if on_gpu else no_gpu) or import_reason("trl.kernels.logprob_entropy", "trl")
     return [
         Implementation("eager", "log_softmax(logits.float()) + gather + -(p log p).sum(-1), autograd",
                        eager_logprobs_entropy),
@@ -252,6 +264,8 @@ def competitor_implementations(device: torch.device) -> List[Implementation]:
         Implementation("liger", "-LigerCrossEntropyLoss(reduction='none') + verl entropy formula",
                        liger_logprobs_entropy if liger_reason is None else None, unavailable=liger_reason,
                        mutates_inputs=True),
+        Implementation("trl-kernel", "TRL's Triton selective_log_softmax_and_entropy (one pass, fp32 outputs)",
+                       trl_kernel_logprobs_entropy if trl_reason is None else None, unavailable=trl_reason),
         Implementation("cut-cross-entropy", "-linear_cross_entropy(hidden, classifier, labels, reduction='none')",
                        cce_logprobs_from_hidden if cce_reason is None else None, unavailable=cce_reason,
                        input_kind="hidden"),

@@ -25,6 +25,7 @@ class Implementation:
     unavailable: Optional[str] = None     # why it cannot run here (None: it can)
     ours: bool = False
     backend: Optional[str] = None         # ours only: the aem_kernels backend name
+    path: Optional[str] = None            # ours only, fused linear: the path keyword (None: "auto")
     inplace: bool = False                 # ours only: inplace_backward=True
     mutates_inputs: bool = False          # needs fresh logits for every call (prepared outside the timer)
     backward_only: bool = False           # only differs from another line when a backward runs
@@ -40,7 +41,8 @@ def import_reason(module: str, extra: str) -> Optional[str]:
     try:
         importlib.import_module(module)
     except Exception as exc:  # ImportError, or a broken install that fails while importing
-        return f"{module} is not installed ({type(exc).__name__}); pip install 'aem-kernels[{extra}]'"
+        return (f"{module} cannot be imported ({type(exc).__name__}: {str(exc)[:160]}); pip install "
+                f"'aem-kernels[{extra}]', or carry its wheel (bench/README.md, A GPU session)")
     return None
 
 

@@ -55,6 +55,12 @@ _COMPILE_TOO_SLOW = ("its first call compiles for 20-60 s, beyond this profile's
                      "profiles measure it")
 
 
+_COMPILE_IN_SESSION = ("torch.compile compiles for 20-60 s per shape and grad mode, more than this short profile "
+                       "(one step of an 8-minute GPU session) can spend; the gpu profile measures it")
+_TWO_CUDA_PATHS = ("the two CUDA paths raced here are the package's default plan (fused[default]) and the Triton "
+                   "tile kernels (fused[tiles])")
+
+
 def cpu_profile() -> Profile:
     # Sized for a 2-core machine: the torch-based lines take 1-4e-8 s per logit per call there, so they run
     # up to N ~ 1024 at V = 151936 and are then skipped by the 8 s per-call limit, while faster lines (our C++
@@ -93,7 +99,7 @@ def gpu_short_profile() -> Profile:
         description="H100/H200 in a few minutes: N sweep to 16k tokens at V=151936 bf16, and 16k x 32000 bf16",
         sweeps=[_n_sweep(151936, "bfloat16", (4096, 16384)), Sweep("32k vocab", ((16384, 32000, "bfloat16"),))],
         timing=TimingPolicy(warmup=2, min_reps=5, max_reps=20, min_time_s=0.2),
-        seq_len=1024, max_call_s=10.0, budget_s=5 * 60)
+        seq_len=1024, max_call_s=10.0, budget_s=5 * 60, exclude={"torch.compile": _COMPILE_IN_SESSION})
 
 
 def quick_profile() -> Profile:
@@ -178,7 +184,9 @@ def fused_linear_gpu_profile() -> Profile:
         timing=TimingPolicy(warmup=2, min_reps=5, max_reps=20, min_time_s=0.2),
         seq_len=1024, cases=["fused_linear_fwd_bwd", "fused_linear_logprob_fwd_bwd", "fused_linear_loss_fwd_bwd"],
         max_call_s=10.0,
-        budget_s=4 * 60)
+        budget_s=4 * 60,
+        exclude={"torch.compile-linear": _COMPILE_IN_SESSION, "cce[torch_compile]": _COMPILE_IN_SESSION,
+                 "fused[triton]": _TWO_CUDA_PATHS, "fused[torch]": _TWO_CUDA_PATHS})
 
 
 PROFILES = {"quick": quick_profile, "cpu": cpu_profile, "gpu": gpu_profile, "gpu-short": gpu_short_profile,

@@ -42,7 +42,8 @@ def _cell(record: dict, notes: Dict[str, int]) -> str:
     if record["status"] == "ok" and "time_s" not in record:   # an untimed case: the errors
         return _errors(record.get("check", {}))
     if record["status"] == "ok":
-        return f"{_ms(record['time_s']['median'])} ms / {_mib(record.get('peak_bytes'))} MiB"
+        floor = "" if record.get("pct_floor") is None else f" ({record['pct_floor']:.0f} % of floor)"
+        return f"{_ms(record['time_s']['median'])} ms{floor} / {_mib(record.get('peak_bytes'))} MiB"
     reason = f"{record['status']}: {record['reason']}"
     mark = notes.setdefault(reason, len(notes) + 1)
     return f"{record['status']} [{mark}]"
@@ -154,7 +155,7 @@ def _phase_section(results: List[dict]) -> List[str]:
     base = {(r["case"], r["n"], r["v"], r["dtype"], r["impl"]): r["time_s"]["median"] for r in timed}
     out = ["## Forward and backward apart (medians)", "",
            "| case | N | V | dtype | line | forward ms | backward ms | total ms | x eager | x torch.compile | "
-           "GB/s | % roofline | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "GB/s | % roofline | % floor (fwd) | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in timed:
         key, t = (r["case"], r["n"], r["v"], r["dtype"]), r["time_s"]
         phases = t["phases"]
@@ -165,7 +166,7 @@ def _phase_section(results: List[dict]) -> List[str]:
                    f"{_ms(phases['forward']['median']) if 'forward' in phases else '-'} | "
                    f"{_ms(phases['backward']['median']) if 'backward' in phases else '-'} | {_ms(t['median'])} | "
                    f"{speed[0]} | {speed[1]} | {r['achieved_gbs']:.2f} | {'n/a' if pct is None else f'{pct:.1f}'} | "
-                   f"{_mib(r.get('peak_bytes'))} |")
+                   f"{_floor_cell(r)} | {_mib(r.get('peak_bytes'))} |")
     return out + [""]
 
 
@@ -185,7 +186,7 @@ def _bandwidth_section(doc: dict) -> List[str]:
 def _detail_section(results: List[dict]) -> List[str]:
     out = ["## Every measured line", "",
            "| case | N | V | dtype | line | median ms | IQR ms | min-max ms | calls | peak MiB | GB/s | % roofline |"
-           " worst check |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           " % floor (fwd) | worst check |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     timed = [r for r in results if r["status"] == "ok" and "time_s" in r]
     if not timed:
         return []
@@ -196,8 +197,19 @@ def _detail_section(results: List[dict]) -> List[str]:
         out.append(f"| {r['case']} | {r['n']} | {r['v']} | {r['dtype']} | {r['impl']} | {_ms(t['median'])} | "
                    f"{_ms(t['q1'])}-{_ms(t['q3'])} | {_ms(t['min'])}-{_ms(t['max'])} | {t['n']} | "
                    f"{_mib(r.get('peak_bytes'))} | {r['achieved_gbs']:.2f} | "
-                   f"{'n/a' if pct is None else f'{pct:.1f}'} | {worst} |")
+                   f"{'n/a' if pct is None else f'{pct:.1f}'} | {_floor_cell(r)} | {worst} |")
+    floors = sorted({r["floor_device"] for r in timed if r.get("floor_device")})
+    if floors:
+        out += ["", "% floor: the time floor (bench/roofline.py: least bytes and FLOPs of the call) over the median "
+                "time; in parentheses the forward phase's. Floor: " + "; ".join(floors) + "."]
     return out
+
+
+def _floor_cell(record: dict) -> str:
+    if record.get("pct_floor") is None:
+        return "n/a"
+    forward = record.get("forward_pct_floor")
+    return f"{record['pct_floor']:.1f}" + ("" if forward is None else f" ({forward:.1f})")
 
 
 def _worst_check(check: dict) -> str:
@@ -296,7 +308,8 @@ def summary_table(doc: dict) -> str:
             else:
                 base = eager.get((r["case"], r["n"], r["v"], r["dtype"]))
                 speed = f"{base['time_s']['median'] / r['time_s']['median']:.2f}x" if base else "-"
-                cells.append(f"{_ms(r['time_s']['median'])} / {_mib(r.get('peak_bytes'))} / {speed}")
+                floor = "" if r.get("pct_floor") is None else f" ({r['pct_floor']:.0f} % of floor)"
+                cells.append(f"{_ms(r['time_s']['median'])}{floor} / {_mib(r.get('peak_bytes'))} / {speed}")
         out.append(f"| {impl} | " + " | ".join(cells) + " |")
     if absent:
         out += ["", "Not run here:"] + [f"- {name}: {reason}" for name, reason in absent.items()]

@@ -32,6 +32,7 @@ from .cases import CASES, DEFAULT_CASES, Case, Inputs, Point
 from .cases.base import make_logits
 from .lines import Implementation
 from .profiles import Profile
+from .roofline import Device, percent_of_floor
 
 STATUSES = ("ok", "skipped", "disagrees", "error")
 
@@ -109,6 +110,8 @@ class BenchContext:
     reference   the line the others are checked against (a case may name another: `Case.reference_for`)
     excluded    line name -> why this run leaves it out (recorded as skipped with that reason)
     roofline    the device bandwidth for the roofline (a `BandwidthRoofline` of `device` by default)
+    floor       (device, note): the rates whose time floor (`bench.roofline`) each timed line is compared
+                with (achieved % of the floor); None: no floor (the CPU, unless --floor names one)
     seed        seeds every input
     log         the sink of the progress lines (stderr by default)
     """
@@ -119,6 +122,7 @@ class BenchContext:
     reference: Implementation
     excluded: Dict[str, str] = field(default_factory=dict)
     roofline: Optional[BandwidthRoofline] = None
+    floor: Optional[Tuple[Device, str]] = None
     seed: int = 0
     log: Callable[[str], None] = _log_to_stderr
 
@@ -350,9 +354,29 @@ def _finish(run: _Run, cell: _Cell, line: Implementation, fields: dict, stats) -
     record = cell.record(line, "ok", None, time_s=stats, traffic_bytes=traffic, achieved_gbs=achieved / 1e9,
                          roofline_gbs=bandwidth / 1e9 if bandwidth else None, roofline_source=roof_source,
                          pct_roofline=100 * achieved / bandwidth if bandwidth else None, **fields)
+    record.update(_floor_fields(run.ctx.floor, cell, stats))
     run.predictor.record((cell.case.name, line.name, cell.point.dtype), cell.point.n * cell.point.v,
                          stats["median"], fields.get("peak_bytes"))
     return record
+
+
+def _floor_fields(floor: Optional[Tuple[Device, str]], cell: _Cell, stats: dict) -> dict:
+    """The time floor of the call (and of its forward phase) on the run's floor device, and the achieved %."""
+    if floor is None:
+        return {}
+    device, note = floor
+    fields: dict = {}
+    work = cell.case.work(cell.point)
+    if work is not None:
+        seconds, bound = work.floor_s(device)
+        fields.update(floor_s=seconds, floor_bound=bound, floor_device=note, flops=work.flops,
+                      pct_floor=percent_of_floor(seconds, stats["median"]))
+    forward = cell.case.work(cell.point, phase="forward")
+    phase = stats.get("phases", {}).get("forward")
+    if forward is not None and phase is not None and phase["median"] > 0:
+        seconds, _ = forward.floor_s(device)
+        fields.update(forward_floor_s=seconds, forward_pct_floor=percent_of_floor(seconds, phase["median"]))
+    return fields
 
 
 def _log_record(run: _Run, cell: _Cell, record: dict) -> None:
@@ -360,6 +384,11 @@ def _log_record(run: _Run, cell: _Cell, record: dict) -> None:
         run.predictor.record_oom((cell.case.name, record["impl"], cell.point.dtype), cell.point)
     if record["status"] == "ok" and "time_s" in record:
         shown = f"{record['time_s']['median'] * 1e3:9.2f} ms"
+        if record.get("pct_floor") is not None:
+            shown += f" {record['pct_floor']:5.1f} % of floor"
+        if record.get("forward_pct_floor") is not None:
+            shown += (f" (forward {record['time_s']['phases']['forward']['median'] * 1e3:.2f} ms, "
+                      f"{record['forward_pct_floor']:.1f} %)")
     elif record["status"] == "ok":
         shown = "checked: " + ", ".join(f"{name} {info.get('max_abs_error', info.get('rel_error')):.2e}"
                                         for name, info in record["check"].items())

@@ -36,6 +36,7 @@ def fused_linear_aem_policy_loss(
     single_pass: Optional[bool] = None,
     deterministic: bool = False,
     chunk_budget_bytes: Optional[int] = None,
+    path: str = "auto",
     **batch_keywords,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """`aem_policy_loss` of the logits hidden @ weight.T + bias, computed without building them.
@@ -57,7 +58,8 @@ def fused_linear_aem_policy_loss(
             (bf16/fp16 included, which then holds the fp32 weight copy and gradient accumulator from the
             forward to the backward; ValueError saying why when it cannot apply, e.g. on the Triton path);
             False: always two passes.
-        deterministic, chunk_budget_bytes: as `fused_linear_logprobs_and_entropy`.
+        deterministic, chunk_budget_bytes, path: as `fused_linear_logprobs_and_entropy`; the single pass runs
+            row chunks, so it is not taken unasked when path="blocked" is named.
 
     Returns:
         (loss 0-d, metrics) as `aem_policy_loss`; differentiable with respect to hidden, weight and bias.
@@ -71,15 +73,15 @@ def fused_linear_aem_policy_loss(
     if "response_group" not in batch_keywords:
         raise TypeError("fused_linear_aem_policy_loss() missing required keyword argument: 'response_group'")
     batch = loss_batch(logits_like(hidden, weight.shape[0]), labels, advantages, config, **batch_keywords)
-    path = resolve_fused_linear_path(backend, hidden.device, hidden.dtype)
-    budget = check_budget(chunk_budget_bytes, path)
+    chosen = resolve_fused_linear_path(backend, hidden.device, hidden.dtype, path=path)
+    budget = check_budget(chunk_budget_bytes, chosen)
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if single_pass is not False:
-        reason = fused_linear_single_pass_unavailable(path, config, batch, hidden.dtype, single_pass)
+    if single_pass or (single_pass is None and path != "blocked"):
+        reason = fused_linear_single_pass_unavailable(chosen, config, batch, hidden.dtype, single_pass)
         if reason is None and any(needs):
-            return fused_linear_single_pass_loss(hidden, weight, bias, batch, config, path, needs, budget)
+            return fused_linear_single_pass_loss(hidden, weight, bias, batch, config, chosen, needs, budget)
         if single_pass and reason is not None:
             raise ValueError(f"single_pass=True cannot apply: {reason}")
     logprobs, entropy = fused_linear_apply(hidden, weight, bias, batch.labels, config.temperature,
-                                           config.ignore_index, True, path, deterministic, budget)
+                                           config.ignore_index, True, chosen, deterministic, budget)
     return loss_from_token_terms(batch, logprobs.reshape(-1), entropy.reshape(-1), config)

@@ -13,6 +13,8 @@ gradients on and off, which says nothing about the implementation.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 import aem_kernels as ak
@@ -20,6 +22,7 @@ from aem_kernels.loss import loss_from_token_terms, pack_inputs
 
 from .. import measure
 from ..lines import Implementation
+from ..roofline import Work, token_op_work
 from .base import Case, Inputs, Outputs, Point
 
 RESPONSES_PER_ROW = 4
@@ -33,8 +36,10 @@ class AEMLossForwardBackward(Case):
     title = "aem_policy_loss, forward + backward"
     backward = True
 
-    def traffic_bytes(self, point: Point) -> int:
-        return 3 * point.logits_bytes
+    def work(self, point: Point, phase: Optional[str] = None) -> Optional[Work]:
+        # the forward phase reads the logits once, as the forward-only case does
+        return token_op_work("forward" if phase == "forward" else "forward+backward", point.n, point.v,
+                             point.dtype)
 
     def extend(self, base: Inputs, point: Point, device: torch.device, seed: int) -> Inputs:
         inputs = super().extend(base, point, device, seed)

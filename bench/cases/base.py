@@ -15,6 +15,8 @@ Adding a case is one module in `bench/cases/` with a subclass of `Case` and one 
     timed             False: the lines are run once and checked, never timed (an accuracy table)
     default           False: a profile runs the case only when it names it (`Profile.cases`, --cases)
     traffic_bytes     the least memory traffic of the call (the roofline)
+    work              the least bytes and FLOPs of the call or of its forward phase (`bench.roofline`), for
+                      the time floor; None where the case has no model (the untimed precision table)
     extend            the case's inputs for a point (runs once per point, outside every timer)
     prepare           one call's inputs (outside the timer; a fresh copy when the line overwrites them)
     reference_for     the line the others are checked against (default: our torch backend)
@@ -40,6 +42,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..lines import Implementation
+from ..roofline import Work
 
 Outputs = Dict[str, torch.Tensor]
 
@@ -123,7 +126,15 @@ class Case:
 
     def traffic_bytes(self, point: Point) -> int:
         """The least memory traffic any implementation must cause (bytes), for the roofline."""
-        raise NotImplementedError
+        work = self.work(point)
+        if work is None:
+            raise NotImplementedError(f"{self.name} has no roofline model")
+        return work.bytes
+
+    def work(self, point: Point, phase: Optional[str] = None) -> Optional[Work]:
+        """The least work of one call (`phase="forward"`: of its forward phase; None where the case's
+        forward is not a phase of its own) - `bench.roofline` states the model."""
+        return None
 
     def extend(self, base: Optional[Inputs], point: Point, device: torch.device, seed: int) -> Inputs:
         """This case's inputs: the point's logits and labels (shared by all cases) plus its own extras; `base`

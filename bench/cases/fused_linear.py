@@ -11,6 +11,8 @@ Inputs: hidden [N / seq_len, seq_len, H] ~ N(0, 1), weight [V, H] ~ N(0, (2.5 / 
 its users write it (all take hidden states; the logits-input lines of the other cases do not run here):
 
     fused[<backend>]        ours, every backend that can serve the device (CPU: the chunked C++ path)
+    fused[default]          ours as a user calls it (no backend, no path: the package's default CUDA plan; CUDA)
+    fused[tiles]            ours with path="tiles": the Triton tile kernels, raced against the default plan (CUDA)
     eager-linear            logits = hidden @ weight.T in the inputs' dtype, then the eager log_softmax formula
     torch.compile-linear    torch.compile of eager-linear
     trl-chunked-linear      TRL's per-sequence loop: logits of one row of the batch at a time, then TRL's
@@ -18,24 +20,37 @@ its users write it (all take hidden states; the logits-input lines of the other 
     cce[torch_compile]      Cut-Cross-Entropy's `linear_cross_entropy(..., impl="torch_compile")`, negated
     cut-cross-entropy       CCE's Triton kernel (CUDA)
     liger-flce              -LigerFusedLinearCrossEntropyLoss(reduction="none") (CUDA)
-    verl-linear-ce          verl's `utils.kernel.linear_cross_entropy` (log-probs and entropies; CUDA)
+    verl-linear-ce          verl's `utils.kernel.linear_cross_entropy` (log-probs and entropies; CUDA); where
+                            `import verl` fails (its __init__ imports Ray, absent from the lent GPU image) the
+                            kernel's own modules are loaded from the installed verl without that __init__
+    trl-chunked-logprob     TRL's `kernels.chunked_logprob.ChunkedLogProbFunction` (cuBLAS tiles + a Triton fold;
+                            CUDA: on the CPU TRL folds in torch ops, a fallback) with outputs ("entropy",) and
+                            TRL's chunk size 32768
 
 Lines whose logits are rounded to the inputs' dtype (the materialising ones, at bf16/fp16) report their
 per-token outputs in that dtype, so the checker applies that dtype's tolerance to them (as for TRL and verl in
-the logits cases). The reference is our chunked C++ path (the torch one where the extension is not built).
+the logits cases). The reference is our chunked C++ path on the CPU (the torch one where the extension is not
+built) and the package's default plan (`fused[default]`) on CUDA.
 Peak memory includes the gradients of hidden and weight, which every line returns; the README subtracts them.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
+import types
 from typing import Dict, List, Optional
 
 import torch
 
 import aem_kernels as ak
 
+from .. import measure
 from ..implementations import eager_logprobs_entropy, trl_entropy_from_logits, trl_selective_log_softmax
 from ..lines import Implementation, compile_reason, import_reason
+from ..roofline import Work, fused_linear_work
 from .base import Case, Inputs, Outputs, Point
 
 LOGIT_STD = 2.5
@@ -47,10 +62,10 @@ def hidden_size(device: torch.device) -> int:
 
 
 # --- the lines: fn(hidden [B, T, H], weight [V, H], labels [B, T], with_entropy) -> (logprobs, entropy | None)
-def _ours(backend: str):
+def _ours(backend: str, path: str = "auto"):
     def fused(hidden, weight, labels, with_entropy):
         return ak.fused_linear_logprobs_and_entropy(hidden, weight, labels, with_entropy=with_entropy,
-                                                    backend=backend)
+                                                    backend=backend, path=path)
     return fused
 
 
@@ -93,11 +108,54 @@ def liger_flce(hidden, weight, labels, with_entropy):
     return -loss.view(labels.shape), None
 
 
-def verl_linear_ce(hidden, weight, labels, with_entropy):
-    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+def _verl_kernel():
+    """verl's `linear_cross_entropy`. verl/__init__.py imports Ray and tensordict (verl.protocol), which a GPU
+    image without verl's training stack lacks; the kernel's modules (linear_cross_entropy, kernels,
+    utils.device, plugin.platform) need only torch, triton and packaging, so there they are loaded from the
+    installed verl's files under empty `verl` / `verl.utils` package stand-ins (verl's code itself unchanged)."""
+    try:
+        from verl.utils.kernel import kernels  # noqa: F401  (what the forward imports: fail here, not there)
+        from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+        return linear_cross_entropy
+    except Exception:   # ImportError (Ray absent), or verl's __init__ failing on another package's version
+        pass
+    spec = importlib.util.find_spec("verl")   # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("verl is not installed")
+    for name in [name for name in sys.modules if name == "verl" or name.startswith("verl.")]:
+        del sys.modules[name]                  # what the failed import left half-initialised
+    root = list(spec.submodule_search_locations)[0]
+    for name, folder in (("verl", root), ("verl.utils", os.path.join(root, "utils"))):
+        package = types.ModuleType(name)
+        package.__path__ = [folder]
+        sys.modules[name] = package
+    importlib.import_module("verl.utils.kernel.kernels")
+    return importlib.import_module("verl.utils.kernel.linear_cross_entropy").linear_cross_entropy
 
-    logprobs, entropy = linear_cross_entropy(hidden, weight, labels, 1.0, "none")
+
+def verl_linear_ce(hidden, weight, labels, with_entropy):
+    logprobs, entropy = _verl_kernel()(hidden, weight, labels, 1.0, "none")
     return logprobs.view(labels.shape), (entropy.view(labels.shape) if with_entropy else None)
+
+
+TRL_CHUNK_SIZE = 32768   # the vocabulary width TRL's trainers pass (trl.trainer.utils, 1.16)
+
+
+def trl_chunked_logprob(hidden, weight, labels, with_entropy):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logprobs, entropy, *_ = ChunkedLogProbFunction.apply(flat, weight, None, labels.reshape(-1), 1.0, TRL_CHUNK_SIZE,
+                                                         None, 1.0, ("entropy",) if with_entropy else ())
+    return logprobs.view(labels.shape), (entropy.view(labels.shape) if with_entropy else None)
+
+
+def _verl_reason() -> Optional[str]:
+    try:
+        _verl_kernel()
+    except Exception as exc:   # ImportError, or a module of the kernel failing while it loads
+        return f"verl's linear_cross_entropy cannot be loaded ({type(exc).__name__}: {str(exc)[:160]})"
+    return None
 
 
 _LINES: Dict[str, List[Implementation]] = {}
@@ -108,15 +166,25 @@ def hidden_implementations(device: torch.device) -> List[Implementation]:
     if device.type in _LINES:
         return _LINES[device.type]
     lines = []
+    interpreter = "Triton on CPU tensors runs in the interpreter, a correctness tool whose speed means nothing"
+    triton_reason = ak.available_backends(device)["triton"]
     for backend, reason in ak.available_backends(device).items():
         if reason is None and backend == "triton" and device.type != "cuda":
-            reason = "Triton on CPU tensors runs in the interpreter, a correctness tool whose speed means nothing"
+            reason = interpreter
         lines.append(Implementation(f"fused[{backend}]", f"ak.fused_linear_logprobs_and_entropy(backend='{backend}')",
                                     _ours(backend) if reason is None else None, input_kind="hidden",
                                     unavailable=reason, ours=True, backend=backend))
+    if device.type == "cuda":   # what a user gets: backend and path left to the package
+        lines.append(Implementation("fused[default]", "ak.fused_linear_logprobs_and_entropy() (the default CUDA "
+                                    "plan)", _ours("auto"), input_kind="hidden", ours=True, backend="auto"))
+    tiles = triton_reason or (None if device.type == "cuda" else interpreter)
+    lines.append(Implementation("fused[tiles]", "ak.fused_linear_logprobs_and_entropy(path='tiles'): the Triton "
+                                "tile kernels", None if tiles else _ours("triton", "tiles"), input_kind="hidden",
+                                unavailable=tiles, ours=True, backend="triton", path="tiles"))
     gpu = None if device.type == "cuda" else "needs a CUDA device (Triton kernels)"
     no_compile = compile_reason(device)
     cce = import_reason("cut_cross_entropy", "gpu-bench")
+    trl = None if gpu else import_reason("trl.kernels.chunked_logprob", "trl")
     lines += [
         Implementation("eager-linear", "hidden @ weight.T, then log_softmax(logits.float()) + gather + entropy",
                        eager_linear, input_kind="hidden"),
@@ -132,8 +200,11 @@ def hidden_implementations(device: torch.device) -> List[Implementation]:
                        liger_flce if not (gpu or import_reason("liger_kernel", "gpu-bench")) else None,
                        input_kind="hidden", unavailable=gpu or import_reason("liger_kernel", "gpu-bench")),
         Implementation("verl-linear-ce", "verl.utils.kernel.linear_cross_entropy (log-probs + entropies)",
-                       verl_linear_ce if not (gpu or import_reason("verl", "verl")) else None, input_kind="hidden",
-                       unavailable=gpu or import_reason("verl", "verl")),
+                       verl_linear_ce if not (gpu or _verl_reason()) else None, input_kind="hidden",
+                       unavailable=gpu or _verl_reason()),
+        Implementation("trl-chunked-logprob", "TRL's ChunkedLogProbFunction (cuBLAS tiles of 4096 x 32768, a "
+                       "Triton fold), log-probs + entropies", None if gpu or trl else trl_chunked_logprob,
+                       input_kind="hidden", unavailable=gpu or trl),
     ]
     _LINES[device.type] = lines
     return lines
@@ -149,11 +220,12 @@ class FusedLinearForwardBackward(Case):
     with_entropy = True
     entropy_lines = None          # every line computes entropies, except the cross-entropy-only ones
 
-    def traffic_bytes(self, point: Point) -> int:
-        # read hidden and weight in the forward and twice in the backward, write their gradients
-        return 4 * (point.n + point.v) * self._h * torch.finfo(point.torch_dtype).bits // 8
+    def work(self, point: Point, phase: Optional[str] = None, h: Optional[int] = None) -> Optional[Work]:
+        # bench.roofline: read hidden and weight (forward); 3x, write both gradients, 3 products (fwd+bwd)
+        return fused_linear_work("forward" if phase == "forward" else "forward+backward", point.n, point.v,
+                                 h or self._h, point.dtype)
 
-    _h = 1024
+    _h = 4096   # set by `extend` to the device's H (hidden_size); the roofline table uses the GPU's
 
     def extend(self, base: Optional[Inputs], point: Point, device: torch.device, seed: int) -> Inputs:
         """This case's inputs for one point, built from the point alone (shared_logits = False: base is None)."""
@@ -175,7 +247,7 @@ class FusedLinearForwardBackward(Case):
     def reference_for(self, default: Implementation) -> Implementation:
         # the same objects as the runner's lines: built by `hidden_implementations` for this process's device
         usable = {line.name: line for lines in _LINES.values() for line in lines if line.fn is not None}
-        return usable.get("fused[cpu]") or usable.get("fused[triton]") or usable["fused[torch]"]
+        return usable.get("fused[cpu]") or usable.get("fused[default]") or usable["fused[torch]"]
 
     def skip_reason(self, impl: Implementation) -> Optional[str]:
         reason = super().skip_reason(impl)
@@ -196,6 +268,7 @@ class FusedLinearForwardBackward(Case):
             logprobs, entropy = impl.fn(hidden, weight, inputs.labels), None
         else:
             logprobs, entropy = impl.fn(hidden, weight, inputs.labels, self.with_entropy)
+        measure.phase_end("forward")
         outputs, grad_outputs = [logprobs], [inputs.extra["grad_logprobs"].to(logprobs.dtype)]
         if self.with_entropy:
             outputs.append(entropy)
@@ -263,7 +336,8 @@ class FusedLinearLossForwardBackward(FusedLinearForwardBackward):
                      old_logprobs=extra["old_logprobs"], old_entropy=extra["old_entropy"])
         if impl.ours:
             loss, _ = ak.fused_linear_aem_policy_loss(hidden, weight, inputs.labels, extra["advantages"],
-                                                      config=self.config, backend=impl.backend, **forms)
+                                                      config=self.config, backend=impl.backend,
+                                                      path=impl.path or "auto", **forms)
         else:
             logprobs, entropy = impl.fn(hidden, weight, inputs.labels, True)
             batch = pack_inputs(_logits_shape(hidden, weight), inputs.labels, extra["advantages"],
@@ -275,6 +349,7 @@ class FusedLinearLossForwardBackward(FusedLinearForwardBackward):
         result = {}
         if not impl.ours:   # not compared; its dtype sets the loss's tolerance (the lines with rounded logits)
             result["logprobs"] = logprobs.detach().to(hidden.dtype if impl.name in _ROUNDS_LOGITS else torch.float32)
+        measure.phase_end("forward")
         grad_hidden, grad_weight = torch.autograd.grad(loss, (hidden, weight))
         result.update(loss=loss.detach(), grad_hidden=grad_hidden, grad_weight=grad_weight)
         return result

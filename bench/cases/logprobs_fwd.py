@@ -6,9 +6,12 @@ log-probs. The least traffic is one read of the logits.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..lines import Implementation
+from ..roofline import Work, token_op_work
 from .base import Case, Inputs, Outputs, Point
 
 
@@ -17,8 +20,8 @@ class LogprobsForward(Case):
     title = "log-prob + entropy, forward (no_grad)"
     backward = False
 
-    def traffic_bytes(self, point: Point) -> int:
-        return point.logits_bytes
+    def work(self, point: Point, phase: Optional[str] = None) -> Optional[Work]:
+        return token_op_work("forward", point.n, point.v, point.dtype)
 
     def call(self, impl: Implementation, inputs: Inputs) -> Outputs:
         with torch.no_grad():

@@ -7,10 +7,13 @@ the logits in the forward, a read in the backward and a write of their gradient:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import measure
 from ..lines import Implementation
+from ..roofline import Work, token_op_work
 from .base import Case, Inputs, Outputs, Point
 
 
@@ -19,8 +22,10 @@ class LogprobsForwardBackward(Case):
     title = "log-prob + entropy, forward + backward"
     backward = True
 
-    def traffic_bytes(self, point: Point) -> int:
-        return 3 * point.logits_bytes
+    def work(self, point: Point, phase: Optional[str] = None) -> Optional[Work]:
+        # the forward phase reads the logits once, as the forward-only case does
+        return token_op_work("forward" if phase == "forward" else "forward+backward", point.n, point.v,
+                             point.dtype)
 
     def extend(self, base: Inputs, point: Point, device: torch.device, seed: int) -> Inputs:
         inputs = super().extend(base, point, device, seed)

@@ -186,8 +186,8 @@ def test_the_vocab_parallel_op_runs_the_loop_on_its_decided_path(world_of_one, m
     decided = []
     spy, calls = _spy(resolve_backend("torch", CPU, torch.float32))
 
-    def decide(backend, device, dtype, *, vocab_parallel=False):
-        path = resolve_fused_linear_path(backend, device, dtype, vocab_parallel=vocab_parallel)
+    def decide(backend, device, dtype, *, vocab_parallel=False, path="auto"):
+        path = resolve_fused_linear_path(backend, device, dtype, vocab_parallel=vocab_parallel, path=path)
         decided.append((backend, vocab_parallel, path.key))
         return dataclasses.replace(path, row=spy)
 

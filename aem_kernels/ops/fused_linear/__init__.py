@@ -42,11 +42,12 @@ import torch
 
 from ... import validation as V
 from ...contract import first_order_only
+from ...capability import TRITON_DTYPES, triton_reason
 from ...errors import BackendUnavailableError
 from ..logprobs import Backend, load_backend, resolve_backend
 from .plan import check_chunk_budget
 
-__all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearPath", "check_budget", "check_linear",
+__all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearPath", "PATHS", "check_budget", "check_linear",
            "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path",
            "logits_like", "resolve_fused_linear_path"]
 
@@ -126,21 +127,57 @@ def fused_linear_path(key: str) -> FusedLinearPath:
     return _PATHS[key]
 
 
+PATHS = ("auto", "tiles", "chunked", "blocked")
+
+
+def _explicit_path(path: str, backend: str, device: torch.device, dtype: torch.dtype) -> FusedLinearPath:
+    """The path the caller named (`path` other than "auto"), or a ValueError naming `path` when it cannot run
+    for these inputs."""
+    if path == "tiles":
+        if backend not in ("auto", "triton"):
+            raise ValueError(f'path="tiles" runs the Triton tile kernels, which have no row backend; got '
+                             f'backend={backend!r} (pass backend="auto" or "triton" with it)')
+        reason = triton_reason(device)
+        if reason is not None:
+            raise ValueError(f'path="tiles" cannot run here: {reason}')
+        if dtype not in TRITON_DTYPES:
+            raise ValueError(f'path="tiles" serves fp16/bf16/fp32 hidden states (the tile kernels compute in '
+                             f'fp32), got {dtype}; use path="chunked"')
+        return fused_linear_path("triton")
+    if path == "blocked" and dtype == torch.float64:
+        raise ValueError('path="blocked" computes its vocab blocks in fp32, so it does not serve fp64 hidden '
+                         'states; use path="chunked" (or "auto")')
+    row = resolve_backend("torch" if backend == "auto" and dtype == torch.float64 else backend, device, dtype)
+    return fused_linear_path(f"{row.name}-{path}")
+
+
 def resolve_fused_linear_path(backend: str, device: torch.device, dtype: torch.dtype, *,
-                              vocab_parallel: bool = False) -> FusedLinearPath:
+                              vocab_parallel: bool = False, path: str = "auto") -> FusedLinearPath:
     """The path for hidden states of `dtype` on `device` (the row backend's choice, same names and errors;
     see the module docstring).
 
+    path: "auto" (this decision), or the caller's choice of "tiles" (the Triton tile kernels: CUDA tensors, or
+    the Triton interpreter), "chunked" (row chunks over the whole vocabulary) or "blocked" (vocabulary blocks
+    over every row; not fp64), both over `backend`'s row backend; a path that cannot run for these inputs is
+    a ValueError naming `path`.
+
     vocab_parallel=True: the vocab-parallel op's path, always "<row>-chunked" (row chunks over this rank's
-    shard, `vocab_parallel.py`) on the row backend's own choice for `dtype`, every dtype:
+    shard, `vocab_parallel.py`) on the row backend's own choice for `dtype`, every dtype (path "auto" or
+    "chunked"):
       - no tile kernels: the ranks combine per-row slice statistics (lse_k, h_k, s_y), which the Triton tile
         kernels do not output; on CUDA the chunks run Triton's row kernels instead;
       - bf16/fp16 keep row chunks, not vocab blocks: the fp32 copy of the weight and its fp32 gradient that
         the blocked path avoids are the shard's, V_k H = V H / world each, and blocks inside a shard would
         combine their statistics twice (blocks, then ranks), changing the numbers of every existing call.
     """
+    V.check_choice("path", path, PATHS)
     if vocab_parallel:
+        if path not in ("auto", "chunked"):
+            raise ValueError(f'path must be "auto" or "chunked" for the vocab-parallel op (row chunks over the '
+                             f'shard: the ranks combine per-row statistics), got {path!r}')
         return fused_linear_path(f"{resolve_backend(backend, device, dtype).name}-chunked")
+    if path != "auto":
+        return _explicit_path(path, backend, device, dtype)
     if backend == "auto" and dtype == torch.float64:
         backend = "torch"
     row = resolve_backend(backend, device, dtype)
@@ -312,6 +349,7 @@ def fused_linear_logprobs_and_entropy(
     backend: str = "auto",
     deterministic: bool = False,
     chunk_budget_bytes: Optional[int] = None,
+    path: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Token log-probs (eq. 1) and entropies (eq. 2) of the logits hidden @ weight.T + bias, never built.
 
@@ -333,6 +371,10 @@ def fused_linear_logprobs_and_entropy(
             path's: a chunk of rows for fp32/fp64 hidden states, a block of vocabulary columns over every row
             for bf16/fp16; defaults and plans: `ops/fused_linear/plan.py`). The Triton path has no such buffer
             and refuses it (ValueError).
+        path: "auto" (the op's decision, `resolve_fused_linear_path`), "tiles" (the Triton tile kernels; CUDA
+            or the Triton interpreter), "chunked" (row chunks over the whole vocabulary) or "blocked"
+            (vocabulary blocks over every row), the last two over `backend`'s row backend; a path that cannot
+            run for these inputs is a ValueError naming `path`.
 
     Returns:
         (logprobs, entropy | None), each of labels' shape, fp32 (fp64 for fp64 inputs); differentiable with
@@ -344,7 +386,7 @@ def fused_linear_logprobs_and_entropy(
     labels = V.check_labels(labels, logits_like(hidden, weight.shape[0]), ignore_index)
     with_entropy = V.check_bool("with_entropy", with_entropy)
     deterministic = V.check_bool("deterministic", deterministic)
-    path = resolve_fused_linear_path(backend, hidden.device, hidden.dtype)
-    budget = check_budget(chunk_budget_bytes, path)
-    return fused_linear_apply(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, path,
+    chosen = resolve_fused_linear_path(backend, hidden.device, hidden.dtype, path=path)
+    budget = check_budget(chunk_budget_bytes, chosen)
+    return fused_linear_apply(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chosen,
                               deterministic, budget)

@@ -166,6 +166,7 @@ def vocab_parallel_fused_linear_logprobs_and_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_budget_bytes: Optional[int] = None,
+    path: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary log-probs (eq. 1) and entropies (eq. 2) of hidden @ W.T + b, where W (and b) are split by
     vocabulary over the ranks of `group`, without building any logits.
@@ -190,6 +191,8 @@ def vocab_parallel_fused_linear_logprobs_and_entropy(
             `resolve_fused_linear_path(..., vocab_parallel=True)`).
         chunk_budget_bytes: bytes of the one [rows, V_k] fp32 logits buffer of the row chunks (default as
             `fused_linear_logprobs_and_entropy`'s chunked path, for V_k; `ops/fused_linear/plan.py`).
+        path: "auto" or "chunked" (the one path of this op: row chunks over the shard); "tiles" and "blocked"
+            are a ValueError naming `path`.
 
     Returns:
         (logprobs, entropy), each labels' shape, fp32 (fp64 for fp64 inputs), identical on every rank.
@@ -200,11 +203,11 @@ def vocab_parallel_fused_linear_logprobs_and_entropy(
                                                      ("weight_shard", "bias_shard"))
     labels, temperature, ignore_index, vocab_start = VP.check_shard_call(
         labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", temperature, ignore_index, vocab_start)
-    path = resolve_fused_linear_path(backend, hidden.device, hidden.dtype, vocab_parallel=True)
-    budget = check_budget(chunk_budget_bytes, path)
+    chosen = resolve_fused_linear_path(backend, hidden.device, hidden.dtype, vocab_parallel=True, path=path)
+    budget = check_budget(chunk_budget_bytes, chosen)
     group = C.resolve_group(group, "group", none_is_default=True)
     local_labels, in_shard = VP.localise_labels(labels, group, vocab_start, weight_shard.shape[0], ignore_index,
                                                 ("hidden.shape[:-1]", "weight_shard.shape[0]"))
     return VocabParallelFusedLinearFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard,
-                                                  local_labels, in_shard, temperature, path, group,
+                                                  local_labels, in_shard, temperature, chosen, group,
                                                   (budget, labels.shape))
