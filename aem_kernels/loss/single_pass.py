@@ -19,10 +19,10 @@ import torch
 from ..config import AEMConfig
 from ..contract import first_order_only
 from ..ops.fused_linear import FusedLinearPath
-from ..ops.policy_loss import single_pass_unavailable, token_loss_derivatives
+from ..ops.policy_loss import row_local, single_pass_unavailable, token_loss_derivatives
 from .inputs import PackedBatch
-from .terms import (loss_from_token_terms, modulated_token_advantages, response_uncertainty,
-                    weights_unknown_before_forward)
+from .terms import (LossWeights, loss_from_token_terms, loss_weights, modulated_token_advantages,
+                    response_uncertainty, weights_unknown_before_forward)
 
 __all__ = ["FusedLinearLossGradientFunction", "fused_linear_single_pass_loss", "fused_linear_single_pass_unavailable",
            "logits_single_pass_loss", "logits_single_pass_unavailable", "single_pass_token_terms"]
@@ -31,17 +31,18 @@ Metrics = Dict[str, torch.Tensor]
 
 
 def single_pass_token_terms(batch: PackedBatch, config: AEMConfig, dtype: torch.dtype
-                            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(A~_t [N], c_t [N]): the modulated advantages and aggregation weights, known before the forward
-    (`weights_unknown_before_forward` is None)."""
+                            ) -> Tuple[torch.Tensor, LossWeights]:
+    """(A~_t [N], the terms' aggregation weights): the modulated advantages and weights, known before the
+    forward (`weights_unknown_before_forward` is None)."""
     x = response_uncertainty(batch, None, None, config, dtype)
     token_adv = modulated_token_advantages(batch, x, config, dtype)[0]
-    return token_adv, batch.token_weights(config.loss_agg_mode, dtype)
+    return token_adv, loss_weights(batch, config, dtype)
 
 
 def logits_single_pass_unavailable(config: AEMConfig, backend_name: str, batch: PackedBatch) -> Optional[str]:
     """Why the single-pass kernel cannot serve this call from logits (None when it can)."""
-    return single_pass_unavailable(backend_name) or weights_unknown_before_forward(config, batch)
+    return (single_pass_unavailable(backend_name, config.loss_mode) or row_local(config)
+            or weights_unknown_before_forward(config, batch))
 
 
 def logits_single_pass_loss(logits: torch.Tensor, batch: PackedBatch, config: AEMConfig,
@@ -50,8 +51,9 @@ def logits_single_pass_loss(logits: torch.Tensor, batch: PackedBatch, config: AE
     from ..ops.policy_loss.triton import FusedGradientFunction, aem_loss_single_pass
 
     token_adv, token_weights = single_pass_token_terms(batch, config, torch.float32)
+    # the kernel's modes (vanilla, bypass_mode) weigh the three terms alike (`terms.loss_weights`)
     logprobs, entropy, grad = aem_loss_single_pass(
-        logits, batch.labels, token_adv, token_weights, batch.old_logprobs, batch.ref_logprobs,
+        logits, batch.labels, token_adv, token_weights.policy, batch.old_logprobs, batch.ref_logprobs,
         temperature=config.temperature, ignore_index=config.ignore_index, clip_low=config.clip_low,
         clip_high=config.clip_high, dual_clip=config.dual_clip, entropy_coef=config.entropy_coef,
         kl_coef=config.kl_coef, kl_type=config.kl_type, inplace_backward=inplace_backward)
@@ -106,7 +108,7 @@ def fused_linear_single_pass_unavailable(path: FusedLinearPath, config: AEMConfi
     if torch.compiler.is_compiling():
         # its data-dependent row selection does not trace; the custom ops of the two passes do
         return "under torch.compile the fused-linear loss takes its two passes (custom ops)"
-    return weights_unknown_before_forward(config, batch)
+    return row_local(config) or weights_unknown_before_forward(config, batch)
 
 
 def fused_linear_single_pass_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -121,8 +123,9 @@ def fused_linear_single_pass_loss(hidden: torch.Tensor, weight: torch.Tensor, bi
     pick = (lambda values, index: values[index] if values is not None else None)  # noqa: E731
 
     def token_grads(index: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor):
-        return token_loss_derivatives(logprobs, pick(old, index), token_adv[index], token_weights[index],
-                                      pick(ref, index), config)
+        return token_loss_derivatives(logprobs, pick(old, index), token_adv[index], token_weights.policy[index],
+                                      pick(ref, index), config, kl_weights=token_weights.kl[index],
+                                      entropy_weights=token_weights.entropy[index])
 
     with torch.no_grad():
         logprobs, entropy, grads = path.single_pass(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
