@@ -11,6 +11,7 @@ from .config import AEMConfig
 from .errors import BackendUnavailableError
 from .loss import (AEMLoss, aem_policy_loss, aem_weights, fused_linear_aem_policy_loss, modulate_advantages,
                    relative_uncertainty, turn_ids_to_token_response)
+from .loss.entropy_coefficient import AdaptiveEntropyCoefficient
 from .ops.fused_linear import FusedLinearLogprobsEntropyFunction, fused_linear_logprobs_and_entropy
 from .ops.logprobs import (LogprobsEntropyFunction, available_backends, entropy_from_logits, logprobs_and_entropy,
                            logprobs_from_logits, selective_log_softmax)
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AEMConfig",
     "AEMLoss",
+    "AdaptiveEntropyCoefficient",
     "BackendUnavailableError",
     "FusedLinearLogprobsEntropyFunction",
     "LogprobsEntropyFunction",

@@ -119,11 +119,27 @@ class AEMConfig:
     # (end of the policy-loss block)
 
     # --- corrections and selections applied around the loss mode ---
+    # (loss/corrections.py, loss/modulation.py; README "Rollout corrections, ...")
+    # top_entropy_quantile: TRL's rho of "Beyond the 80/20 rule": train the policy term on the tokens whose
+    #     entropy is at or above the (1 - q) quantile of the trained tokens' entropies; 1.0 keeps every token.
+    # rollout_is: verl's IS level "token" | "sequence" | None (off), weights exp(old - rollout) truncated by
+    #     rollout_is_threshold: a number or "upper" (TIS: clamp at upper) or "lower_upper" (IcePop: 0 outside).
+    # rollout_is_batch_normalize: verl's option, weights divided by their batch mean.
+    # rollout_rs: verl's rejection options, comma separated ("token_k1", "seq_mean_k3", ...) or None, with
+    #     rollout_rs_threshold (one spec, or one per option; "lower_upper" ratio bounds for the *_k1 options).
+    # vllm_importance_sampling_mode: TRL's "token_truncate" | "token_mask" | "sequence_truncate" |
+    #     "sequence_mask" | None (off; TRL's vllm_importance_sampling_correction=False), with its clip bounds.
+    # spread_floor, relative_spread_floor: eq. 5's min-max u_r is 0 in a group whose spread is below
+    #     max(spread_floor, relative_spread_floor * |mean_g x|).
     top_entropy_quantile: float = 1.0
     rollout_is: Optional[str] = None
     rollout_is_threshold: Any = 2.0
+    rollout_is_batch_normalize: bool = False
     rollout_rs: Optional[str] = None
     rollout_rs_threshold: Any = None
+    vllm_importance_sampling_mode: Optional[str] = None
+    vllm_importance_sampling_clip_min: Optional[float] = None
+    vllm_importance_sampling_clip_max: Optional[float] = 3.0
     spread_floor: float = 1e-8
     relative_spread_floor: float = 0.0
     # (end of the corrections block)
@@ -242,4 +258,105 @@ def _check_policy_loss_fields(config: AEMConfig) -> None:
 
 def _check_correction_fields(config: AEMConfig) -> None:
     """Rollout corrections, the entropy-token selection and the modulation's spread floors."""
+    if not 0.0 <= _finite_number("top_entropy_quantile", config.top_entropy_quantile) <= 1.0:
+        raise ValueError(f"AEMConfig.top_entropy_quantile must be in [0, 1], got {config.top_entropy_quantile}")
+    if config.rollout_is is not None and config.rollout_is not in ROLLOUT_IS_LEVELS:
+        raise ValueError(f"AEMConfig.rollout_is must be one of {ROLLOUT_IS_LEVELS} or None, got {config.rollout_is!r}")
+    if config.rollout_is is not None:
+        if config.rollout_is_threshold is None:
+            # verl silently skips the weights then; a switched-on option that does nothing is refused here
+            raise ValueError("AEMConfig.rollout_is_threshold must be set when rollout_is is")
+        rollout_is_bounds(config.rollout_is_threshold)
+    if not isinstance(config.rollout_is_batch_normalize, bool):
+        raise TypeError("AEMConfig.rollout_is_batch_normalize must be a bool, got "
+                        f"{type(config.rollout_is_batch_normalize).__name__}")
+    if config.rollout_rs is not None:
+        rollout_rs_bounds(config.rollout_rs, config.rollout_rs_threshold)
+    mode = config.vllm_importance_sampling_mode
+    if mode is not None and mode not in VLLM_IS_MODES:
+        raise ValueError(f"AEMConfig.vllm_importance_sampling_mode must be one of {VLLM_IS_MODES} or None, got "
+                         f"{mode!r}")
+    bounds = [config.vllm_importance_sampling_clip_min, config.vllm_importance_sampling_clip_max]
+    for name, value in zip(("vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"), bounds):
+        if value is not None and _finite_number(name, value) < 0:
+            raise ValueError(f"AEMConfig.{name} must be >= 0 or None, got {value}")
+    if None not in bounds and bounds[0] >= bounds[1]:
+        raise ValueError(f"AEMConfig.vllm_importance_sampling_clip_min ({bounds[0]}) must be less than "
+                         f"vllm_importance_sampling_clip_max ({bounds[1]}) (as TRL's GRPOConfig)")
+    if mode is not None and mode.endswith("_truncate") and bounds == [None, None]:
+        raise ValueError("AEMConfig.vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max must be "
+                         f"set for vllm_importance_sampling_mode={mode!r}")
+    if mode is not None and config.rollout_is is not None:
+        raise ValueError("AEMConfig.rollout_is and vllm_importance_sampling_mode are two importance weightings of "
+                         "the same mismatch (verl's and TRL's); set one of them")
+    for name in ("spread_floor", "relative_spread_floor"):
+        if _finite_number(name, getattr(config, name)) < 0:
+            raise ValueError(f"AEMConfig.{name} must be >= 0, got {getattr(config, name)}")
     # (end of the correction checks)
+
+
+ROLLOUT_IS_LEVELS = ("token", "sequence")
+ROLLOUT_RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
+                      "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def _threshold_number(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"AEMConfig.{name}: {text!r} is not a number") from None
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"AEMConfig.{name} bounds must be positive and finite, got {text!r}")
+    return value
+
+
+def rollout_is_bounds(spec: Any) -> tuple:
+    """verl's `rollout_is_threshold` spec -> (upper, lower or None): a number or "upper" (TIS), "lower_upper"
+    (IcePop), 0 < lower <= upper."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        raise TypeError(f"AEMConfig.rollout_is_threshold must be a number or a 'lower_upper' string, got "
+                        f"{type(spec).__name__}")
+    text = str(spec).strip()
+    lower_text, _, upper_text = text.partition("_") if "_" in text else ("", "", text)
+    upper = _threshold_number("rollout_is_threshold", upper_text)
+    lower = _threshold_number("rollout_is_threshold", lower_text) if lower_text else None
+    if lower is not None and lower > upper:
+        raise ValueError(f"AEMConfig.rollout_is_threshold: lower bound {lower} > upper bound {upper}")
+    return upper, lower
+
+
+def rollout_rs_bounds(rollout_rs: Any, spec: Any) -> dict:
+    """verl's `rollout_rs` options and `rollout_rs_threshold` -> {option: (lower or None, upper)} in the options'
+    order (duplicates dropped). One spec for all options or one per option, comma separated; a *_k1 option takes
+    ratio bounds "lower_upper" (a single number u means 1/u_u), the others one upper bound."""
+    if not isinstance(rollout_rs, str):
+        raise TypeError(f"AEMConfig.rollout_rs must be a string of comma-separated options or None, got "
+                        f"{type(rollout_rs).__name__}")
+    options = list(dict.fromkeys(part.strip() for part in rollout_rs.split(",") if part.strip()))
+    bad = [option for option in options if option not in ROLLOUT_RS_OPTIONS]
+    if not options or bad:
+        raise ValueError(f"AEMConfig.rollout_rs options must be among {ROLLOUT_RS_OPTIONS}, got {rollout_rs!r}")
+    if spec is None:
+        raise ValueError("AEMConfig.rollout_rs_threshold must be set when rollout_rs is")
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        raise TypeError(f"AEMConfig.rollout_rs_threshold must be a number or a string, got {type(spec).__name__}")
+    specs = [str(spec)] if not isinstance(spec, str) else [p.strip() for p in spec.split(",") if p.strip()]
+    if len(specs) not in (1, len(options)):
+        raise ValueError(f"AEMConfig.rollout_rs_threshold needs one threshold or one per rollout_rs option "
+                         f"({len(options)}), got {len(specs)}")
+    specs = specs * len(options) if len(specs) == 1 else specs
+    bounds = {}
+    for option, text in zip(options, specs):
+        if option.endswith("k1"):
+            lower_text, _, upper_text = text.partition("_") if "_" in text else ("", "", text)
+            upper = _threshold_number("rollout_rs_threshold", upper_text)
+            lower = _threshold_number("rollout_rs_threshold", lower_text) if lower_text else 1.0 / upper
+            if lower > upper:
+                raise ValueError(f"AEMConfig.rollout_rs_threshold for {option}: lower {lower} > upper {upper}")
+            bounds[option] = (lower, upper)
+        elif "_" in text:
+            raise ValueError(f"AEMConfig.rollout_rs_threshold for {option} takes one upper bound, got {text!r}")
+        else:
+            bounds[option] = (None, _threshold_number("rollout_rs_threshold", text))
+    return bounds

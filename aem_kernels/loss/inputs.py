@@ -28,7 +28,8 @@ from .. import validation as V
 from ..config import AEMConfig
 from .aggregation import GlobalBatch
 
-__all__ = ["PackedBatch", "check_loss_keywords", "loss_batch", "pack_inputs", "turn_ids_to_token_response"]
+__all__ = ["PackedBatch", "check_correction_inputs", "check_loss_keywords", "loss_batch", "pack_inputs",
+           "rollout_corrections_on", "turn_ids_to_token_response"]
 
 
 @dataclass
@@ -45,6 +46,9 @@ class PackedBatch:
     horizon: Optional[int]          # normaliser of "seq-mean-token-sum-norm" (None: longest response)
     # verl's global normalisers and the process group of the statistics (default: this batch alone)
     global_batch: GlobalBatch = GlobalBatch()
+    # the inference engine's log-probs [N] (verl's rollout_log_probs, TRL's sampling_per_token_logps), read
+    # only by the rollout corrections (`corrections.py`)
+    rollout_logprobs: Optional[torch.Tensor] = None
 
     @property
     def num_responses(self) -> int:
@@ -103,7 +107,7 @@ def pack_inputs(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Te
                 response_mask: Optional[torch.Tensor], turn_ids: Optional[torch.Tensor],
                 old_logprobs: Optional[torch.Tensor], old_entropy: Optional[torch.Tensor],
                 ref_logprobs: Optional[torch.Tensor], ignore_index: int, advantage_level: str,
-                num_groups: Optional[int]) -> PackedBatch:
+                num_groups: Optional[int], rollout_logprobs: Optional[torch.Tensor] = None) -> PackedBatch:
     """Validate every argument and convert any accepted form to the packed form."""
     device = logits.device
     token_shape = logits.shape[:-1]
@@ -167,6 +171,7 @@ def pack_inputs(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Te
         old_entropy=_per_token("old_entropy", old_entropy, token_shape, device),
         ref_logprobs=_per_token("ref_logprobs", ref_logprobs, token_shape, device),
         horizon=horizon,
+        rollout_logprobs=_per_token("rollout_logprobs", rollout_logprobs, token_shape, device),
     )
 
 
@@ -192,16 +197,20 @@ def loss_batch(logits: torch.Tensor, labels, advantages, config: AEMConfig, *, r
                token_response=None, old_logprobs=None, old_entropy=None, ref_logprobs=None, response_mask=None,
                turn_ids=None, advantage_level: str = "auto", num_groups=None, dp_size: int = 1,
                batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None,
-               process_group=None) -> PackedBatch:
+               process_group=None, rollout_logprobs=None) -> PackedBatch:
     """The checked, packed batch of a loss call (the keywords of `aem_policy_loss`; `logits` may be a stand-in
     of the logits' shape and device, as the fused-linear loss never builds them): input forms, verl's global
-    normalisers, the process group's shared statistics and the KL check."""
+    normalisers, the process group's shared statistics, the KL check and the rollout corrections' inputs.
+
+    `rollout_logprobs` (labels' shape) is read only when a rollout correction is on (config.rollout_is,
+    rollout_rs or vllm_importance_sampling_mode); with every correction off it is checked and then ignored, as
+    verl ignores its batch's rollout_log_probs without a rollout-correction config."""
     global_batch = GlobalBatch.checked(config.loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
                                        loss_scale_factor, process_group)
     batch = pack_inputs(logits, labels, advantages, token_response=token_response, response_group=response_group,
                         response_mask=response_mask, turn_ids=turn_ids, old_logprobs=old_logprobs,
                         old_entropy=old_entropy, ref_logprobs=ref_logprobs, ignore_index=config.ignore_index,
-                        advantage_level=advantage_level, num_groups=num_groups)
+                        advantage_level=advantage_level, num_groups=num_groups, rollout_logprobs=rollout_logprobs)
     if global_batch.process_group is not None:
         global_batch, groups = global_batch.over_ranks(batch.token_response, batch.num_responses, batch.num_groups,
                                                        batch.horizon, infer_dp_size=dp_size == 1)
@@ -210,7 +219,27 @@ def loss_batch(logits: torch.Tensor, labels, advantages, config: AEMConfig, *, r
     batch.global_batch = global_batch
     if config.kl_coef > 0 and batch.ref_logprobs is None:
         raise ValueError("config.kl_coef > 0 needs `ref_logprobs`")
+    check_correction_inputs(batch, config)
     return batch
+
+
+def rollout_corrections_on(config: AEMConfig) -> bool:
+    """Whether a rollout correction (verl's rollout_is / rollout_rs, TRL's vLLM IS mode) is switched on."""
+    return (config.rollout_is is not None or config.rollout_rs is not None
+            or config.vllm_importance_sampling_mode is not None)
+
+
+def check_correction_inputs(batch: PackedBatch, config: AEMConfig) -> None:
+    """The corrections compare the trainer's old log-probs with the inference engine's: both are needed (the
+    old ones too, as in verl's decoupled mode and TRL, so that the weights are known before the forward)."""
+    if not rollout_corrections_on(config):
+        return
+    options = ", ".join(f"{name}={getattr(config, name)!r}" for name in
+                        ("rollout_is", "rollout_rs", "vllm_importance_sampling_mode") if getattr(config, name))
+    for name in ("rollout_logprobs", "old_logprobs"):
+        if getattr(batch, name) is None:
+            raise ValueError(f"config.{options} needs `{name}` (labels' shape): the corrections compare the "
+                             "trainer's old log-probs with the inference engine's")
 
 
 def check_loss_keywords(keywords: dict) -> None:

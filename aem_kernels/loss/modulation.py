@@ -5,10 +5,18 @@ scatter reductions into [G] buckets (no Python loop over groups, no host sync on
 
 Given the response uncertainty x_r (mean token entropy by default) and the group g(r) of each response:
 
-    u_r = (x_r - min_g x) / (max_g x - min_g x)      ("minmax", the paper; 0 when the spread < 1e-8)
+    u_r = (x_r - min_g x) / (max_g x - min_g x)      ("minmax", the paper; 0 when the spread < floor_g)
     u_r = x_r - mean_g x | x_r - mean_{g, r' != r} x | x_r - mean_all x     ("mean" | "loo" | "batch")
     w_r = clip( phi(-sign * beta * u_r) / mean_{r' in N(r)} phi(-sign * beta * u_r'), w_min, w_max )
     A~_r = w_r * A_r
+
+Spread floors: min-max is scale-free, so in a group whose responses are all about equally uncertain the noise
+of x would become full-strength weights. u_r is therefore 0 in a group whose spread max_g x - min_g x is below
+floor_g = max(spread_floor, relative_spread_floor * |mean_g x|) (the spec's 1e-8 alone by default). With
+zscore, whose divisor is the group (or batch) std, u_r is 0 where that std is below relative_spread_floor *
+|mean| (the absolute floor does not apply there: the std keeps its own +1e-6, unchanged). The plain centred
+baselines ("mean", "loo", "batch" without zscore) divide by nothing: their u keeps the scale of x, so a group of
+near-equal x already gets near-zero u and no floor applies.
 
 Responses with no trained token (`valid` False) take no part in any statistic and get u = 0, w = 1: they
 contribute nothing to the loss, and letting their undefined uncertainty move their group's min, max or
@@ -97,7 +105,8 @@ def _check_response_inputs(uncertainty: object, response_group: object, num_grou
 
 def relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tensor, num_groups: int, *,
                          baseline: str = "minmax", zscore: bool = False,
-                         valid: Optional[torch.Tensor] = None, process_group=None) -> torch.Tensor:
+                         valid: Optional[torch.Tensor] = None, process_group=None,
+                         spread_floor: float = _SPREAD_EPS, relative_spread_floor: float = 0.0) -> torch.Tensor:
     """u_r of eq. 5.
 
     Args:
@@ -109,20 +118,27 @@ def relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tensor
         valid: optional [R] bool; False responses take no part in any statistic and get u = 0.
         process_group: None (statistics over these responses) or a torch.distributed group whose ranks each
             pass their own responses with global group ids (statistics over all ranks' responses).
+        spread_floor, relative_spread_floor: u = 0 in a group whose min-max spread is below
+            max(spread_floor, relative_spread_floor * |group mean of x|); with zscore, where the std is below
+            relative_spread_floor * |mean| (module docstring). As `AEMConfig`'s fields of these names.
 
     Returns:
         u [R] in x's dtype, without gradient.
     """
     V.check_choice("baseline", baseline, ("minmax", "mean", "loo", "batch"))
     V.check_bool("zscore", zscore)
+    # validated as AEMConfig validates its fields of these names
+    floors = AEMConfig(spread_floor=spread_floor, relative_spread_floor=relative_spread_floor)
     group = C.resolve_group(process_group, "process_group", none_is_default=False)
     uncertainty, response_group, num_groups, valid = _check_response_inputs(uncertainty, response_group,
                                                                             num_groups, valid, group=group)
-    return _relative_uncertainty(uncertainty, response_group, num_groups, baseline, zscore, valid, group)
+    return _relative_uncertainty(uncertainty, response_group, num_groups, baseline, zscore, valid, group,
+                                 floors.spread_floor, floors.relative_spread_floor)
 
 
 def _relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tensor, num_groups: int,
-                          baseline: str, zscore: bool, valid: torch.Tensor, group=None) -> torch.Tensor:
+                          baseline: str, zscore: bool, valid: torch.Tensor, group=None,
+                          spread_floor: float = _SPREAD_EPS, relative_spread_floor: float = 0.0) -> torch.Tensor:
     x = uncertainty.detach()
     bucket = _buckets(response_group, valid, num_groups)
     ones = torch.ones_like(x)
@@ -132,7 +148,12 @@ def _relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tenso
         low = _group_extreme(x, bucket, num_groups, "amin", group)[response_group]
         high = _group_extreme(x, bucket, num_groups, "amax", group)[response_group]
         spread = high - low
-        wide = valid & (spread >= _SPREAD_EPS)
+        floor = spread_floor
+        if relative_spread_floor > 0:  # (the default skips it: one all_reduce fewer, values bitwise unchanged)
+            mean = _group_sum(torch.where(valid, x, 0.0), bucket, num_groups, group) / group_count.clamp(min=1)
+            floor = (relative_spread_floor * mean[response_group].abs()).clamp(min=spread_floor)
+        # spread > 0 keeps 0/0 out when both floors are 0
+        wide = valid & (spread >= floor) & (spread > 0)
         return torch.where(wide, (x - low) / torch.where(wide, spread, 1.0), 0.0)
     if baseline == "batch":
         center, _ = _masked_mean_std(x, valid, group)
@@ -151,12 +172,16 @@ def _relative_uncertainty(uncertainty: torch.Tensor, response_group: torch.Tenso
         if baseline == "batch":
             n = _total(valid.sum().to(x.dtype), group)
             std = _total((torch.where(valid, centred, 0.0) ** 2).sum(), group).div((n - 1).clamp(min=1)).sqrt()
+            mean = center
         else:
             # Unbiased group std (as GRPO's torch.std); a one-response group has std 0.
             mean = _group_sum(torch.where(valid, x, 0.0), bucket, num_groups, group) / group_count.clamp(min=1)
             sq = _group_sum(torch.where(valid, (x - mean[response_group]) ** 2, 0.0), bucket, num_groups, group)
             std = (sq / (group_count - 1).clamp(min=1)).sqrt()[response_group]
+            mean = mean[response_group]
         centred = centred / (std + _STD_EPS)
+        if relative_spread_floor > 0:
+            centred = torch.where(std < relative_spread_floor * mean.abs(), 0.0, centred)
     return centred
 
 
@@ -185,7 +210,8 @@ def aem_weights_checked(uncertainty: torch.Tensor, response_group: torch.Tensor,
     """`aem_weights` on inputs already checked (the loss's own call): (w, u, clipped) [R], without gradient."""
     with torch.no_grad():
         x = uncertainty.detach()
-        u = _relative_uncertainty(x, response_group, num_groups, config.baseline, config.zscore, valid, group)
+        u = _relative_uncertainty(x, response_group, num_groups, config.baseline, config.zscore, valid, group,
+                                  config.spread_floor, config.relative_spread_floor)
         arg = -config.sign * config.beta * u
         # phi = exp is the minimiser of sum w u + KL(w || uniform)/beta under mean(w) = 1 (section 4);
         # the linear variant is clamped at 0 so a weight never flips an advantage's sign.

@@ -48,6 +48,7 @@ def aem_policy_loss(
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
     process_group=None,
+    rollout_logprobs: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """AEM-modulated PPO/GRPO loss from logits (sections 4-5). See `inputs.py` for the input forms.
 
@@ -91,6 +92,11 @@ def aem_policy_loss(
             then the whole batch's (actor/pg_loss etc. summed over the ranks / dp_size); "aem/weights" holds
             this rank's [R]. For rank-local statistics with a global normalisation, pass process_group=None and
             the normalisers yourself.
+        rollout_logprobs: labels' shape; the inference engine's log-probs of the sampled tokens (verl's
+            rollout_log_probs, TRL's sampling_per_token_logps), finite. Needed (with old_logprobs) when a rollout
+            correction is on: config.rollout_is / rollout_rs (verl's rollout correction) or
+            config.vllm_importance_sampling_mode (TRL's); see `loss.corrections.apply_rollout_corrections`.
+            With every correction off it is checked and ignored (as verl ignores rollout_log_probs then).
 
     Returns:
         (loss 0-d, metrics) where metrics holds detached 0-d tensors: actor/pg_loss, actor/pg_clipfrac,
@@ -105,7 +111,8 @@ def aem_policy_loss(
                         old_logprobs=old_logprobs, old_entropy=old_entropy, ref_logprobs=ref_logprobs,
                         advantage_level=advantage_level, num_groups=num_groups, dp_size=dp_size,
                         batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                        loss_scale_factor=loss_scale_factor, process_group=process_group)
+                        loss_scale_factor=loss_scale_factor, process_group=process_group,
+                        rollout_logprobs=rollout_logprobs)
     be = resolve_backend(backend, logits.device, logits.dtype)
     single_pass = V.check_optional_bool("single_pass", single_pass)
     if single_pass is not False:
