@@ -249,6 +249,14 @@ def _check_policy_loss_fields(config: AEMConfig) -> None:
         raise ValueError("AEMConfig.importance_sampling_level='sequence' applies to the TRL loss modes grpo, bnpo, "
                          f"dr_grpo, dapo and luspo (TRL's vespo computes its sequence weights itself; verl's "
                          f"sequence-level ratio is loss_mode='gspo'), not to loss_mode={mode!r}")
+    if mode == "bypass_mode":
+        on = [name for name in ("rollout_is", "rollout_rs", "vllm_importance_sampling_mode")
+              if getattr(config, name, None) is not None]
+        if on:
+            # verl's bypass_mode computes its rejection from this forward's log-probs against the rollout's
+            # (old = rollout) and applies no IS weight under ppo_clip: not the corrections of loss/corrections.py
+            raise ValueError(f"loss_mode='bypass_mode' is verl's ppo_clip bypass without rollout correction here; "
+                             f"{', '.join(on)} must be None with it (pass the rollout log-probs as old_logprobs)")
     # a TRL loss type implies its aggregation: loss_agg_mode may stay at the default or name that aggregation
     if mode in TRL_AGGREGATION and config.loss_agg_mode not in ("token-mean", TRL_AGGREGATION[mode]):
         raise ValueError(f"AEMConfig.loss_agg_mode={config.loss_agg_mode!r} does not apply to loss_mode={mode!r}: "

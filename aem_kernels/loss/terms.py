@@ -12,6 +12,12 @@ and geo_mean's own, TRL's loss type's), the entropy and KL terms as verl's actor
 under a TRL loss type, where TRL adds the KL to the per-token loss (the policy term's aggregation) and its
 entropy bonus is the token mean of the call. The response uncertainty x_r (eq. 3, 3') and the weights w_r are
 computed without gradient, like advantages.
+
+Around the mode (`corrections.py`): the rollout correction, known before the forward, drops rejected tokens
+from the batch (every term and AEM's x_r, as verl's response_mask) and multiplies L_t by its IS weights (verl's
+rollout_is_weights, TRL's importance_sampling_ratio); TRL's top_entropy_quantile multiplies L_t by the mask of
+this forward's high-entropy tokens, and under a TRL loss type also restricts the entropy bonus to them (TRL's
+effective mask).
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from ..config import TRL_LOSS_MODES, AEMConfig
 from ..ops.policy_loss import Segments, kl_penalty, mode_aggregation, policy_token_loss
 from ..ops.segment import segment_count, segment_mean, segment_sum
 from .aggregation import GlobalBatch, aggregate
+from .corrections import apply_rollout_corrections, entropy_token_mask
 from .inputs import PackedBatch
 from .modulation import aem_metrics, aem_weights_checked
 
-__all__ = ["LossWeights", "loss_from_token_terms", "loss_weights", "modulated_token_advantages",
+__all__ = ["Corrected", "LossWeights", "loss_from_token_terms", "loss_weights", "modulated_token_advantages",
            "response_uncertainty", "weights_unknown_before_forward"]
 
 
@@ -122,9 +129,21 @@ def loss_weights(batch: PackedBatch, config: AEMConfig, dtype: torch.dtype) -> L
     return LossWeights(policy, plain, plain)
 
 
-def loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tensor,
-                          config: AEMConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """(loss 0-d, metrics) from the batch's per-token log-probs and entropies [N] (differentiable)."""
+class Corrected(NamedTuple):
+    """`corrections.apply_rollout_corrections`'s result: the batch without its rejected tokens, the per-token
+    IS weights [N] (or None) and the correction metrics."""
+
+    batch: PackedBatch
+    is_weights: Optional[torch.Tensor]
+    metrics: Dict[str, torch.Tensor]
+
+
+def loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: torch.Tensor, config: AEMConfig,
+                          corrected: Optional[Corrected] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """(loss 0-d, metrics) from the batch's per-token log-probs and entropies [N] (differentiable); `corrected`:
+    the rollout correction of this batch when the caller already applied it (a single pass)."""
+    corrected = Corrected(*apply_rollout_corrections(batch, config)) if corrected is None else corrected
+    batch = corrected.batch
     trained = batch.token_response >= 0
     dtype = logprobs.dtype
 
@@ -132,9 +151,15 @@ def loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: t
     token_adv, response_adv, weights, u, clipped, valid = modulated_token_advantages(batch, x, config, dtype)
 
     old = batch.old_logprobs.to(dtype) if batch.old_logprobs is not None else logprobs.detach()
+    is_weights = corrected.is_weights.to(dtype) if corrected.is_weights is not None else None
     pg, flags = policy_token_loss(logprobs, old, token_adv, config, Segments(batch.token_response,
-                                                                             batch.num_responses))
+                                                                             batch.num_responses), is_weights)
     token_weights = loss_weights(batch, config, dtype)
+    kept = entropy_token_mask(entropy, batch, config)
+    if kept is not None:  # TRL: per_token_loss * entropy_mask, the denominators unchanged
+        pg = pg * kept.to(dtype)
+        if config.loss_mode in TRL_LOSS_MODES:
+            token_weights = token_weights._replace(entropy=kept.to(dtype) / kept.sum().clamp(min=1).to(dtype))
     pg_loss = aggregate(pg, token_weights.policy)
     loss = pg_loss
     entropy_agg = aggregate(entropy, token_weights.entropy)
@@ -155,4 +180,5 @@ def loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: t
     metrics.update(aem_metrics(x, u, weights, clipped, response_adv, weights * response_adv, batch.response_group,
                                batch.num_groups, valid, group))
     metrics["aem/weights"] = weights.detach()
+    metrics.update(corrected.metrics)
     return loss, metrics
