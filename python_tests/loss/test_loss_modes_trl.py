@@ -55,7 +55,7 @@ def _batch(seed=0, rows=5, horizon=MAX_COMPLETION):
 
 
 def _trl_loss(trainer, loss_type, config, log_prob, old, mask, advantages, level="token", delta=None,
-              epsilon_high=None):
+              epsilon_high=None, entropy=None):
     rows, horizon = mask.shape
     lp = log_prob.clone().requires_grad_()
     trainer.loss_type, trainer.importance_sampling_level = loss_type, level
@@ -63,7 +63,9 @@ def _trl_loss(trainer, loss_type, config, log_prob, old, mask, advantages, level
     trainer.epsilon_high = config.clip_high if epsilon_high is None else epsilon_high
     trainer.args.delta = delta
     trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg = config.tau_pos, config.tau_neg
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.zeros_like(lp), None)
+    trainer.top_entropy_quantile = config.top_entropy_quantile
+    entropy = torch.zeros_like(lp) if entropy is None else entropy
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (lp, entropy, None)
     inputs = {"prompt_ids": torch.zeros(rows, 2, dtype=torch.long), "prompt_mask": torch.ones(rows, 2,
                                                                                            dtype=torch.long),
               "completion_ids": torch.zeros(rows, horizon, dtype=torch.long), "completion_mask": mask,
@@ -73,14 +75,15 @@ def _trl_loss(trainer, loss_type, config, log_prob, old, mask, advantages, level
     return loss.detach(), grad
 
 
-def _ours(config, log_prob, old, mask, advantages, **norms):
+def _ours(config, log_prob, old, mask, advantages, entropy=None, **norms):
     rows, horizon = mask.shape
     batch = loss_batch(torch.empty(rows, horizon, 2, dtype=torch.float64),
                        torch.zeros(rows, horizon, dtype=torch.long), advantages, config,
                        response_group=torch.zeros(rows, dtype=torch.long), response_mask=mask.bool(),
                        old_logprobs=old, **norms)
     lp = log_prob.clone().requires_grad_()
-    loss, _ = loss_from_token_terms(batch, lp.reshape(-1), torch.zeros(rows * horizon, dtype=torch.float64), config)
+    entropy = torch.zeros(rows * horizon, dtype=torch.float64) if entropy is None else entropy.reshape(-1)
+    loss, _ = loss_from_token_terms(batch, lp.reshape(-1), entropy, config)
     (grad,) = torch.autograd.grad(loss, lp)
     return loss.detach(), grad
 
@@ -129,6 +132,23 @@ def test_trl_sapo_and_cispo_are_verl_modes_where_they_coincide(trainer):
     theirs, their_grad = _trl_loss(trainer, "cispo", cispo, log_prob, old, mask, advantages, epsilon_high=1.3)
     torch.testing.assert_close(ours, theirs, **TOL)
     torch.testing.assert_close(our_grad, their_grad, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["grpo", "dapo"])
+def test_top_entropy_quantile_wiring_equals_trl(trainer, mode):
+    """TRL's 80/20 selection: the policy term of the tokens below the entropy quantile is masked, the
+    denominators kept."""
+    log_prob, old, mask, advantages = _batch(seed=13)
+    entropy = torch.rand(mask.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 3
+    config = ak.AEMConfig(beta=0.0, loss_mode=mode, top_entropy_quantile=0.4)
+    norms = {"batch_num_tokens": mask.sum().item()} if mode == "dapo" else {}
+    ours, our_grad = _ours(config, log_prob, old, mask, advantages, entropy=entropy, **norms)
+    theirs, their_grad = _trl_loss(trainer, mode, config, log_prob, old, mask, advantages, entropy=entropy)
+    trainer.top_entropy_quantile = 1.0
+    torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(our_grad, their_grad, **TOL)
+    kept = (our_grad != 0).sum()
+    assert 0 < kept < mask.sum()  # the mask selects
 
 
 def test_trl_modes_refuse_options_they_ignore():

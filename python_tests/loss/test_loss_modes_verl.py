@@ -169,3 +169,40 @@ def test_aem_modulates_the_advantages_every_mode_sees(mode):
                                   (weights * advantages)[:, None].expand_as(mask))
     torch.testing.assert_close(ours, theirs, **TOL)
     torch.testing.assert_close(our_grad, their_grad * mask, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "geo_mean", "cispo"])
+def test_rollout_correction_wiring_equals_verl(mode):
+    """rollout_is / rollout_rs from old and rollout log-probs: verl's helper gives the IS weights and the
+    rejection mask, and its loss function takes them (rollout_is_weights, the masked response_mask)."""
+    helper = pytest.importorskip("verl.trainer.ppo.rollout_corr_helper")
+    log_prob, old, mask, advantages = _batch(seed=9)
+    g = torch.Generator().manual_seed(2)
+    rollout = old + 0.15 * torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    config = _config(mode, "seq-mean-token-sum", rollout_is="sequence", rollout_is_threshold=1.5,
+                     rollout_rs="seq_sum_k1", rollout_rs_threshold="0.6_1.6")
+    proto, verl_mask, _ = helper.compute_rollout_correction_and_rejection_mask(
+        old, rollout, mask.double(), rollout_is=config.rollout_is, rollout_is_threshold=config.rollout_is_threshold,
+        rollout_is_batch_normalize=False, rollout_rs=config.rollout_rs,
+        rollout_rs_threshold=config.rollout_rs_threshold)
+    verl_mask = verl_mask.bool()
+    assert 0 < verl_mask.sum() < mask.sum()  # some responses rejected, some kept
+    lp = log_prob.clone().requires_grad_()
+    theirs, _ = core_algos.get_policy_loss_fn(mode)(old, lp, advantages[:, None] * verl_mask, verl_mask.double(),
+                                                    "seq-mean-token-sum", _actor(mode, "seq-mean-token-sum", {},
+                                                                                 config),
+                                                    proto.batch["rollout_is_weights"])
+    (their_grad,) = torch.autograd.grad(theirs, lp)
+
+    rows, horizon = mask.shape
+    batch = loss_batch(torch.empty(rows, horizon, 2, dtype=torch.float64), torch.zeros(rows, horizon,
+                                                                                      dtype=torch.long),
+                       advantages, config, response_group=torch.arange(rows) // 2, response_mask=mask,
+                       old_logprobs=old, rollout_logprobs=rollout)
+    lp = log_prob.clone().requires_grad_()
+    ours, metrics = loss_from_token_terms(batch, lp.reshape(-1), torch.zeros(rows * horizon, dtype=torch.float64),
+                                          config)
+    (our_grad,) = torch.autograd.grad(ours, lp)
+    torch.testing.assert_close(ours.detach(), theirs.detach(), **TOL)
+    torch.testing.assert_close(our_grad, their_grad * verl_mask, **TOL)
+    assert "rollout_corr/rollout_is_mean" in metrics
