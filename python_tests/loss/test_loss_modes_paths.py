@@ -113,3 +113,37 @@ def test_triton_single_pass_serves_vanilla_and_names_the_mode_otherwise():
     with pytest.raises(ValueError, match="loss_mode='sapo'"):
         ak.aem_policy_loss(logits, labels, advantages.float(), config=config.replace(loss_mode="sapo"),
                            backend="triton", single_pass=True, **kw)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "sapo", "grpo"])
+def test_single_passes_take_the_rollout_is_weights(mode):
+    """IS weights are known before the forward: the fused-linear single pass (every row-local mode) and the Triton
+    kernel (vanilla, without KL and entropy terms: folded into its weights) equal the two passes."""
+    hidden, weight, labels, advantages, keywords = _inputs(seed=4)
+    kw = _cast(keywords, torch.float32)
+    rollout = kw["old_logprobs"] + 0.2 * torch.randn(labels.shape, generator=torch.Generator().manual_seed(3))
+    config = ak.AEMConfig(beta=1.0, surprisal_source="old", loss_mode=mode, rollout_is="token",
+                          rollout_is_threshold=1.2)
+    results = []
+    for single_pass in (False, True):
+        h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+        loss, metrics = ak.fused_linear_aem_policy_loss(h, w, labels, advantages.float(), config=config,
+                                                        backend="torch", single_pass=single_pass,
+                                                        rollout_logprobs=rollout, **kw)
+        results.append((loss.detach(), *torch.autograd.grad(loss, [h, w])))
+    assert metrics["rollout_corr/rollout_is_ratio_fraction_high"] > 0  # the truncation binds
+    for one, two in zip(*results):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+    if mode == "vanilla":
+        logits = []
+        for single_pass in (False, True):
+            z = (hidden @ weight.T).float().requires_grad_()
+            loss, _ = ak.aem_policy_loss(z, labels, advantages.float(), config=config, backend="triton",
+                                         single_pass=single_pass, rollout_logprobs=rollout, **kw)
+            logits.append((loss.detach(), *torch.autograd.grad(loss, [z])))
+        for one, two in zip(*logits):
+            torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="kl_coef"):
+            ak.aem_policy_loss((hidden @ weight.T).float(), labels, advantages.float(),
+                               config=config.replace(kl_coef=0.1), backend="triton", single_pass=True,
+                               rollout_logprobs=rollout, **kw)
