@@ -119,9 +119,14 @@ def loss_weights(batch: PackedBatch, config: AEMConfig, dtype: torch.dtype) -> L
     plain = batch.token_weights(config.loss_agg_mode, dtype)
     mode, all_rows, local = mode_aggregation(config)
     global_batch = GlobalBatch(process_group=batch.process_group) if local else batch.global_batch
-    if all_rows and global_batch.global_batch_size is None:
+    if all_rows and global_batch.global_batch_size is None and global_batch.dp_size == 1:
         # TRL divides by the rows B (every response, empty ones too), as geo_mean's torch.mean does
         global_batch = global_batch._replace(global_batch_size=float(max(batch.num_responses, 1)))
+    needed = {"token-mean": "batch_num_tokens", "token-sum": None}.get(mode, "global_batch_size")
+    if global_batch.dp_size > 1 and needed is not None and getattr(global_batch, needed) is None:
+        # a rank's own count would silently give each rank another normaliser (verl's agg_loss raises too)
+        raise ValueError(f"{needed} is required with loss_mode={config.loss_mode!r} when dp_size > 1: its policy "
+                         f"term aggregates as {mode!r} (dp_size={global_batch.dp_size})")
     policy = global_batch.token_weights(batch.token_response, batch.num_responses, mode, batch.horizon, dtype)
     if config.loss_mode in TRL_LOSS_MODES:
         entropy = GlobalBatch().token_weights(batch.token_response, batch.num_responses, "token-mean", None, dtype)

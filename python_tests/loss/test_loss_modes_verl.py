@@ -206,3 +206,10 @@ def test_rollout_correction_wiring_equals_verl(mode):
     torch.testing.assert_close(ours.detach(), theirs.detach(), **TOL)
     torch.testing.assert_close(our_grad, their_grad * verl_mask, **TOL)
     assert "rollout_corr/rollout_is_mean" in metrics
+
+
+def test_a_mode_with_its_own_aggregation_needs_its_global_normaliser():
+    log_prob, old, mask, advantages = _batch()
+    with pytest.raises(ValueError, match="global_batch_size is required with loss_mode='sapo'"):
+        _ours(_config("sapo", "token-mean"), log_prob, old, mask, advantages, {"dp_size": 2,
+                                                                              "batch_num_tokens": 40})
