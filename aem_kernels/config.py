@@ -116,6 +116,9 @@ class AEMConfig:
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
     importance_sampling_level: Optional[str] = None
+    # use_bias_correction_kl: TRL's: under a TRL loss type the KL term of each token is multiplied by its
+    #   importance ratio (token or sequence level, as the loss type's), differentiated through it.
+    use_bias_correction_kl: bool = True
     # (end of the policy-loss block)
 
     # --- corrections and selections applied around the loss mode ---
@@ -242,6 +245,9 @@ def _check_policy_loss_fields(config: AEMConfig) -> None:
         raise ValueError(f"AEMConfig.dual_clip={config.dual_clip} has no effect with loss_mode={mode!r}, which has "
                          f"no dual clip (only {DUAL_CLIP_MODES + TRUNCATION_MODES} read it); leave it at the default "
                          "3.0 or None")
+    if not isinstance(config.use_bias_correction_kl, bool):
+        raise TypeError(f"AEMConfig.use_bias_correction_kl must be a bool, got "
+                        f"{type(config.use_bias_correction_kl).__name__}")
     level = config.importance_sampling_level
     if level not in (None, "token", "sequence"):
         raise ValueError(f"AEMConfig.importance_sampling_level must be None, 'token' or 'sequence', got {level!r}")

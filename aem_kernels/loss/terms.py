@@ -9,9 +9,9 @@ with L_t the per-token loss of `config.loss_mode` (`ops.policy_loss.modes`: it s
 composes with every mode), KL_t of `ops.policy_loss` and agg the per-token weights of `aggregation.py`
 (`loss_weights`): the policy term aggregates as its mode says (loss_agg_mode for most of verl's modes, sapo's
 and geo_mean's own, TRL's loss type's), the entropy and KL terms as verl's actor does (loss_agg_mode), except
-under a TRL loss type, where TRL adds the KL to the per-token loss (the policy term's aggregation) and its
-entropy bonus is the token mean of the call. The response uncertainty x_r (eq. 3, 3') and the weights w_r are
-computed without gradient, like advantages.
+under a TRL loss type, where TRL adds the KL (times the importance ratio: use_bias_correction_kl) to the
+per-token loss (the policy term's aggregation) and its entropy bonus is the token mean of the call. The
+response uncertainty x_r (eq. 3, 3') and the weights w_r are computed without gradient, like advantages.
 
 Around the mode (`corrections.py`): the rollout correction, known before the forward, drops rejected tokens
 from the batch (every term and AEM's x_r, as verl's response_mask) and multiplies L_t by its IS weights (verl's
@@ -28,7 +28,7 @@ import torch
 
 from .. import collectives as C
 from ..config import TRL_LOSS_MODES, AEMConfig
-from ..ops.policy_loss import Segments, kl_penalty, mode_aggregation, policy_token_loss
+from ..ops.policy_loss import Segments, kl_penalty, kl_ratio, mode_aggregation, policy_token_loss
 from ..ops.segment import segment_count, segment_mean, segment_sum
 from .aggregation import GlobalBatch, aggregate
 from .corrections import apply_rollout_corrections, entropy_token_mask
@@ -157,8 +157,8 @@ def loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: t
 
     old = batch.old_logprobs.to(dtype) if batch.old_logprobs is not None else logprobs.detach()
     is_weights = corrected.is_weights.to(dtype) if corrected.is_weights is not None else None
-    pg, flags = policy_token_loss(logprobs, old, token_adv, config, Segments(batch.token_response,
-                                                                             batch.num_responses), is_weights)
+    segments = Segments(batch.token_response, batch.num_responses)
+    pg, flags = policy_token_loss(logprobs, old, token_adv, config, segments, is_weights)
     token_weights = loss_weights(batch, config, dtype)
     kept = entropy_token_mask(entropy, batch, config)
     if kept is not None:  # TRL: per_token_loss * entropy_mask, the denominators unchanged
@@ -179,7 +179,9 @@ def loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: t
         "actor/entropy": _global_value(entropy_agg, batch),
     }
     if config.kl_coef > 0:
-        kl_loss = aggregate(kl_penalty(logprobs, batch.ref_logprobs.to(dtype), config.kl_type), token_weights.kl)
+        kl = kl_penalty(logprobs, batch.ref_logprobs.to(dtype), config.kl_type)
+        factor = kl_ratio(logprobs, old, config, segments)  # TRL's use_bias_correction_kl
+        kl_loss = aggregate(kl * factor if factor is not None else kl, token_weights.kl)
         loss = loss + config.kl_coef * kl_loss
         metrics["actor/kl_loss"] = _global_value(kl_loss, batch)
     metrics.update(aem_metrics(x, u, weights, clipped, response_adv, weights * response_adv, batch.response_group,

@@ -55,7 +55,7 @@ def _batch(seed=0, rows=5, horizon=MAX_COMPLETION):
 
 
 def _trl_loss(trainer, loss_type, config, log_prob, old, mask, advantages, level="token", delta=None,
-              epsilon_high=None, entropy=None):
+              epsilon_high=None, entropy=None, ref=None):
     rows, horizon = mask.shape
     lp = log_prob.clone().requires_grad_()
     trainer.loss_type, trainer.importance_sampling_level = loss_type, level
@@ -70,17 +70,21 @@ def _trl_loss(trainer, loss_type, config, log_prob, old, mask, advantages, level
                                                                                            dtype=torch.long),
               "completion_ids": torch.zeros(rows, horizon, dtype=torch.long), "completion_mask": mask,
               "advantages": advantages, "old_per_token_logps": old, "num_items_in_batch": mask.sum()}
+    trainer.beta = config.kl_coef
+    if ref is not None:
+        inputs["ref_per_token_logps"] = ref
     loss = trainer._compute_loss(trainer.model, inputs)
+    trainer.beta = 0.0
     (grad,) = torch.autograd.grad(loss, lp)
     return loss.detach(), grad
 
 
-def _ours(config, log_prob, old, mask, advantages, entropy=None, **norms):
+def _ours(config, log_prob, old, mask, advantages, entropy=None, ref=None, **norms):
     rows, horizon = mask.shape
     batch = loss_batch(torch.empty(rows, horizon, 2, dtype=torch.float64),
                        torch.zeros(rows, horizon, dtype=torch.long), advantages, config,
                        response_group=torch.zeros(rows, dtype=torch.long), response_mask=mask.bool(),
-                       old_logprobs=old, **norms)
+                       old_logprobs=old, ref_logprobs=ref, **norms)
     lp = log_prob.clone().requires_grad_()
     entropy = torch.zeros(rows * horizon, dtype=torch.float64) if entropy is None else entropy.reshape(-1)
     loss, _ = loss_from_token_terms(batch, lp.reshape(-1), entropy, config)
@@ -132,6 +136,20 @@ def test_trl_sapo_and_cispo_are_verl_modes_where_they_coincide(trainer):
     theirs, their_grad = _trl_loss(trainer, "cispo", cispo, log_prob, old, mask, advantages, epsilon_high=1.3)
     torch.testing.assert_close(ours, theirs, **TOL)
     torch.testing.assert_close(our_grad, their_grad, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["grpo", "dr_grpo"])
+def test_kl_term_joins_the_per_token_loss_as_trl(trainer, mode):
+    """TRL's beta (AEMConfig.kl_coef) adds beta * k3 to each token's loss before the loss type's aggregation."""
+    log_prob, old, mask, advantages = _batch(seed=17)
+    ref = old + 0.3 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    config = ak.AEMConfig(beta=0.0, loss_mode=mode, kl_coef=0.07)
+    norms = {"loss_scale_factor": MAX_COMPLETION} if mode == "dr_grpo" else {}
+    ours, our_grad = _ours(config, log_prob, old, mask, advantages, ref=ref, **norms)
+    theirs, their_grad = _trl_loss(trainer, mode, config, log_prob, old, mask, advantages, ref=ref)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(our_grad, their_grad, **TOL)
+    assert ours != _ours(config.replace(kl_coef=0.0), log_prob, old, mask, advantages, **norms)[0]
 
 
 @pytest.mark.parametrize("mode", ["grpo", "dapo"])

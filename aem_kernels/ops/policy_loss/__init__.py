@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .modes import ROW_LOCAL, Segments, mode_aggregation, policy_token_loss, row_local, token_loss_derivatives
+from .modes import (ROW_LOCAL, Segments, kl_ratio, mode_aggregation, policy_token_loss, row_local,
+                    token_loss_derivatives)
 from .pytorch import KL_VALUE_CLAMP, LOG_RATIO_CLAMP, kl_penalty, ppo_token_loss
 
-__all__ = ["KL_VALUE_CLAMP", "LOG_RATIO_CLAMP", "ROW_LOCAL", "Segments", "kl_penalty", "mode_aggregation",
+__all__ = ["KL_VALUE_CLAMP", "LOG_RATIO_CLAMP", "ROW_LOCAL", "Segments", "kl_penalty", "kl_ratio", "mode_aggregation",
            "policy_token_loss", "ppo_token_loss", "row_local", "single_pass_unavailable", "token_loss_derivatives"]
 
 # the modes whose per-token derivative the Triton single-pass kernel writes (eq. 8 with the dual clip)

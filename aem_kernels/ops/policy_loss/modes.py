@@ -33,6 +33,7 @@ response of this forward (a sequence ratio); clip_cov and kl_cov select tokens b
 forward's batch means (clip_cov at random among the eligible, kl_cov by topk): they take two passes (the O(N)
 per-token terms first, the derivatives after the reduction). Every other mode is token-local (`ROW_LOCAL`).
 
+Under a TRL loss type the KL term of each token is multiplied by w (TRL's use_bias_correction_kl, `kl_ratio`).
 Rollout IS weights multiply L_t (verl's `rollout_is_weights`); geo_mean takes their per-response geometric
 mean, as verl does, and vespo folds their log into log w, as TRL does with its importance_sampling_ratio.
 """
@@ -48,7 +49,8 @@ from ...config import DUAL_CLIP_MODES, TRL_AGGREGATION, TRUNCATION_MODES
 from ..segment import segment_count, segment_mean, segment_sum
 from .pytorch import LOG_RATIO_CLAMP, kl_penalty, ppo_token_loss
 
-__all__ = ["ROW_LOCAL", "Segments", "mode_aggregation", "policy_token_loss", "row_local", "token_loss_derivatives"]
+__all__ = ["ROW_LOCAL", "Segments", "kl_ratio", "mode_aggregation", "policy_token_loss", "row_local",
+           "token_loss_derivatives"]
 
 Flags = Dict[str, torch.Tensor]
 
@@ -286,6 +288,19 @@ def policy_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     return loss, flags
 
 
+def kl_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, config, segments: Optional[Segments] = None
+             ) -> Optional[torch.Tensor]:
+    """TRL's use_bias_correction_kl: under a TRL loss type, the factor [N] of each token's KL term, its importance
+    ratio at the loss type's level (exp of r, or of its response mean; differentiable, unclamped, as TRL);
+    None otherwise."""
+    if config.loss_mode not in TRL_AGGREGATION or not config.use_bias_correction_kl:
+        return None
+    log_ratio = logprobs - old_logprobs
+    if importance_sampling_level(config) == "sequence":
+        return segments.per_token(segment_mean(log_ratio, segments.token_response, segments.num_responses)).exp()
+    return log_ratio.exp()
+
+
 def token_loss_derivatives(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], advantages: torch.Tensor,
                            token_weights: torch.Tensor, ref_logprobs: Optional[torch.Tensor], config, *,
                            kl_weights: Optional[torch.Tensor] = None, entropy_weights: Optional[torch.Tensor] = None,
@@ -311,8 +326,9 @@ def token_loss_derivatives(logprobs: torch.Tensor, old_logprobs: Optional[torch.
         total = weighted_sum(policy_token_loss(lp, old, adv, config, is_weights=iw)[0], weights)
         if config.kl_coef > 0:
             kw = kl_weights.to(lp.dtype) if kl_weights is not None else weights
-            total = total + config.kl_coef * weighted_sum(kl_penalty(lp, ref_logprobs.to(lp.dtype), config.kl_type),
-                                                          kw)
+            kl = kl_penalty(lp, ref_logprobs.to(lp.dtype), config.kl_type)
+            factor = kl_ratio(lp, old, config)
+            total = total + config.kl_coef * weighted_sum(kl * factor if factor is not None else kl, kw)
         (grad_lp,) = torch.autograd.grad(total, [lp])
     if config.entropy_coef == 0:
         return grad_lp, None
