@@ -213,3 +213,17 @@ def test_a_mode_with_its_own_aggregation_needs_its_global_normaliser():
     with pytest.raises(ValueError, match="global_batch_size is required with loss_mode='sapo'"):
         _ours(_config("sapo", "token-mean"), log_prob, old, mask, advantages, {"dp_size": 2,
                                                                               "batch_num_tokens": 40})
+
+
+def test_verl_mode_options_are_checked():
+    with pytest.raises(ValueError, match="dual_clip"):
+        ak.AEMConfig(loss_mode="gspo", dual_clip=2.0)
+    assert ak.AEMConfig(loss_mode="dppo_tv", dual_clip=20.0).dual_clip == 20.0  # their ratio truncation
+    with pytest.raises(ValueError, match="clip_cov_lb"):
+        ak.AEMConfig(loss_mode="clip_cov", clip_cov_lb=2.0, clip_cov_ub=1.0)
+    with pytest.raises(ValueError, match="kl_cov_ratio"):
+        ak.AEMConfig(loss_mode="kl_cov", kl_cov_ratio=0.0)
+    with pytest.raises(ValueError, match="rollout_is"):
+        ak.AEMConfig(loss_mode="bypass_mode", rollout_is="token")
+    with pytest.raises(TypeError, match="use_bias_correction_kl"):
+        ak.AEMConfig(use_bias_correction_kl=1)
