@@ -12,8 +12,10 @@ import torch
 
 import aem_kernels as ak
 from aem_kernels.config import VERL_LOSS_MODES
+from aem_kernels.loss.aggregation import aggregate
 from aem_kernels.loss.inputs import loss_batch
-from aem_kernels.loss.terms import loss_from_token_terms
+from aem_kernels.loss.terms import loss_from_token_terms, loss_weights
+from aem_kernels.ops.policy_loss import Segments, policy_token_loss
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 verl_config = pytest.importorskip("verl.workers.config")
@@ -141,10 +143,6 @@ def test_mode_with_is_weights_equals_verl(mode):
                                                                                       dtype=torch.long),
                        advantages, config, response_group=torch.arange(rows) // 2, response_mask=mask,
                        old_logprobs=old)
-    from aem_kernels.ops.policy_loss import Segments, policy_token_loss
-    from aem_kernels.loss.terms import loss_weights
-    from aem_kernels.loss.aggregation import aggregate
-
     lp = log_prob.clone().requires_grad_()
     torch.manual_seed(0)
     pg, _ = policy_token_loss(lp.reshape(-1), old.reshape(-1), (advantages[:, None] * mask).reshape(-1), config,
