@@ -91,6 +91,16 @@ class AEMConfig:
     temperature: float = 1.0
     ignore_index: int = -100
     # --- the policy-loss mode and its hyper-parameters (verl's names; TRL's for what verl lacks) ---
+    # loss_mode: one of `LOSS_MODES` (verl 0.9.1's policy losses by verl's name, TRL 1.16's loss types by
+    #   TRL's name where verl has none; a TRL name implies TRL's aggregation). See ops/policy_loss/modes.py.
+    # tau_pos, tau_neg: SAPO's gate temperatures for A > 0 and A <= 0 (verl's actor fields; TRL's
+    #   sapo_temperature_pos/neg). clip_cov_ratio, clip_cov_lb, clip_cov_ub: Clip-Cov's share of tokens and
+    #   covariance window; kl_cov_ratio, ppo_kl_coef: KL-Cov's share of tokens and |log-ratio| coefficient;
+    #   dro_beta: DRO's quadratic log-ratio penalty (> 0, required by "dro"): verl's policy_loss fields.
+    # delta: TRL's two-sided clipping bound on the ratio of the GRPO-family loss types (None: off).
+    # vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's Gamma weighting (TRL's names).
+    # importance_sampling_level: TRL's "token" or "sequence" ratio of its GRPO-family loss types; None: the
+    #   loss type's own ("sequence" for luspo, "token" otherwise).
     loss_mode: str = "vanilla"
     tau_pos: float = 1.0
     tau_neg: float = 1.05
@@ -100,6 +110,15 @@ class AEMConfig:
     kl_cov_ratio: float = 0.0002
     ppo_kl_coef: float = 0.1
     dro_beta: Optional[float] = None
+    delta: Optional[float] = None
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    importance_sampling_level: Optional[str] = None
+    # use_bias_correction_kl: TRL's: under a TRL loss type the KL term of each token is multiplied by its
+    #   importance ratio (token or sequence level, as the loss type's), differentiated through it.
+    use_bias_correction_kl: bool = True
     # (end of the policy-loss block)
 
     # --- corrections and selections applied around the loss mode ---
@@ -179,10 +198,75 @@ class AEMConfig:
         return asdict(self)
 
 
+# verl 0.9.1's registered policy losses, and TRL 1.16's loss types that verl has no mode of that name for (TRL's
+# "cispo" and "sapo" are verl's modes of those names; ops/policy_loss/modes.py says how they relate).
+VERL_LOSS_MODES = ("vanilla", "gspo", "sapo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dppo_tv", "dppo_kl", "dro",
+                   "cispo", "bypass_mode")
+TRL_LOSS_MODES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "vespo")
+LOSS_MODES = VERL_LOSS_MODES + TRL_LOSS_MODES
+# the aggregation each TRL loss type implies (its normaliser defaults and keywords: ops/policy_loss/modes.py)
+TRL_AGGREGATION = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+                   "dapo": "token-mean", "luspo": "seq-mean-token-sum", "vespo": "token-mean"}
+# modes whose loss has verl's dual clip (clip_ratio_c), and those that read it as a ratio truncation instead
+DUAL_CLIP_MODES = ("vanilla", "bypass_mode")
+TRUNCATION_MODES = ("dppo_tv", "dppo_kl")
+DEFAULT_DUAL_CLIP = 3.0
+
+
 def _check_policy_loss_fields(config: AEMConfig) -> None:
     """The policy-loss mode and its hyper-parameters."""
-    if config.loss_mode != "vanilla":
-        raise ValueError(f"AEMConfig.loss_mode must be 'vanilla', got {config.loss_mode!r}")
+    mode = config.loss_mode
+    if mode not in LOSS_MODES:
+        raise ValueError(f"AEMConfig.loss_mode must be one of {LOSS_MODES}, got {mode!r}")
+    for name in ("tau_pos", "tau_neg", "clip_cov_ratio", "kl_cov_ratio"):
+        if _finite_number(name, getattr(config, name)) <= 0:
+            raise ValueError(f"AEMConfig.{name} must be > 0, got {getattr(config, name)}")
+    for name in ("clip_cov_lb", "clip_cov_ub", "ppo_kl_coef", "vespo_k_pos", "vespo_k_neg"):
+        _finite_number(name, getattr(config, name))
+    for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+        if _finite_number(name, getattr(config, name)) < 0:
+            raise ValueError(f"AEMConfig.{name} must be >= 0, got {getattr(config, name)}")
+    if config.clip_cov_lb >= config.clip_cov_ub:
+        raise ValueError(f"AEMConfig.clip_cov_lb ({config.clip_cov_lb}) must be < clip_cov_ub ({config.clip_cov_ub})")
+    if config.dro_beta is not None and _finite_number("dro_beta", config.dro_beta) <= 0:
+        raise ValueError(f"AEMConfig.dro_beta must be > 0 or None, got {config.dro_beta}")
+    if mode == "dro" and config.dro_beta is None:
+        raise ValueError('AEMConfig.dro_beta (> 0) is required with loss_mode="dro"')
+    if config.delta is not None:
+        if _finite_number("delta", config.delta) <= 1:
+            raise ValueError(f"AEMConfig.delta must be > 1 or None, got {config.delta}")
+        if mode not in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            raise ValueError(f"AEMConfig.delta (TRL's two-sided clipping) applies to the loss modes grpo, bnpo, "
+                             f"dr_grpo, dapo and luspo, not to loss_mode={mode!r}")
+    # dual_clip: the default (3.0) and None both mean "none" for a mode without a dual clip, so that the default
+    # config serves every mode; any other value there would be silently unused, so it is refused
+    if (mode not in DUAL_CLIP_MODES + TRUNCATION_MODES and config.dual_clip is not None
+            and config.dual_clip != DEFAULT_DUAL_CLIP):
+        raise ValueError(f"AEMConfig.dual_clip={config.dual_clip} has no effect with loss_mode={mode!r}, which has "
+                         f"no dual clip (only {DUAL_CLIP_MODES + TRUNCATION_MODES} read it); leave it at the default "
+                         "3.0 or None")
+    if not isinstance(config.use_bias_correction_kl, bool):
+        raise TypeError(f"AEMConfig.use_bias_correction_kl must be a bool, got "
+                        f"{type(config.use_bias_correction_kl).__name__}")
+    level = config.importance_sampling_level
+    if level not in (None, "token", "sequence"):
+        raise ValueError(f"AEMConfig.importance_sampling_level must be None, 'token' or 'sequence', got {level!r}")
+    if level == "sequence" and mode not in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        raise ValueError("AEMConfig.importance_sampling_level='sequence' applies to the TRL loss modes grpo, bnpo, "
+                         f"dr_grpo, dapo and luspo (TRL's vespo computes its sequence weights itself; verl's "
+                         f"sequence-level ratio is loss_mode='gspo'), not to loss_mode={mode!r}")
+    if mode == "bypass_mode":
+        on = [name for name in ("rollout_is", "rollout_rs", "vllm_importance_sampling_mode")
+              if getattr(config, name, None) is not None]
+        if on:
+            # verl's bypass_mode computes its rejection from this forward's log-probs against the rollout's
+            # (old = rollout) and applies no IS weight under ppo_clip: not the corrections of loss/corrections.py
+            raise ValueError(f"loss_mode='bypass_mode' is verl's ppo_clip bypass without rollout correction here; "
+                             f"{', '.join(on)} must be None with it (pass the rollout log-probs as old_logprobs)")
+    # a TRL loss type implies its aggregation: loss_agg_mode may stay at the default or name that aggregation
+    if mode in TRL_AGGREGATION and config.loss_agg_mode not in ("token-mean", TRL_AGGREGATION[mode]):
+        raise ValueError(f"AEMConfig.loss_agg_mode={config.loss_agg_mode!r} does not apply to loss_mode={mode!r}: "
+                         f"TRL's {mode} implies {TRL_AGGREGATION[mode]!r} (leave loss_agg_mode at its default)")
     # (end of the policy-loss checks)
 
 

@@ -19,10 +19,11 @@ import torch
 from ..config import AEMConfig
 from ..contract import first_order_only
 from ..ops.fused_linear import FusedLinearPath
-from ..ops.policy_loss import single_pass_unavailable, token_loss_derivatives
+from ..ops.policy_loss import row_local, single_pass_unavailable, token_loss_derivatives
 from .inputs import PackedBatch
-from .terms import (loss_from_token_terms, modulated_token_advantages, response_uncertainty,
-                    weights_unknown_before_forward)
+from .corrections import apply_rollout_corrections
+from .terms import (Corrected, LossWeights, loss_from_token_terms, loss_weights, modulated_token_advantages,
+                    response_uncertainty, weights_unknown_before_forward)
 
 __all__ = ["FusedLinearLossGradientFunction", "fused_linear_single_pass_loss", "fused_linear_single_pass_unavailable",
            "logits_single_pass_loss", "logits_single_pass_unavailable", "single_pass_token_terms"]
@@ -31,17 +32,33 @@ Metrics = Dict[str, torch.Tensor]
 
 
 def single_pass_token_terms(batch: PackedBatch, config: AEMConfig, dtype: torch.dtype
-                            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(A~_t [N], c_t [N]): the modulated advantages and aggregation weights, known before the forward
-    (`weights_unknown_before_forward` is None)."""
-    x = response_uncertainty(batch, None, None, config, dtype)
-    token_adv = modulated_token_advantages(batch, x, config, dtype)[0]
-    return token_adv, batch.token_weights(config.loss_agg_mode, dtype)
+                            ) -> Tuple[torch.Tensor, LossWeights, Corrected]:
+    """(A~_t [N], the terms' aggregation weights, the rollout correction): the modulated advantages, weights and
+    corrections, known before the forward (`weights_unknown_before_forward` is None)."""
+    corrected = Corrected(*apply_rollout_corrections(batch, config))
+    x = response_uncertainty(corrected.batch, None, None, config, dtype)
+    token_adv = modulated_token_advantages(corrected.batch, x, config, dtype)[0]
+    return token_adv, loss_weights(corrected.batch, config, dtype), corrected
+
+
+def selections_unknown_before_forward(config: AEMConfig) -> Optional[str]:
+    """None when the policy-loss mode and the token selection leave every a_t row-local; else why not."""
+    if config.top_entropy_quantile < 1.0:
+        return ("top_entropy_quantile < 1 selects tokens by a quantile of this forward's entropies, known only "
+                "after every row is reduced")
+    return row_local(config)
 
 
 def logits_single_pass_unavailable(config: AEMConfig, backend_name: str, batch: PackedBatch) -> Optional[str]:
     """Why the single-pass kernel cannot serve this call from logits (None when it can)."""
-    return single_pass_unavailable(backend_name) or weights_unknown_before_forward(config, batch)
+    reason = (single_pass_unavailable(backend_name, config.loss_mode) or selections_unknown_before_forward(config)
+              or weights_unknown_before_forward(config, batch))
+    if reason is None and (config.rollout_is is not None or config.vllm_importance_sampling_mode is not None) \
+            and (config.kl_coef != 0 or config.entropy_coef != 0):
+        # the kernel weighs its three terms alike; IS weights scale the policy term only
+        reason = ("the Triton single pass takes rollout IS weights only without a KL or entropy term (kl_coef = "
+                  "entropy_coef = 0)")
+    return reason
 
 
 def logits_single_pass_loss(logits: torch.Tensor, batch: PackedBatch, config: AEMConfig,
@@ -49,14 +66,19 @@ def logits_single_pass_loss(logits: torch.Tensor, batch: PackedBatch, config: AE
     """The Triton single pass for [..., V] logits (the backend resolved to "triton")."""
     from ..ops.policy_loss.triton import FusedGradientFunction, aem_loss_single_pass
 
-    token_adv, token_weights = single_pass_token_terms(batch, config, torch.float32)
+    token_adv, token_weights, corrected = single_pass_token_terms(batch, config, torch.float32)
+    # the kernel's modes (vanilla, bypass_mode) weigh the three terms alike (`terms.loss_weights`); IS weights
+    # (only without KL and entropy terms) fold into the policy term's weights: sum_t c_t w_t L_t
+    policy_weights = token_weights.policy
+    if corrected.is_weights is not None:
+        policy_weights = policy_weights * corrected.is_weights.to(policy_weights.dtype)
     logprobs, entropy, grad = aem_loss_single_pass(
-        logits, batch.labels, token_adv, token_weights, batch.old_logprobs, batch.ref_logprobs,
+        logits, batch.labels, token_adv, policy_weights, batch.old_logprobs, batch.ref_logprobs,
         temperature=config.temperature, ignore_index=config.ignore_index, clip_low=config.clip_low,
         clip_high=config.clip_high, dual_clip=config.dual_clip, entropy_coef=config.entropy_coef,
         kl_coef=config.kl_coef, kl_type=config.kl_type, inplace_backward=inplace_backward)
     with torch.no_grad():
-        loss, metrics = loss_from_token_terms(batch, logprobs, entropy, config)
+        loss, metrics = loss_from_token_terms(batch, logprobs, entropy, config, corrected)
     if grad is not None:
         loss = FusedGradientFunction.apply(loss, logits, grad)
     return loss, metrics
@@ -106,7 +128,7 @@ def fused_linear_single_pass_unavailable(path: FusedLinearPath, config: AEMConfi
     if torch.compiler.is_compiling():
         # its data-dependent row selection does not trace; the custom ops of the two passes do
         return "under torch.compile the fused-linear loss takes its two passes (custom ops)"
-    return weights_unknown_before_forward(config, batch)
+    return selections_unknown_before_forward(config) or weights_unknown_before_forward(config, batch)
 
 
 def fused_linear_single_pass_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -116,17 +138,19 @@ def fused_linear_single_pass_loss(hidden: torch.Tensor, weight: torch.Tensor, bi
     """The loss value, metrics and the gradients of hidden, weight and bias from one pass over the logit chunks
     (`chunked.chunked_single_pass`)."""
     work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    token_adv, token_weights = single_pass_token_terms(batch, config, work)
-    old, ref = batch.old_logprobs, batch.ref_logprobs
+    token_adv, token_weights, corrected = single_pass_token_terms(batch, config, work)
+    old, ref, is_weights = batch.old_logprobs, batch.ref_logprobs, corrected.is_weights
     pick = (lambda values, index: values[index] if values is not None else None)  # noqa: E731
 
     def token_grads(index: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor):
-        return token_loss_derivatives(logprobs, pick(old, index), token_adv[index], token_weights[index],
-                                      pick(ref, index), config)
+        return token_loss_derivatives(logprobs, pick(old, index), token_adv[index], token_weights.policy[index],
+                                      pick(ref, index), config, kl_weights=token_weights.kl[index],
+                                      entropy_weights=token_weights.entropy[index],
+                                      is_weights=pick(is_weights, index))
 
     with torch.no_grad():
         logprobs, entropy, grads = path.single_pass(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                                     batch.labels.reshape(-1), config.temperature,
                                                     config.ignore_index, token_grads, needs, budget=budget)
-        loss, metrics = loss_from_token_terms(batch, logprobs, entropy, config)
+        loss, metrics = loss_from_token_terms(batch, logprobs, entropy, config, corrected)
     return FusedLinearLossGradientFunction.apply(loss, hidden, weight, bias, grads), metrics

@@ -2,6 +2,11 @@
 `ppo_token_loss`, aggregated with its `aggregation_weights` under verl's `config.global_batch_info`
 normalisers; equal to verl's "vanilla" loss in every `loss_agg_mode` (AEM acts on the advantages, so the loss
 has no beta).
+
+verl's other policy losses need no twin here: under this integration AEM modulates the advantages in the
+estimator hook, so `actor.policy_loss.loss_mode=gspo` (clip_cov, sapo, ...) already trains verl's own mode on
+the modulated advantages. `AEMConfig.loss_mode` selects the same modes for this package's own losses
+(`aem_policy_loss`, `fused_linear_aem_policy_loss`), which equal verl's functions (`ops/policy_loss/modes.py`).
 """
 
 from __future__ import annotations

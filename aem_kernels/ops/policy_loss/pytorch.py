@@ -9,20 +9,20 @@ derivatives with respect to the token log-prob (the scalars a_t of section 6).
 with verl's clamps (`compute_policy_loss_vanilla`, `kl_penalty`: the log-ratio to +-20, k3 to +-10), which the
 Triton single-pass kernel (`triton.py`) shares through the constants below.
 
-`token_loss_derivatives` is the one torch statement of the per-token gradient: autograd over the very
-functions the loss's value is computed with, on O(n) vectors, so ties and clamps follow torch's conventions
-exactly (torch.maximum / torch.minimum split the gradient in half on a tie; a clamp passes gradient on its
-closed interval). The fused-linear single pass uses it; the Triton kernel's hand-written derivative is tested
-against it.
+The other policy-loss modes build on these (`modes.py`), and `modes.token_loss_derivatives` is the one torch
+statement of the per-token gradient: autograd over the very functions the loss's value is computed with, on
+O(n) vectors, so ties and clamps follow torch's conventions exactly (torch.maximum / torch.minimum split the
+gradient in half on a tie; a clamp passes gradient on its closed interval). The fused-linear single pass uses
+it; the Triton kernel's hand-written derivative is tested against it.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
-__all__ = ["KL_VALUE_CLAMP", "LOG_RATIO_CLAMP", "kl_penalty", "ppo_token_loss", "token_loss_derivatives"]
+__all__ = ["KL_VALUE_CLAMP", "LOG_RATIO_CLAMP", "kl_penalty", "ppo_token_loss"]
 
 # log(pi / pi_old) and the k3 estimator's log-ratio are clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] (eq. 8).
 LOG_RATIO_CLAMP = 20.0
@@ -60,23 +60,3 @@ def ppo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     else:
         flags["clip_lower"] = torch.zeros_like(loss)
     return loss, flags
-
-
-def token_loss_derivatives(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], advantages: torch.Tensor,
-                           token_weights: torch.Tensor, ref_logprobs: Optional[torch.Tensor], config
-                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(a_t = dL/dl_t, b_t = dL/dh_t | None) of L = sum_t c_t (L_t + kl_coef KL_t - entropy_coef h_t) for [n]
-    per-token log-probs, advantages A~_t and aggregation weights c_t (tokens with c_t = 0 are left out, as the
-    aggregation leaves them out); old_logprobs None is on-policy (rho = 1). b_t is None without an entropy
-    bonus. `config` is an `AEMConfig`."""
-    with torch.enable_grad():
-        lp = logprobs.detach().requires_grad_()
-        weights, adv = token_weights.to(lp.dtype), advantages.to(lp.dtype)
-        old = old_logprobs.to(lp.dtype) if old_logprobs is not None else lp.detach()
-        weighted_sum = (lambda values: torch.where(weights != 0, values * weights, 0.0).sum())  # noqa: E731
-        total = weighted_sum(ppo_token_loss(lp, old, adv, config)[0])
-        if config.kl_coef > 0:
-            total = total + config.kl_coef * weighted_sum(kl_penalty(lp, ref_logprobs.to(lp.dtype), config.kl_type))
-        (grad_lp,) = torch.autograd.grad(total, [lp])
-    grad_entropy = (-config.entropy_coef * weights) if config.entropy_coef != 0 else None
-    return grad_lp, grad_entropy
