@@ -42,10 +42,12 @@ import torch
 
 from ... import validation as V
 from ...contract import first_order_only
-from ...capability import TRITON_DTYPES, triton_reason
+from ...capability import TRITON_DTYPES, half_mm_fp32_out, triton_reason
 from ...errors import BackendUnavailableError
+from ...layout import compute_dtype
 from ..logprobs import Backend, load_backend, resolve_backend
-from .plan import check_chunk_budget
+from .plan import auto_kind, check_chunk_budget, chunked_kind
+from .products import WorkProducts, half_products
 
 __all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearPath", "PATHS", "check_budget", "check_linear",
            "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path",
@@ -74,6 +76,15 @@ class FusedLinearPath:
     unpack: Callable
     state_dtype: Callable
     single_pass: Optional[Callable] = None
+    products: Optional[Callable] = None
+
+
+def _work_products(device: torch.device, dtype: torch.dtype) -> WorkProducts:
+    return WorkProducts(compute_dtype(dtype))
+
+
+def _half_products(device: torch.device, dtype: torch.dtype):
+    return half_products(device, dtype)   # looked up per call: the tests put a recording product here
 
 
 def _build_path(key: str) -> FusedLinearPath:
@@ -87,24 +98,36 @@ def _build_path(key: str) -> FusedLinearPath:
                                pack=lambda saved, *_: torch.stack(saved, dim=1),                # (m, log d)
                                unpack=lambda state, *_: tuple(t.contiguous() for t in state.unbind(1)),
                                state_dtype=lambda dtype: torch.float32)
-    row_name, kind = key.split("-")
+    row_name, kind = key.split("-", 1)
     row = load_backend(row_name)
     from . import blocked, chunked
 
-    fwd, bwd = (blocked.blocked_fwd, blocked.blocked_bwd) if kind == "blocked" else (chunked.chunked_fwd,
-                                                                                        chunked.chunked_bwd)
+    # "chunked-tc": the CUDA plan's half-precision products (cuBLAS there, their exact emulation elsewhere)
+    products = _half_products if kind == "chunked-tc" else _work_products
+    if kind == "blocked":
+        def forward(*args, budget=None):
+            return blocked.blocked_fwd(row, *args, budget=budget)
 
-    def forward(*args, budget=None):
-        return fwd(row, *args, budget=budget)
+        def backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature,
+                     ignore_index, needs, deterministic=False):
+            # always deterministic: fixed block order, BLAS reductions
+            return blocked.blocked_bwd(row, hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy,
+                                       temperature, ignore_index, needs)
+    else:
+        def forward(hidden2d, *args, budget=None):
+            return chunked.chunked_fwd(row, hidden2d, *args, budget=budget,
+                                       products=products(hidden2d.device, hidden2d.dtype))
 
-    def backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature,
-                 ignore_index, needs, deterministic=False):
-        # always deterministic: fixed chunk / block order, BLAS reductions
-        return bwd(row, hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy, temperature,
-                   ignore_index, needs)
+        def backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature,
+                     ignore_index, needs, deterministic=False):
+            # always deterministic: fixed chunk order, BLAS reductions
+            return chunked.chunked_bwd(row, hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy,
+                                       temperature, ignore_index, needs,
+                                       products=products(hidden2d.device, hidden2d.dtype))
 
-    def single_pass(*args, **kwargs):   # row chunks for every dtype
-        return chunked.chunked_single_pass(row, *args, **kwargs)
+    def single_pass(hidden2d, *args, **kwargs):   # row chunks for every dtype
+        return chunked.chunked_single_pass(row, hidden2d, *args, products=products(hidden2d.device, hidden2d.dtype),
+                                           **kwargs)
 
     if kind == "blocked":
         pack, unpack, state_dtype = blocked.blocked_pack, blocked.blocked_unpack, (lambda dtype: torch.float64)
@@ -112,9 +135,10 @@ def _build_path(key: str) -> FusedLinearPath:
         pack, state_dtype = chunked.chunked_pack, chunked.compute_dtype
 
         def unpack(state, entropy, labels, ignore_index, vocab, hidden, dtype, budget):
-            return chunked.chunked_unpack(state, entropy, labels, ignore_index, vocab, dtype, budget)
+            return chunked.chunked_unpack(state, entropy, labels, ignore_index, vocab, dtype, budget,
+                                          kind == "chunked-tc")
 
-    return FusedLinearPath(key, row, forward, backward, pack, unpack, state_dtype, single_pass)
+    return FusedLinearPath(key, row, forward, backward, pack, unpack, state_dtype, single_pass, products)
 
 
 _PATHS: Dict[str, FusedLinearPath] = {}
@@ -148,6 +172,8 @@ def _explicit_path(path: str, backend: str, device: torch.device, dtype: torch.d
         raise ValueError('path="blocked" computes its vocab blocks in fp32, so it does not serve fp64 hidden '
                          'states; use path="chunked" (or "auto")')
     row = resolve_backend("torch" if backend == "auto" and dtype == torch.float64 else backend, device, dtype)
+    if path == "chunked":
+        path = chunked_kind(device.type, dtype, half_mm_fp32_out(device.type))
     return fused_linear_path(f"{row.name}-{path}")
 
 
@@ -175,19 +201,20 @@ def resolve_fused_linear_path(backend: str, device: torch.device, dtype: torch.d
         if path not in ("auto", "chunked"):
             raise ValueError(f'path must be "auto" or "chunked" for the vocab-parallel op (row chunks over the '
                              f'shard: the ranks combine per-row statistics), got {path!r}')
-        return fused_linear_path(f"{resolve_backend(backend, device, dtype).name}-chunked")
+        kind = chunked_kind(device.type, dtype, half_mm_fp32_out(device.type))
+        return fused_linear_path(f"{resolve_backend(backend, device, dtype).name}-{kind}")
     if path != "auto":
         return _explicit_path(path, backend, device, dtype)
     if backend == "auto" and dtype == torch.float64:
         backend = "torch"
     row = resolve_backend(backend, device, dtype)
-    if row.name == "triton":
-        if dtype == torch.float64:
-            raise BackendUnavailableError('backend="triton" is not available for fp64 hidden states (the fused '
-                                          'linear kernels compute in fp32); use backend="torch"')
+    if row.name == "triton" and device.type != "cuda":
+        # Triton's interpreter (CPU tensors): the tile kernels, as before the CUDA plan (their test vehicle)
         return fused_linear_path("triton")
-    kind = "blocked" if dtype in (torch.float16, torch.bfloat16) else "chunked"
-    return fused_linear_path(f"{row.name}-{kind}")
+    if row.name == "triton" and dtype == torch.float64:
+        raise BackendUnavailableError('backend="triton" is not available for fp64 hidden states (the Triton '
+                                      'kernels compute in fp32); use backend="torch"')
+    return fused_linear_path(f"{row.name}-{auto_kind(device.type, dtype, half_mm_fp32_out(device.type))}")
 
 
 def _budget_arg(budget: Optional[int]) -> int:

@@ -33,10 +33,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from ...layout import compute_dtype
+from .products import SPLIT_PARTS
 
 __all__ = ["BlockPlan", "CHUNKED_MIN_BUDGET", "CHUNKED_MAX_BUDGET", "BLOCKED_MIN_BUDGET", "BLOCKED_MAX_BUDGET",
-           "MIN_DEFAULT_COLUMNS", "MIN_DEFAULT_ROWS", "block_plan", "check_chunk_budget", "chunk_plan",
-           "vocab_parallel_plan"]
+           "HALF_DTYPES", "MIN_DEFAULT_COLUMNS", "MIN_DEFAULT_ROWS", "TENSOR_CORE_ROWS", "auto_kind", "block_plan",
+           "check_chunk_budget", "chunk_plan", "chunked_kind", "vocab_parallel_plan"]
 
 CHUNKED_MIN_BUDGET = 16 << 20
 CHUNKED_MAX_BUDGET = 1 << 30
@@ -44,6 +45,32 @@ MIN_DEFAULT_ROWS = 256
 BLOCKED_MIN_BUDGET = 1 << 20
 BLOCKED_MAX_BUDGET = 1 << 28
 MIN_DEFAULT_COLUMNS = 128
+TENSOR_CORE_ROWS = 1024
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def chunked_kind(device_type: str, dtype: torch.dtype, half_mm_fp32_out: bool) -> str:
+    """The kind of row-chunk path for hidden states of `dtype` on `device_type`: "chunked-tc" (the CUDA plan's
+    half-precision products, `products.HalfProducts`) for bf16/fp16 on CUDA where torch.mm takes out_dtype
+    (`capability.half_mm_fp32_out`), else "chunked" (products in the working dtype)."""
+    if device_type == "cuda" and dtype in HALF_DTYPES and half_mm_fp32_out:
+        return "chunked-tc"
+    return "chunked"
+
+
+def auto_kind(device_type: str, dtype: torch.dtype, half_mm_fp32_out: bool) -> str:
+    """The path kind that path="auto" takes over a BLAS row backend (a pure function, tested with made-up
+    capabilities; the module docstring's table):
+        cuda  bf16/fp16  "chunked-tc", or "blocked" where torch.mm lacks out_dtype (fp32 products on fp32
+                         vocab blocks of the weight: no whole fp32 copy, SIMT fp32 speed)
+        cuda  fp32       "chunked" (cuBLAS fp32 products on the weight itself, never TF32)
+        cuda  fp64       "chunked" (the torch row backend: a checking path)
+        other bf16/fp16  "blocked"; fp32/fp64 "chunked" (CPU BLAS has no half x half -> fp32 product)"""
+    if device_type == "cuda":
+        if dtype in HALF_DTYPES:
+            return "chunked-tc" if half_mm_fp32_out else "blocked"
+        return "chunked"
+    return "blocked" if dtype in HALF_DTYPES else "chunked"
 
 
 def check_chunk_budget(budget: object, path_key: Optional[str] = None) -> Optional[int]:
@@ -64,9 +91,16 @@ def _default_budget(n_rows: int, vocab: int, dtype: torch.dtype, share: int, low
     return min(max(n_rows * vocab * (torch.finfo(dtype).bits // 8) // share, low), high)
 
 
-def chunk_plan(n_rows: int, vocab: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
+def chunk_plan(n_rows: int, vocab: int, dtype: torch.dtype, budget: Optional[int] = None,
+               tensor_cores: bool = False) -> int:
     """Rows per chunk of the chunked path: its [rows, vocab] buffer in the working dtype of `dtype`'s inputs
-    holds `budget` bytes (None: the default). n_rows (all rows, ignored ones too) sizes the default."""
+    holds `budget` bytes (None: the default). n_rows (all rows, ignored ones too) sizes the default.
+    tensor_cores (the CUDA plan, "chunked-tc"): a row costs its fp32 logits and their SPLIT_PARTS
+    half-precision parts, (4 + 2 SPLIT_PARTS) V = 8 V bytes; the default is TENSOR_CORE_ROWS rows."""
+    if tensor_cores:
+        row_bytes = (4 + 2 * SPLIT_PARTS) * max(vocab, 1)
+        rows = TENSOR_CORE_ROWS if budget is None else budget // row_bytes
+        return max(1, min(max(n_rows, 1), rows))
     work = torch.finfo(compute_dtype(dtype)).bits // 8
     floor = 1
     if budget is None:
@@ -75,10 +109,11 @@ def chunk_plan(n_rows: int, vocab: int, dtype: torch.dtype, budget: Optional[int
     return max(1, min(max(n_rows, 1), max(floor, budget // (work * max(vocab, 1)))))
 
 
-def vocab_parallel_plan(n_rows: int, shard_vocab: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
+def vocab_parallel_plan(n_rows: int, shard_vocab: int, dtype: torch.dtype, budget: Optional[int] = None,
+                        tensor_cores: bool = False) -> int:
     """Rows per chunk of the vocab-parallel op: the chunked plan for this rank's shard of V_k columns (its
     buffer is [rows, V_k]; the default is sized from the shard's logits, not the full vocabulary's)."""
-    return chunk_plan(n_rows, shard_vocab, dtype, budget)
+    return chunk_plan(n_rows, shard_vocab, dtype, budget, tensor_cores)
 
 
 class BlockPlan(NamedTuple):
