@@ -80,20 +80,22 @@ def cpu_extension_reason(device: Optional[torch.device] = None) -> Optional[str]
     return _EXTENSION_REASON
 
 
-_DISPATCH_KEYS = {"cuda": "CUDA", "cpu": "CPU"}
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key))
+    except (AttributeError, RuntimeError):   # an older torch without the overload or the lookup
+        return False
+
+
+# Looked up once at import (a registry lookup, no kernel run; a plain constant for torch.compile to trace).
+_HALF_MM_FP32_OUT = {"cuda": _has_kernel("aten::mm.dtype", "CUDA"), "cpu": _has_kernel("aten::mm.dtype", "CPU")}
 
 
 def half_mm_fp32_out(device_type: str) -> bool:
     """Whether torch.mm(a, b, out_dtype=torch.float32) runs for fp16/bf16 a, b on `device_type` ("cuda", "cpu"):
     the `aten::mm.dtype` overload with a kernel for that device (CUDA only, from torch 2.8 on: cuBLAS with
-    fp32 output and fp32 accumulation). A registry lookup, no kernel is run."""
-    key = _DISPATCH_KEYS.get(device_type)
-    if key is None:
-        return False
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", key))
-    except (AttributeError, RuntimeError):   # an older torch without the overload or the lookup
-        return False
+    fp32 output and fp32 accumulation)."""
+    return _HALF_MM_FP32_OUT.get(device_type, False)
 
 
 _ADDMM_FP32: dict = {}

@@ -2,9 +2,9 @@
 states and the classifier (LM head) weight, never building the logits.
 
 At 150k-token vocabularies the logits dominate an RL step's memory (N = 16k tokens x V = 152k is 5 GB in
-bf16, its fp32 softmax and gradient as much again). Here the logits exist only as tiles (Triton, `triton.py`),
-row chunks of a bounded budget (CPU and backend="torch" for fp32/fp64, `chunked.py`) or vocab blocks (the same
-for bf16/fp16, `blocked.py`: no fp32 copy of the weight), recomputed in the backward, which yields the
+bf16, its fp32 softmax and gradient as much again). Here the logits exist only as row chunks of a bounded
+budget (`chunked.py`; on CUDA the CUDA plan of `plan.py`), vocab blocks (CPU bf16/fp16, `blocked.py`: no fp32
+copy of the weight) or register tiles (path "tiles", `triton.py`), recomputed in the backward, which yields the
 gradients of the hidden states, the weight and the bias (section 6 chained through z = (hidden @ W^T + b) / tau):
 
     dL/dhidden = G W,   dL/dW = G^T hidden,   dL/db = sum_t G_t,
@@ -14,14 +14,17 @@ The values equal `logprobs_and_entropy(hidden @ weight.T + bias, labels)` comput
 inputs (fp32 accumulation for bf16/fp16 inputs, as eager fp32 does after upcasting them), within the
 package's accuracy rule; `naive.py` is that definition, the tests' oracle.
 
-The op's one path decision is `resolve_fused_linear_path`: "triton" (CUDA, or the interpreter) takes the tile
-kernels; "cpu" / "torch" take a BLAS path over that row backend, vocab blocks for bf16/fp16 hidden states and
-row chunks otherwise; "auto" with fp64 hidden states (a checking path; Triton computes in fp32) takes the
-chunked torch path. With `vocab_parallel=True` it decides the vocab-parallel op's path (`vocab_parallel.py`):
-always row chunks over the rank's shard, "<row>-chunked", on the row backend's own choice (Triton's row
-kernels included); see that function for why. The loss's single pass (`chunked.chunked_single_pass`, when the
-per-token derivatives are known before the forward) is the chunked path's, taken unasked for fp32/fp64 only
-(half precision would hold the fp32 weight copy and gradient accumulator from the forward to the backward).
+The op's one path decision is `resolve_fused_linear_path`, its table `plan.auto_kind`: on CUDA the CUDA plan
+(bf16/fp16: row chunks whose products run on the tensor cores, cuBLAS with half-precision operands and fp32
+output, the weight never copied, "<row>-chunked-tc"; fp32: row chunks with fp32 cuBLAS products; fp64: the
+torch row backend's chunks), the chunks' statistics from the row backend (Triton's row kernels by default); on
+CPU a BLAS path over the row backend, vocab blocks for bf16/fp16 hidden states and row chunks otherwise (and
+the tile kernels when backend="triton" runs in Triton's interpreter, their test vehicle). `path=` names a path
+instead: "tiles" (the Triton tile kernels, `triton.py`), "chunked" or "blocked". With `vocab_parallel=True` it
+decides the vocab-parallel op's path (`vocab_parallel.py`): always row chunks over the rank's shard,
+"<row>-chunked" (on CUDA with half precision "<row>-chunked-tc"); see that function for why. The loss's single
+pass (`chunked.chunked_single_pass`, when the per-token derivatives are known before the forward) is the
+row-chunk paths', taken unasked for fp32/fp64 only.
 
 Every BLAS path runs the one chunk loop of `loop.py` with its per-chunk steps; every path's chunk plan, and
 the one budget knob `chunk_budget_bytes` (the bytes of the one fp32 logits buffer; Triton refuses it), are in

@@ -10,6 +10,10 @@ logits z = hidden_chunk @ W^T (+ b), chunk by chunk, in one reused [rows, V] buf
 Rows whose label is ignore_index contribute nothing and are dropped before any matmul (RL batches are full of
 prompt and padding tokens): their outputs and gradients are exact zeros.
 
+The chunks' products are `products.py`'s: on CUDA with half precision the CUDA plan's ("<row>-chunked-tc",
+`plan.py`: half-precision operands on the tensor cores with fp32 output, the weight never copied); otherwise
+the working dtype's, as follows.
+
 Working precision: fp32 (fp64 for fp64 inputs, a checking path). fp32 weights are used as they are. A half
 precision (bf16/fp16) weight is upcast to fp32 once in the forward and once in the backward (CPU BLAS has no
 bf16 x bf16 -> fp32 product, and bf16 chunk logits would lose eager fp32's accuracy; upcasting per chunk or in

@@ -1,7 +1,71 @@
-"""The fused-linear op's chunk plans, one per path, and its one budget knob.
+"""The fused-linear op's plans: which path "auto" takes on which device (the CUDA plan), each path's chunk
+plan, and the one budget knob.
 
-`chunk_budget_bytes` is the bytes of the ONE logits buffer a path reuses for every chunk, in the working dtype
-(fp32; fp64 for fp64 inputs). Its shape is the path's:
+The CUDA plan (`auto_kind`, a pure function of the device type, the dtype and whether torch.mm takes
+out_dtype there, `capability.half_mm_fp32_out`):
+
+    device  dtype      path kind     products (`products.py`)
+    cuda    bf16/fp16  chunked-tc    cuBLAS on the tensor cores: torch.mm(a, b, out_dtype=torch.float32), half
+                                     operands, fp32 accumulation and output (torch >= 2.8: the aten::mm.dtype
+                                     overload; all supported torches, 2.11 to 2.13, have it)
+                       blocked       where torch.mm lacks out_dtype: fp32 cuBLAS products on fp32 vocab blocks
+                                     of the weight (no whole fp32 copy; SIMT fp32 speed, ~1/15 of the tensor cores)
+    cuda    fp32       chunked       cuBLAS fp32 products on the weight itself, never TF32 (`products.ieee_fp32`)
+    cuda    fp64       chunked       the torch row backend in fp64 (a checking path)
+    other   bf16/fp16  blocked;  fp32/fp64 chunked  (CPU BLAS has no half x half -> fp32 product)
+
+On every CUDA kind the chunks run the row backend's kernels (Triton's row kernels by default) on each fp32
+logits chunk, through the one chunk loop (`loop.py`). The Triton tile kernels (`triton.py`) are path "tiles":
+taken only when asked (and, in Triton's CPU interpreter, by backend="triton", their test vehicle).
+
+chunked-tc, step by step for a chunk of n active rows (x: their hidden rows, bf16/fp16 as given):
+    forward   z = mm(x, W^T) (+ b in fp32) into the fp32 [n, V] buffer; the row backend's forward on it.
+    backward  z recomputed; the row backend's backward overwrites it with dz = dL/dz (fp32);
+              db += sum_rows dz (fp32); dz -> two half parts p1 = half(dz), p2 = half(dz - p1) (in place);
+              dx rows = mm(p1, W) + mm(p2, W); dW += [p1; p2]^T [x; x] (one product over the stacked parts,
+              so dW is read and written once per chunk) into the fp32 [V, H] accumulator (torch.addmm with
+              out_dtype in place where torch takes an fp32 `self`, else in vocab pieces through the spent
+              chunk buffer, never a [V, H] temporary).
+    Memory: no fp32 copy of the weight and no N x V buffer: the fp32 chunk buffer and the parts (8 V bytes a
+    row: TENSOR_CORE_ROWS = 1024 rows by default, 1.2 GiB at V = 151936, 0.25 GiB at V = 32000), the fp32
+    [V, H] weight-gradient accumulator (as eager fp32 has; one rounding to the weight's dtype at the end) and
+    the fp32 [N, H] hidden-gradient buffer.
+    Why 1024 rows: every chunk streams W three times (recompute, two dx products: 6 V H bytes) and dW once
+    (read + write, 8 V H bytes) for 10 n V H flops, so the chunk is compute-bound on an H200 (790 TFLOP/s
+    over ~4.3 TB/s: ~184 flop/byte) from n ~ 260 rows; 1024 leaves a 4x margin for cuBLAS's tile
+    quantisation. The elementwise passes over the chunk (~36 bytes per logit: GEMM write, row kernels, split)
+    cost less than the 12 H flops per logit of the products at any H >= 256.
+
+Error analysis of chunked-tc (the accuracy rule: |ours - fp64| <= 3 |eager fp32 - fp64| + 1e-5, max abs,
+eager fp32 = hidden and weight upcast to fp32, gradients cast back to the leaves' dtype):
+  - forward: a bf16 x bf16 (fp16 x fp16) product has 16 (22) significant bits, exact in fp32's 24, and the
+    tensor cores accumulate in fp32, so z carries eager fp32's rounding (up to summation order); the rows'
+    statistics are the row backend's, as on every path.
+  - backward: dz is fp32, its operands half. One rounding (k = 1 part) gives dz a relative error 2^-9 (bf16)
+    / 2^-12 (fp16) per element, which cancellation in sum_v dz_v W_v (sum_v dz_v = 0 for a softmax
+    gradient) can bring to the result's size; two parts leave 2^-18 / 2^-24 (bf16's 8 bits twice; fp16's 11
+    twice, fp32-like), three 2^-27 / 2^-36. Measured on CPU with the exact emulation (7 cases per dtype:
+    N 37-128, H 24-256, V 301-3001, logits up to ~1e4, tau 0.3-3, ignored rows; through this package's
+    code, 16-row chunks), the worst ratio |ours - fp64| / |eager fp32 - fp64| over dx, dW, db after the cast
+    to the leaf's dtype (the forward's log-probs and entropies: at most 1.33x, whatever k):
+        bf16:  k = 1: 1.79x  k = 2: 1.00x  k = 3: 1.00x
+        fp16:  k = 1: 2.35x  k = 2: 1.00x  k = 3: 1.00x
+    (before the cast, in fp32: bf16 k = 1 up to ~3e4x, k = 2 up to ~30x (hidden by the cast's 2^-9),
+    k = 3 ~1x; fp16 k = 2 ~1.4x). k = 1 is inside the rule at these sizes but with no margin left for
+    larger V; k = 2 (`products.SPLIT_PARTS`) keeps the final rounding to the leaf's dtype the dominant error
+    (margin ~2^8 for bf16) for one more tensor-core product per gradient, still ~8x the speed of fp32 SIMT
+    products. The Triton tile kernels split the same way.
+  - fp16's range (~2^-24 to 2^16) would overflow large dz (a loss scale) and flush small ones: an fp16
+    chunk's parts are formed from dz scaled by a power of two that puts max |dz| in [2^13, 2^14) (exact; one
+    host sync per chunk), and the products are unscaled by alpha / a multiply, also exact. bf16 has fp32's
+    range and needs no scaling.
+  - cuBLAS may split K and reduce partial sums in the output type when
+    `allow_bf16_reduced_precision_reduction` is on; the output type here is fp32, so the reduction is fp32.
+
+
+The chunk plans. `chunk_budget_bytes` is the bytes of the ONE logits buffer a path reuses for every chunk, in the
+working dtype (fp32; fp64 for fp64 inputs), and on chunked-tc of its half-precision parts too. Its shape is the
+path's:
 
     "<row>-chunked"   [rows, V]           a chunk of active rows over the whole vocabulary (fp32/fp64 hidden
                                           states, `chunked.py`): rows = budget // (4 V), or // (8 V) for fp64
@@ -9,7 +73,9 @@
                                           `blocked.py`): columns = budget // (4 N_active); the fp32 hidden
                                           rows are upcast whole when they fit the budget, else in pieces of
                                           half of it
-    vocab-parallel    [rows, V_k]         row chunks over this rank's shard of V_k columns (`vocab_parallel.py`)
+    "<row>-chunked-tc" [rows, V] + parts  the CUDA plan: rows = budget // (8 V) (fp32 logits, two half parts)
+    vocab-parallel    [rows, V_k]         row chunks over this rank's shard of V_k columns (`vocab_parallel.py`;
+                                          on CUDA with half precision, chunked-tc's products and plan)
     "triton"          (none)              the logits live in register tiles: a budget is refused (ValueError)
 
 Every plan keeps at least one row / column per chunk (a budget below one row or column means one) and never more
@@ -21,6 +87,7 @@ than there are. None takes the path's default, sized from the materialised logit
                              torch.compile at V = 151936 on a 2-core VM)
     blocked                  1/64 of them within [1 MiB, 256 MiB], at least `MIN_DEFAULT_COLUMNS` columns: the
                              blocks' fixed cost is small, and the extra memory stays ~0.2 x the logits or less
+    chunked-tc               `TENSOR_CORE_ROWS` rows (or all): see "Why 1024 rows" above
 
 The plans are pure functions of the shapes, the dtype and the budget: the backward recomputes the forward's
 plan from them (its chunks must be the forward's, whose per-row state it reads).

@@ -41,9 +41,10 @@ _FP16_TOP = 13       # fp16 parts: the chunk's largest |dz| scaled into [2^13, 2
 @contextmanager
 def ieee_fp32(device: torch.device):
     """fp32 CUDA products in full fp32 (never TF32, which `torch.backends.cuda.matmul.allow_tf32` may allow):
-    TF32's 10-bit mantissa would put the logits' error far beyond eager fp32's."""
+    TF32's 10-bit mantissa would put the logits' error far beyond eager fp32's. (Traced code is left to the
+    compiler's own precision settings.)"""
     flags = torch.backends.cuda.matmul
-    if device.type != "cuda" or not flags.allow_tf32:
+    if device.type != "cuda" or torch.compiler.is_compiling() or not flags.allow_tf32:
         yield
         return
     flags.allow_tf32 = False
@@ -199,6 +200,9 @@ def half_products(device: torch.device, dtype: torch.dtype) -> HalfProducts:
     """HalfProducts for operands of `dtype` on `device`: cuBLAS on CUDA (accumulating in place where torch's
     addmm takes an fp32 `self`, else through the spent chunk buffer), the exact emulation elsewhere."""
     if device.type == "cuda":
-        accumulate = cuda_addmm_into if half_addmm_accumulates_fp32(device, dtype) else None
+        # the probe runs a 1 x 1 product once; a traced call (the vocab-parallel op under torch.compile) takes
+        # the vocab pieces instead, which need no probe
+        probe = not torch.compiler.is_compiling() and half_addmm_accumulates_fp32(device, dtype)
+        accumulate = cuda_addmm_into if probe else None
         return HalfProducts(dtype, cuda_mm, accumulate)
     return HalfProducts(dtype, emulated_mm, emulated_addmm_into)

@@ -30,8 +30,9 @@ reduce-scatters would sum the ranks' identical full gradients once more.
 
 Every rank must run the backward (it holds that collective), as it does when every rank computes the same
 loss from the outputs. Memory: the chunk buffer (rows = budget // (4 V_k), the default budget that of the
-chunked path for V_k) plus O(N) per-row state; half-precision weights as on the chunked path
-(one fp32 copy of W_k per pass, an fp32 [V_k, H] gradient accumulator).
+chunked path for V_k) plus O(N) per-row state; half-precision weights as on the chunked path: on CUDA its CUDA
+plan (`plan.py`: the shard W_k itself in tensor-core products with fp32 output, rows = budget // (8 V_k),
+1024 by default), elsewhere one fp32 copy of W_k per pass; an fp32 [V_k, H] gradient accumulator either way.
 """
 
 from __future__ import annotations
