@@ -4,8 +4,8 @@ C++ extension `aem_kernels._C` (built by setup.py from csrc/) is loaded, each wi
 
 It also says what the fused linear's CUDA plan reads of torch (`ops/fused_linear/plan.py`): whether torch.mm
 takes `out_dtype` (half-precision operands, fp32 output) on a device type, and whether torch.addmm then
-accumulates into an fp32 matrix. It imports nothing of the package, compiles nothing and never warns. The extension is loaded here, once, at
-import (AEM_KERNELS_DISABLE_CPU_EXT=1 leaves it unloaded); `ops/logprobs/cpu.py` and `ops/segment/cpu.py` add
+accumulates into an fp32 matrix. It imports nothing of the package, compiles nothing and never warns. The
+extension is loaded here, once, at import (AEM_KERNELS_DISABLE_CPU_EXT=1 leaves it unloaded); `ops/logprobs/cpu.py` and `ops/segment/cpu.py` add
 the Python parts of its ops (fake implementations, autograd formulas). What each backend serves of dtypes is
 declared by the backend modules themselves (their `DTYPES`).
 """

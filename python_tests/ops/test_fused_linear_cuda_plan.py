@@ -171,3 +171,67 @@ def test_fp16_parts_are_scaled_into_range():
     assert all(torch.isfinite(p).all() for p in parts.parts)
     rebuilt = parts.scale * sum(p.double() for p in parts.parts)
     assert (rebuilt - dz.double()).abs().max() <= 1e6 * 2.0 ** -20
+
+
+# ---- path "tiles": the Triton tile kernels, autotuned ---------------------------------------------------------
+
+def test_tile_configurations_one_in_the_interpreter_and_pruned_by_dtype():
+    tiles = pytest.importorskip("aem_kernels.ops.fused_linear.triton")
+    assert len(tiles.interpreter_configs()) == 1   # no benchmarking in the interpreter
+    configs = tiles.gpu_configs()
+    for dtype, block_k in ((torch.bfloat16, 64), (torch.float16, 64), (torch.float32, 32)):
+        kept = tiles.prune_tiles(configs, {"x_ptr": torch.empty(0, dtype=dtype)})
+        assert len(kept) == 3 and {c.kwargs["BLOCK_K"] for c in kept} == {block_k}
+        # the first is the tile that the sm_90 compile check builds (no spills there)
+        assert dict(kept[0].kwargs, num_warps=kept[0].num_warps) == {"BLOCK_N": 64, "BLOCK_V": 128,
+                                                                       "BLOCK_K": block_k, "BLOCK_H": 64,
+                                                                       "num_warps": 8}
+
+
+def test_autotuning_trials_leave_the_atomic_gradients_exact(monkeypatch):
+    # two configurations, each trial run twice on the real outputs: the atomic backward's outputs must be
+    # zeroed before every trial and before the chosen configuration's run, else the gradients come out 3x
+    import triton
+
+    tiles = pytest.importorskip("aem_kernels.ops.fused_linear.triton")
+    configs = [triton.Config({"BLOCK_N": n, "BLOCK_V": 32, "BLOCK_K": 16, "BLOCK_H": 16}, num_warps=1)
+               for n in (16, 32)]
+    monkeypatch.setattr(tiles, "prune_tiles", lambda configs, named_args, **kw: configs)
+    tuned = tiles.autotuned(tiles._fused_linear_bwd_atomic_kernel, configs, reset=tiles.ATOMIC_OUTPUTS)
+
+    def trial(self, *args, config, **meta):   # the interpreter has no benchmarker: run, and prefer the second
+        full = {**self.nargs, **meta, **config.all_kwargs()}
+        for _ in range(2):
+            self.pre_hook(full)
+            self.fn.run(*args, **meta, **config.all_kwargs())
+        return [-float(config.kwargs["BLOCK_N"])] * 3
+
+    tuned._bench = trial.__get__(tuned)
+    monkeypatch.setattr(tiles, "_bwd_atomic", tuned)
+    x, w, b, labels, ga, gb = linear_inputs(shape=(21,), hidden=18, vocab=71, dtype=torch.bfloat16)
+    check_against_rule("triton", x, w, b, labels, ga, gb, path="tiles")
+    assert tuned.best_config.kwargs["BLOCK_N"] == 32
+
+
+# ---- on a GPU: the plan itself (cuBLAS), its decision and its numbers at LLM-like shapes ----------------------
+
+@pytest.mark.gpu
+def test_gpu_takes_the_plan_and_torch_mm_takes_out_dtype():
+    from aem_kernels.capability import half_addmm_accumulates_fp32, half_mm_fp32_out
+
+    assert half_mm_fp32_out("cuda")
+    for dtype in HALF:
+        assert resolve_fused_linear_path("auto", CUDA, dtype).key == "triton-chunked-tc"
+    # which dW accumulation this torch takes (reported by the GPU session; both are tested on CPU)
+    print("addmm accumulates in fp32:", half_addmm_accumulates_fp32(CUDA, torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("budget_rows", [None, 200])
+def test_gpu_plan_follows_the_rule(dtype, budget_rows):
+    # check_against_rule runs backend "triton" on CUDA tensors where a GPU is present: path "auto", the plan
+    x, w, b, labels, ga, gb = linear_inputs(shape=(3, 333), hidden=520, vocab=5003, dtype=dtype, scale=3.0,
+                                            ignore=(0, 500))
+    budget = 8 * 5003 * budget_rows if budget_rows else None
+    check_against_rule("triton", x, w, b, labels, ga, gb, temperature=0.8, chunk_budget_bytes=budget)

@@ -49,15 +49,13 @@ from ...capability import TRITON_DTYPES, half_mm_fp32_out, triton_reason
 from ...errors import BackendUnavailableError
 from ...layout import compute_dtype
 from ..logprobs import Backend, load_backend, resolve_backend
+from .checks import check_linear, logits_like
 from .plan import auto_kind, check_chunk_budget, chunked_kind
 from .products import WorkProducts, half_products
 
 __all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearPath", "PATHS", "check_budget", "check_linear",
            "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path",
            "logits_like", "resolve_fused_linear_path"]
-
-_HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 @dataclass(frozen=True)
 class FusedLinearPath:
@@ -190,14 +188,14 @@ def resolve_fused_linear_path(backend: str, device: torch.device, dtype: torch.d
     over every row; not fp64), both over `backend`'s row backend; a path that cannot run for these inputs is
     a ValueError naming `path`.
 
-    vocab_parallel=True: the vocab-parallel op's path, always "<row>-chunked" (row chunks over this rank's
-    shard, `vocab_parallel.py`) on the row backend's own choice for `dtype`, every dtype (path "auto" or
-    "chunked"):
+    vocab_parallel=True: the vocab-parallel op's path, always row chunks over this rank's shard
+    (`vocab_parallel.py`), "<row>-chunked" or, on CUDA with half precision, the CUDA plan's "<row>-chunked-tc",
+    on the row backend's own choice for `dtype`, every dtype (path "auto" or "chunked"):
       - no tile kernels: the ranks combine per-row slice statistics (lse_k, h_k, s_y), which the Triton tile
         kernels do not output; on CUDA the chunks run Triton's row kernels instead;
-      - bf16/fp16 keep row chunks, not vocab blocks: the fp32 copy of the weight and its fp32 gradient that
-        the blocked path avoids are the shard's, V_k H = V H / world each, and blocks inside a shard would
-        combine their statistics twice (blocks, then ranks), changing the numbers of every existing call.
+      - bf16/fp16 keep row chunks, not vocab blocks: blocks inside a shard would combine their statistics
+        twice (blocks, then ranks), changing the numbers of every existing call; off CUDA the fp32 copy of the
+        weight that the blocked path avoids is the shard's, V_k H = V H / world.
     """
     V.check_choice("path", path, PATHS)
     if vocab_parallel:
@@ -309,47 +307,6 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
                                      need_bias and bias is not None, deterministic, path, budget)
         wanted = (need_hidden, need_weight, need_bias and bias is not None)
         return (*(g if w else None for g, w in zip(grads, wanted)), None, None, None, None, None, None)
-
-
-def check_linear(hidden: object, weight: object, bias: object, names: Tuple[str, str] = ("weight", "bias")
-                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """hidden [..., H], weight [V, H], bias [V] | None of one floating dtype on one device; `names` spell the
-    weight and bias arguments in the messages."""
-    wn, bn = names
-    hidden = V.check_tensor("hidden", hidden)
-    weight = V.check_tensor(wn, weight)
-    if hidden.dtype not in _HIDDEN_DTYPES:
-        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
-    if hidden.dim() < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
-    width = hidden.shape[-1]
-    if weight.dim() != 2:
-        raise ValueError(f"{wn} must have shape [V, H] = [V, {width}] (the LM head's weight), got "
-                         f"{tuple(weight.shape)}")
-    if weight.shape[1] != width:
-        raise ValueError(f"{wn} must have shape [V, H] with H = hidden.shape[-1] = {width}, got "
-                         f"{tuple(weight.shape)}")
-    if weight.shape[0] < 1:
-        raise ValueError(f"{wn} must have a vocabulary dimension V >= 1, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{wn} must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"{wn} is on {weight.device} but hidden is on {hidden.device}; put them on one device")
-    if bias is not None:
-        bias = V.check_tensor(bn, bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{bn} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{bn} must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
-        if bias.device != hidden.device:
-            raise ValueError(f"{bn} is on {bias.device} but hidden is on {hidden.device}; put them on one device")
-    return hidden, weight, bias
-
-
-def logits_like(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
-    """A zero-stride stand-in with the logits' shape [..., V] and device, for the shape and label checks
-    that the logits-based functions share (one element of memory, never read)."""
-    return hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)
 
 
 def check_budget(budget: object, path: Optional[FusedLinearPath] = None) -> Optional[int]:

@@ -14,8 +14,8 @@ The loop owns what the steps share: the active-row gather (a per-chunk index_sel
 active rows), the weight and bias as the chunks' products take them (row chunks: `products.py`, the working
 dtype's products (the weight itself for fp32/fp64, one fp32 copy for half precision) or the CUDA plan's
 half-precision products (the weight itself); vocab blocks: one fp32 block at a time), the reused logits
-buffer, and their release when the loop ends. A step reads `chunk.z` (and may overwrite it with dL/dz: the buffer is its own
-until it returns). The order of chunks and of the products inside a chunk is fixed, so every pass over the
+buffer, and their release when the loop ends. A step reads `chunk.z` (and may overwrite it with dL/dz: the
+buffer is its own until it returns). The order of chunks and of the products inside a chunk is fixed, so every pass over the
 same plan gives bit-identical numbers.
 """
 

@@ -148,8 +148,9 @@ def check_chunk_budget(budget: object, path_key: Optional[str] = None) -> Option
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"chunk_budget_bytes must be None or a positive int (bytes), got {budget!r}")
     if path_key == "triton":
-        raise ValueError("chunk_budget_bytes applies to the chunked and vocab-blocked paths (CPU, backend='torch'); "
-                         "the Triton path keeps its logits in register tiles and has no buffer to size: pass None")
+        raise ValueError("chunk_budget_bytes applies to the row-chunk and vocab-block paths (the CUDA plan, CPU, "
+                         "backend='torch'); the Triton tile kernels (path 'tiles') keep their logits in register "
+                         "tiles and have no buffer to size: pass None")
     return budget
 
 

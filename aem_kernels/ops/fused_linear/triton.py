@@ -18,7 +18,9 @@ g = [a (onehot(y) - p) - b p (log p + h)] / tau, which feeds dH = g W and dW = g
   deterministic  two launches without atomics: dH with one program per (row block, H block) looping over the
                  vocabulary, dW/db with one program per (vocab tile, H block) looping over the rows; each
                  recomputes its logit tiles once per H block (more flops, bit-identical run to run).
-Nothing of size N x V is ever allocated: the working set is the [BLOCK_N, BLOCK_V] tile in registers.
+Nothing of size N x V is ever allocated: the working set is the [BLOCK_N, BLOCK_V] tile in registers. The tiles
+are autotuned (`autotuned`, `gpu_configs`: a few around the compile-checked `block_config`) until a GPU has
+measured a table; this is path "tiles", which the GPU script races against the CUDA plan (`plan.py`).
 `with_entropy=False` drops t in the forward and the b-term in the backward (constexpr switches).
 
 This module is a leaf: it takes tensors and scalars and imports nothing of the package's loss or path decisions.
@@ -35,7 +37,8 @@ import triton.language as tl
 
 from ..utils import to_storage
 
-__all__ = ["fused_linear_fwd", "fused_linear_bwd", "block_config"]
+__all__ = ["ATOMIC_OUTPUTS", "autotuned", "block_config", "fused_linear_bwd", "fused_linear_fwd", "gpu_configs",
+           "interpreter_configs", "prune_tiles"]
 
 # Triton 3.9's interpreter multiplies bf16 tl.dot operands as raw integers; there the (already rounded)
 # operands go to tl.dot in fp32, which gives the same products (exact in fp32) as the tensor cores.
@@ -282,38 +285,45 @@ def block_config(dtype: torch.dtype) -> dict:
 _INTERPRETER_TILES = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "BLOCK_H": 16, "num_warps": 1}
 # (BLOCK_N, BLOCK_V, BLOCK_K, BLOCK_H, num_warps): no tile is known best before a GPU measures them, so the
 # kernels are autotuned over a small set around the compile-checked first one (a taller, a narrower and a
-# 4-warp tile), each with both K slices; `_prune` keeps the K slice of the operands' dtype (64 for bf16/fp16,
+# 4-warp tile), each with both K slices; `prune_tiles` keeps the K slice of the operands' dtype (64 for bf16/fp16,
 # 32 for fp32). Tuned once per (V, H, dtypes): N changes every RL step and is left out of the key (tiles
 # chosen at the first N; a fresh process retunes).
 _TILES = [(64, 128, 64, 8), (128, 64, 64, 8), (64, 64, 64, 4)]
 
 
-def _configs():
-    if _interpreting():   # one configuration: the autotuner then never benchmarks (interpreter test time)
-        tiles = dict(_INTERPRETER_TILES)
-        return [triton.Config({k: v for k, v in tiles.items() if k != "num_warps"}, num_warps=tiles["num_warps"])]
+def interpreter_configs() -> list:
+    """The interpreter's one configuration (the autotuner then never benchmarks: interpreter test time)."""
+    tiles = dict(_INTERPRETER_TILES)
+    return [triton.Config({k: v for k, v in tiles.items() if k != "num_warps"}, num_warps=tiles["num_warps"])]
+
+
+def gpu_configs() -> list:
+    """The GPU's configurations: each tile of `_TILES` with both K slices (`prune_tiles` keeps one)."""
     return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "BLOCK_H": h}, num_warps=w)
             for n, v, h, w in _TILES for k in (64, 32)]
 
 
-def _prune(configs, named_args, **kwargs):
-    """The configurations whose K slice suits the operands (x_ptr's dtype)."""
+def prune_tiles(configs, named_args, **kwargs) -> list:
+    """The configurations whose K slice suits the operands (x_ptr's dtype: 32 for fp32, else 64)."""
     block_k = 32 if named_args["x_ptr"].dtype == torch.float32 else 64
     return [c for c in configs if c.kwargs["BLOCK_K"] == block_k] or configs
 
 
-def _tuned(kernel, reset=()):
-    return triton.autotune(configs=_configs(), key=["vocab", "hidden"], prune_configs_by={"early_config_prune": _prune},
-                           reset_to_zero=list(reset))(kernel)
+def autotuned(kernel, configs: list, reset=()):
+    """`kernel` autotuned over `configs`, keyed on (V, H) and the tensors' dtypes; `reset` names the outputs
+    that every trial (and the chosen configuration's first run) starts from zeroed (atomic accumulators)."""
+    return triton.autotune(configs=configs, key=["vocab", "hidden"], reset_to_zero=list(reset),
+                           prune_configs_by={"early_config_prune": prune_tiles})(kernel)
 
 
+_CONFIGS = interpreter_configs() if _interpreting() else gpu_configs()
+ATOMIC_OUTPUTS = ("dx_ptr", "dw_ptr", "db_ptr")
 # The JIT kernels above stay as they are (the sm_90 compile check builds them with `block_config`'s tiles);
-# these autotuned launchers run them. The atomic backward adds into its outputs, so every benchmark run starts
-# from zeroed outputs, and so does the chosen configuration's run.
-_fwd = _tuned(_fused_linear_fwd_kernel)
-_bwd_atomic = _tuned(_fused_linear_bwd_atomic_kernel, reset=("dx_ptr", "dw_ptr", "db_ptr"))
-_bwd_dx = _tuned(_fused_linear_bwd_dx_kernel)
-_bwd_dw = _tuned(_fused_linear_bwd_dw_kernel)
+# these autotuned launchers run them.
+_fwd = autotuned(_fused_linear_fwd_kernel, _CONFIGS)
+_bwd_atomic = autotuned(_fused_linear_bwd_atomic_kernel, _CONFIGS, reset=ATOMIC_OUTPUTS)
+_bwd_dx = autotuned(_fused_linear_bwd_dx_kernel, _CONFIGS)
+_bwd_dw = autotuned(_fused_linear_bwd_dw_kernel, _CONFIGS)
 
 
 def _common(hidden2d, weight, bias, temperature, ignore_index):
