@@ -114,10 +114,10 @@ class HalfProducts:
     """The CUDA plan's products for bf16/fp16 inputs (module docstring; the error analysis is in plan.py).
 
     dtype: the operands' dtype (bf16 or fp16; the parts'); mm: the half x half -> fp32 product (`cuda_mm`,
-    `emulated_mm`, or a test's recorder); accumulate: an
-    `addmm_into(dw, a, b, alpha)` that adds a @ b * alpha into the fp32 dw in place (torch.addmm with
-    out_dtype on torches that take an fp32 `self`), or None: then dw gets the product in vocab pieces through
-    the spent chunk buffer (`dz`'s storage, free once split), so no [V, H] temporary is ever allocated."""
+    `emulated_mm`, or a test's recorder); accumulate: an `addmm_into(dw, a, b, alpha)` that adds a @ b * alpha
+    into the fp32 dw in place (torch.addmm with out_dtype on torches that take an fp32 `self`), or None: then
+    dw gets the product in vocab pieces through the spent chunk buffer (`dz`'s storage, free once split), so
+    no [V, H] temporary is ever allocated."""
 
     tensor_cores = True
 
@@ -147,7 +147,8 @@ class HalfProducts:
         if dtype == torch.float16:   # fp16's range is ~2^-24 .. 2^16: move the chunk's largest |dz| under 2^14
             top = float(dz.abs().max()) if dz.numel() else 0.0   # one host sync per chunk (fp16 only)
             if 0.0 < top < float("inf"):
-                exponent = _FP16_TOP + 1 - math.frexp(top)[1]    # top in [2^(e-1), 2^e) -> [2^13, 2^14)
+                # top in [2^(e-1), 2^e) -> [2^13, 2^14); bounded so that fp32 dz never overflows
+                exponent = max(-100, min(100, _FP16_TOP + 1 - math.frexp(top)[1]))
                 dz.mul_(2.0 ** exponent)
                 scale = 2.0 ** -exponent
         stacked = torch.empty(self.n_parts * dz.shape[0], dz.shape[1], dtype=dtype, device=dz.device)
