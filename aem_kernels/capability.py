@@ -2,8 +2,10 @@
 `backends/capability.py` do): whether Triton is importable and may run on the tensor's device, and whether the
 C++ extension `aem_kernels._C` (built by setup.py from csrc/) is loaded, each with the reason when it is not.
 
-It imports nothing of the package, compiles nothing and never warns. The extension is loaded here, once, at
-import (AEM_KERNELS_DISABLE_CPU_EXT=1 leaves it unloaded); `ops/logprobs/cpu.py` and `ops/segment/cpu.py` add
+It also says what the fused linear's CUDA plan reads of torch (`ops/fused_linear/plan.py`): whether torch.mm
+takes `out_dtype` (half-precision operands, fp32 output) on a device type, and whether torch.addmm then
+accumulates into an fp32 matrix. It imports nothing of the package, compiles nothing and never warns. The
+extension is loaded here, once, at import (AEM_KERNELS_DISABLE_CPU_EXT=1 leaves it unloaded); `ops/logprobs/cpu.py` and `ops/segment/cpu.py` add
 the Python parts of its ops (fake implementations, autograd formulas). What each backend serves of dtypes is
 declared by the backend modules themselves (their `DTYPES`).
 """
@@ -18,7 +20,7 @@ from typing import Optional
 import torch
 
 __all__ = ["TRITON_DTYPES", "TRITON_FOUND", "TRITON_FP64_REASON", "cpu_extension", "cpu_extension_reason",
-           "dtype_name", "triton_interpreting",
+           "dtype_name", "half_addmm_accumulates_fp32", "half_mm_fp32_out", "triton_interpreting",
            "triton_reason"]
 
 # Looked up once without importing Triton (cheap at import, and a plain constant for torch.compile to trace).
@@ -76,3 +78,43 @@ def cpu_extension_reason(device: Optional[torch.device] = None) -> Optional[str]
     if device is not None and device.type != "cpu":
         return f"the C++ kernels run on CPU tensors; got a tensor on {device}"
     return _EXTENSION_REASON
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key))
+    except (AttributeError, RuntimeError):   # an older torch without the overload or the lookup
+        return False
+
+
+# Looked up once at import (a registry lookup, no kernel run; a plain constant for torch.compile to trace).
+_HALF_MM_FP32_OUT = {"cuda": _has_kernel("aten::mm.dtype", "CUDA"), "cpu": _has_kernel("aten::mm.dtype", "CPU")}
+
+
+def half_mm_fp32_out(device_type: str) -> bool:
+    """Whether torch.mm(a, b, out_dtype=torch.float32) runs for fp16/bf16 a, b on `device_type` ("cuda", "cpu"):
+    the `aten::mm.dtype` overload with a kernel for that device (CUDA only, from torch 2.8 on: cuBLAS with
+    fp32 output and fp32 accumulation)."""
+    return _HALF_MM_FP32_OUT.get(device_type, False)
+
+
+_ADDMM_FP32: dict = {}
+
+
+def half_addmm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.addmm(c, a, b, out_dtype=torch.float32, out=c) adds half-precision products into an fp32
+    matrix c on `device` (newer torch: `self` may have out_dtype; older: `self` must have the operands'
+    dtype). Probed once per device type and dtype on 1 x 1 tensors, then cached."""
+    key = (device.type, dtype)
+    if key not in _ADDMM_FP32:
+        ok = False
+        if half_mm_fp32_out(device.type):
+            try:
+                c = torch.ones(1, 1, dtype=torch.float32, device=device)
+                one = torch.ones(1, 1, dtype=dtype, device=device)
+                torch.addmm(c, one, one, out_dtype=torch.float32, out=c)
+                ok = float(c[0, 0]) == 2.0
+            except (RuntimeError, TypeError):
+                ok = False
+        _ADDMM_FP32[key] = ok
+    return _ADDMM_FP32[key]

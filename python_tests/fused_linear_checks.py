@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import aem_kernels as ak
+from aem_kernels.ops.fused_linear import fused_linear_apply, fused_linear_path
 from aem_kernels.ops.fused_linear.naive import fused_linear_logprobs_and_entropy_ref
 
 BACKENDS = ["cpu", "torch", "triton"]
@@ -58,12 +59,19 @@ def assert_rule(name, ours, eager, truth):
     assert e_ours <= 3 * e_eager + 1e-5, f"{name}: error {e_ours:.3g} > 3 x eager's {e_eager:.3g} + 1e-5"
 
 
-def check_against_rule(backend, x, w, b, labels, ga, gb, temperature=1.0, with_entropy=True, **kwargs):
-    dev = device_for(backend)
+def check_against_rule(backend, x, w, b, labels, ga, gb, temperature=1.0, with_entropy=True, key=None,
+                       **kwargs):
+    """The public op on `backend` (or, with `key`, the path of that name, e.g. the CUDA plan's
+    "cpu-chunked-tc" with its CPU product; kwargs then: chunk_budget_bytes) against the accuracy rule."""
+    dev = device_for(backend) if key is None else "cpu"
     leaves = [t.detach().to(dev).requires_grad_() if t is not None else None for t in (x, w, b)]
-    lp, ent = ak.fused_linear_logprobs_and_entropy(leaves[0], leaves[1], labels.to(dev), bias=leaves[2],
-                                                   temperature=temperature, with_entropy=with_entropy,
-                                                   backend=backend, **kwargs)
+    if key is None:
+        lp, ent = ak.fused_linear_logprobs_and_entropy(leaves[0], leaves[1], labels.to(dev), bias=leaves[2],
+                                                       temperature=temperature, with_entropy=with_entropy,
+                                                       backend=backend, **kwargs)
+    else:
+        lp, ent = fused_linear_apply(leaves[0], leaves[1], leaves[2], labels, temperature, -100, with_entropy,
+                                     fused_linear_path(key), False, kwargs.get("chunk_budget_bytes"))
     assert lp.dtype == torch.float32 and lp.shape == labels.shape
     ours_grads = [g.cpu() for g in grads((lp, ent), leaves, ga.to(dev), gb.to(dev) if with_entropy else None)]
     lp, ent = lp.cpu(), (ent.cpu() if ent is not None else None)

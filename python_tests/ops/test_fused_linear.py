@@ -40,7 +40,7 @@ def test_large_logit_magnitudes(backend, scale, temperature):
 
 def test_large_logit_magnitudes_triton():
     x, w, b, labels, ga, gb = linear_inputs(scale=3000.0, vocab=333, hidden=24)
-    check_against_rule("triton", x, w, b, labels, ga, gb, temperature=0.3)
+    check_against_rule("triton", x, w, b, labels, ga, gb, temperature=0.3, path="tiles")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -129,8 +129,8 @@ def test_outputs_may_be_edited_in_place(backend, with_entropy):
 
 def test_triton_deterministic_matches_atomic():
     x, w, b, labels, ga, gb = linear_inputs(vocab=333, hidden=35)
-    _, _, det = check_against_rule("triton", x, w, b, labels, ga, gb, deterministic=True)
-    _, _, atomic = check_against_rule("triton", x, w, b, labels, ga, gb)
+    _, _, det = check_against_rule("triton", x, w, b, labels, ga, gb, deterministic=True, path="tiles")
+    _, _, atomic = check_against_rule("triton", x, w, b, labels, ga, gb, path="tiles")
     for a, d in zip(atomic, det):
         torch.testing.assert_close(a, d, rtol=1e-5, atol=1e-6)
 
@@ -212,4 +212,5 @@ def test_bad_inputs_list_is_complete():
 def test_triton_gpu_llm_like_shapes(dtype, deterministic):
     # several full 64 x 128 tiles and ragged edges in every dimension, compiled kernels (not the interpreter)
     x, w, b, labels, ga, gb = linear_inputs(shape=(3, 333), hidden=520, vocab=5003, dtype=dtype, ignore=(0, 500))
-    check_against_rule("triton", x, w, b, labels, ga, gb, temperature=0.8, deterministic=deterministic)
+    check_against_rule("triton", x, w, b, labels, ga, gb, temperature=0.8, deterministic=deterministic,
+                       path="tiles")

@@ -98,16 +98,16 @@ def test_triton_refuses_a_budget_the_others_honour_it():
     dev = device_for("triton")
     with pytest.raises(ValueError, match="chunk_budget_bytes.*Triton"):
         ak.fused_linear_logprobs_and_entropy(x.to(dev), w.to(dev), labels.to(dev), backend="triton",
-                                             chunk_budget_bytes=4096)
+                                             chunk_budget_bytes=4096, path="tiles")
     with pytest.raises(ValueError, match="chunk_budget_bytes.*Triton"):
         ak.fused_linear_aem_policy_loss(x.to(dev), w.to(dev), labels.to(dev), torch.ones(1, device=dev),
                                         token_response=torch.zeros(5, dtype=torch.long, device=dev),
                                         response_group=torch.zeros(1, dtype=torch.long, device=dev),
-                                        backend="triton", chunk_budget_bytes=4096)
+                                        backend="triton", chunk_budget_bytes=4096, path="tiles")
     with pytest.raises(ValueError, match="chunk_budget_bytes.*Triton"):
         check_budget(4096, fused_linear_path("triton"))
     assert check_budget(None, fused_linear_path("triton")) is None
-    for key in ("cpu-chunked", "torch-blocked", "triton-chunked"):
+    for key in ("cpu-chunked", "torch-blocked", "triton-chunked", "cpu-chunked-tc"):
         assert check_budget(4096, fused_linear_path(key)) == 4096
     for bad in (0, -1, 2.0, True, "1"):
         with pytest.raises(ValueError, match="chunk_budget_bytes"):

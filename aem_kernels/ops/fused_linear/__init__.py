@@ -2,9 +2,9 @@
 states and the classifier (LM head) weight, never building the logits.
 
 At 150k-token vocabularies the logits dominate an RL step's memory (N = 16k tokens x V = 152k is 5 GB in
-bf16, its fp32 softmax and gradient as much again). Here the logits exist only as tiles (Triton, `triton.py`),
-row chunks of a bounded budget (CPU and backend="torch" for fp32/fp64, `chunked.py`) or vocab blocks (the same
-for bf16/fp16, `blocked.py`: no fp32 copy of the weight), recomputed in the backward, which yields the
+bf16, its fp32 softmax and gradient as much again). Here the logits exist only as row chunks of a bounded
+budget (`chunked.py`; on CUDA the CUDA plan of `plan.py`), vocab blocks (CPU bf16/fp16, `blocked.py`: no fp32
+copy of the weight) or register tiles (path "tiles", `triton.py`), recomputed in the backward, which yields the
 gradients of the hidden states, the weight and the bias (section 6 chained through z = (hidden @ W^T + b) / tau):
 
     dL/dhidden = G W,   dL/dW = G^T hidden,   dL/db = sum_t G_t,
@@ -14,14 +14,17 @@ The values equal `logprobs_and_entropy(hidden @ weight.T + bias, labels)` comput
 inputs (fp32 accumulation for bf16/fp16 inputs, as eager fp32 does after upcasting them), within the
 package's accuracy rule; `naive.py` is that definition, the tests' oracle.
 
-The op's one path decision is `resolve_fused_linear_path`: "triton" (CUDA, or the interpreter) takes the tile
-kernels; "cpu" / "torch" take a BLAS path over that row backend, vocab blocks for bf16/fp16 hidden states and
-row chunks otherwise; "auto" with fp64 hidden states (a checking path; Triton computes in fp32) takes the
-chunked torch path. With `vocab_parallel=True` it decides the vocab-parallel op's path (`vocab_parallel.py`):
-always row chunks over the rank's shard, "<row>-chunked", on the row backend's own choice (Triton's row
-kernels included); see that function for why. The loss's single pass (`chunked.chunked_single_pass`, when the
-per-token derivatives are known before the forward) is the chunked path's, taken unasked for fp32/fp64 only
-(half precision would hold the fp32 weight copy and gradient accumulator from the forward to the backward).
+The op's one path decision is `resolve_fused_linear_path`, its table `plan.auto_kind`: on CUDA the CUDA plan
+(bf16/fp16: row chunks whose products run on the tensor cores, cuBLAS with half-precision operands and fp32
+output, the weight never copied, "<row>-chunked-tc"; fp32: row chunks with fp32 cuBLAS products; fp64: the
+torch row backend's chunks), the chunks' statistics from the row backend (Triton's row kernels by default); on
+CPU a BLAS path over the row backend, vocab blocks for bf16/fp16 hidden states and row chunks otherwise (and
+the tile kernels when backend="triton" runs in Triton's interpreter, their test vehicle). `path=` names a path
+instead: "tiles" (the Triton tile kernels, `triton.py`), "chunked" or "blocked". With `vocab_parallel=True` it
+decides the vocab-parallel op's path (`vocab_parallel.py`): always row chunks over the rank's shard,
+"<row>-chunked" (on CUDA with half precision "<row>-chunked-tc"); see that function for why. The loss's single
+pass (`chunked.chunked_single_pass`, when the per-token derivatives are known before the forward) is the
+row-chunk paths', taken unasked for fp32/fp64 only.
 
 Every BLAS path runs the one chunk loop of `loop.py` with its per-chunk steps; every path's chunk plan, and
 the one budget knob `chunk_budget_bytes` (the bytes of the one fp32 logits buffer; Triton refuses it), are in
@@ -42,17 +45,17 @@ import torch
 
 from ... import validation as V
 from ...contract import first_order_only
-from ...capability import TRITON_DTYPES, triton_reason
+from ...capability import TRITON_DTYPES, half_mm_fp32_out, triton_reason
 from ...errors import BackendUnavailableError
+from ...layout import compute_dtype
 from ..logprobs import Backend, load_backend, resolve_backend
-from .plan import check_chunk_budget
+from .checks import check_linear, logits_like
+from .plan import auto_kind, check_chunk_budget, chunked_kind
+from .products import WorkProducts, half_products
 
 __all__ = ["FusedLinearLogprobsEntropyFunction", "FusedLinearPath", "PATHS", "check_budget", "check_linear",
            "fused_linear_apply", "fused_linear_logprobs_and_entropy", "fused_linear_path",
            "logits_like", "resolve_fused_linear_path"]
-
-_HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 @dataclass(frozen=True)
 class FusedLinearPath:
@@ -74,6 +77,15 @@ class FusedLinearPath:
     unpack: Callable
     state_dtype: Callable
     single_pass: Optional[Callable] = None
+    products: Optional[Callable] = None
+
+
+def _work_products(device: torch.device, dtype: torch.dtype) -> WorkProducts:
+    return WorkProducts(compute_dtype(dtype))
+
+
+def _half_products(device: torch.device, dtype: torch.dtype):
+    return half_products(device, dtype)   # looked up per call: the tests put a recording product here
 
 
 def _build_path(key: str) -> FusedLinearPath:
@@ -87,24 +99,36 @@ def _build_path(key: str) -> FusedLinearPath:
                                pack=lambda saved, *_: torch.stack(saved, dim=1),                # (m, log d)
                                unpack=lambda state, *_: tuple(t.contiguous() for t in state.unbind(1)),
                                state_dtype=lambda dtype: torch.float32)
-    row_name, kind = key.split("-")
+    row_name, kind = key.split("-", 1)
     row = load_backend(row_name)
     from . import blocked, chunked
 
-    fwd, bwd = (blocked.blocked_fwd, blocked.blocked_bwd) if kind == "blocked" else (chunked.chunked_fwd,
-                                                                                        chunked.chunked_bwd)
+    # "chunked-tc": the CUDA plan's half-precision products (cuBLAS there, their exact emulation elsewhere)
+    products = _half_products if kind == "chunked-tc" else _work_products
+    if kind == "blocked":
+        def forward(*args, budget=None):
+            return blocked.blocked_fwd(row, *args, budget=budget)
 
-    def forward(*args, budget=None):
-        return fwd(row, *args, budget=budget)
+        def backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature,
+                     ignore_index, needs, deterministic=False):
+            # always deterministic: fixed block order, BLAS reductions
+            return blocked.blocked_bwd(row, hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy,
+                                       temperature, ignore_index, needs)
+    else:
+        def forward(hidden2d, *args, budget=None):
+            return chunked.chunked_fwd(row, hidden2d, *args, budget=budget,
+                                       products=products(hidden2d.device, hidden2d.dtype))
 
-    def backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature,
-                 ignore_index, needs, deterministic=False):
-        # always deterministic: fixed chunk / block order, BLAS reductions
-        return bwd(row, hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy, temperature,
-                   ignore_index, needs)
+        def backward(hidden2d, weight, bias, labels, saved, entropy, grad_logprobs, grad_entropy, temperature,
+                     ignore_index, needs, deterministic=False):
+            # always deterministic: fixed chunk order, BLAS reductions
+            return chunked.chunked_bwd(row, hidden2d, weight, bias, labels, saved, grad_logprobs, grad_entropy,
+                                       temperature, ignore_index, needs,
+                                       products=products(hidden2d.device, hidden2d.dtype))
 
-    def single_pass(*args, **kwargs):   # row chunks for every dtype
-        return chunked.chunked_single_pass(row, *args, **kwargs)
+    def single_pass(hidden2d, *args, **kwargs):   # row chunks for every dtype
+        return chunked.chunked_single_pass(row, hidden2d, *args, products=products(hidden2d.device, hidden2d.dtype),
+                                           **kwargs)
 
     if kind == "blocked":
         pack, unpack, state_dtype = blocked.blocked_pack, blocked.blocked_unpack, (lambda dtype: torch.float64)
@@ -112,9 +136,10 @@ def _build_path(key: str) -> FusedLinearPath:
         pack, state_dtype = chunked.chunked_pack, chunked.compute_dtype
 
         def unpack(state, entropy, labels, ignore_index, vocab, hidden, dtype, budget):
-            return chunked.chunked_unpack(state, entropy, labels, ignore_index, vocab, dtype, budget)
+            return chunked.chunked_unpack(state, entropy, labels, ignore_index, vocab, dtype, budget,
+                                          kind == "chunked-tc")
 
-    return FusedLinearPath(key, row, forward, backward, pack, unpack, state_dtype, single_pass)
+    return FusedLinearPath(key, row, forward, backward, pack, unpack, state_dtype, single_pass, products)
 
 
 _PATHS: Dict[str, FusedLinearPath] = {}
@@ -148,6 +173,8 @@ def _explicit_path(path: str, backend: str, device: torch.device, dtype: torch.d
         raise ValueError('path="blocked" computes its vocab blocks in fp32, so it does not serve fp64 hidden '
                          'states; use path="chunked" (or "auto")')
     row = resolve_backend("torch" if backend == "auto" and dtype == torch.float64 else backend, device, dtype)
+    if path == "chunked":
+        path = chunked_kind(device.type, dtype, half_mm_fp32_out(device.type))
     return fused_linear_path(f"{row.name}-{path}")
 
 
@@ -161,33 +188,34 @@ def resolve_fused_linear_path(backend: str, device: torch.device, dtype: torch.d
     over every row; not fp64), both over `backend`'s row backend; a path that cannot run for these inputs is
     a ValueError naming `path`.
 
-    vocab_parallel=True: the vocab-parallel op's path, always "<row>-chunked" (row chunks over this rank's
-    shard, `vocab_parallel.py`) on the row backend's own choice for `dtype`, every dtype (path "auto" or
-    "chunked"):
+    vocab_parallel=True: the vocab-parallel op's path, always row chunks over this rank's shard
+    (`vocab_parallel.py`), "<row>-chunked" or, on CUDA with half precision, the CUDA plan's "<row>-chunked-tc",
+    on the row backend's own choice for `dtype`, every dtype (path "auto" or "chunked"):
       - no tile kernels: the ranks combine per-row slice statistics (lse_k, h_k, s_y), which the Triton tile
         kernels do not output; on CUDA the chunks run Triton's row kernels instead;
-      - bf16/fp16 keep row chunks, not vocab blocks: the fp32 copy of the weight and its fp32 gradient that
-        the blocked path avoids are the shard's, V_k H = V H / world each, and blocks inside a shard would
-        combine their statistics twice (blocks, then ranks), changing the numbers of every existing call.
+      - bf16/fp16 keep row chunks, not vocab blocks: blocks inside a shard would combine their statistics
+        twice (blocks, then ranks), changing the numbers of every existing call; off CUDA the fp32 copy of the
+        weight that the blocked path avoids is the shard's, V_k H = V H / world.
     """
     V.check_choice("path", path, PATHS)
     if vocab_parallel:
         if path not in ("auto", "chunked"):
             raise ValueError(f'path must be "auto" or "chunked" for the vocab-parallel op (row chunks over the '
                              f'shard: the ranks combine per-row statistics), got {path!r}')
-        return fused_linear_path(f"{resolve_backend(backend, device, dtype).name}-chunked")
+        kind = chunked_kind(device.type, dtype, half_mm_fp32_out(device.type))
+        return fused_linear_path(f"{resolve_backend(backend, device, dtype).name}-{kind}")
     if path != "auto":
         return _explicit_path(path, backend, device, dtype)
     if backend == "auto" and dtype == torch.float64:
         backend = "torch"
     row = resolve_backend(backend, device, dtype)
-    if row.name == "triton":
-        if dtype == torch.float64:
-            raise BackendUnavailableError('backend="triton" is not available for fp64 hidden states (the fused '
-                                          'linear kernels compute in fp32); use backend="torch"')
+    if row.name == "triton" and device.type != "cuda":
+        # Triton's interpreter (CPU tensors): the tile kernels, as before the CUDA plan (their test vehicle)
         return fused_linear_path("triton")
-    kind = "blocked" if dtype in (torch.float16, torch.bfloat16) else "chunked"
-    return fused_linear_path(f"{row.name}-{kind}")
+    if row.name == "triton" and dtype == torch.float64:
+        raise BackendUnavailableError('backend="triton" is not available for fp64 hidden states (the Triton '
+                                      'kernels compute in fp32); use backend="torch"')
+    return fused_linear_path(f"{row.name}-{auto_kind(device.type, dtype, half_mm_fp32_out(device.type))}")
 
 
 def _budget_arg(budget: Optional[int]) -> int:
@@ -279,47 +307,6 @@ class FusedLinearLogprobsEntropyFunction(torch.autograd.Function):
                                      need_bias and bias is not None, deterministic, path, budget)
         wanted = (need_hidden, need_weight, need_bias and bias is not None)
         return (*(g if w else None for g, w in zip(grads, wanted)), None, None, None, None, None, None)
-
-
-def check_linear(hidden: object, weight: object, bias: object, names: Tuple[str, str] = ("weight", "bias")
-                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """hidden [..., H], weight [V, H], bias [V] | None of one floating dtype on one device; `names` spell the
-    weight and bias arguments in the messages."""
-    wn, bn = names
-    hidden = V.check_tensor("hidden", hidden)
-    weight = V.check_tensor(wn, weight)
-    if hidden.dtype not in _HIDDEN_DTYPES:
-        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
-    if hidden.dim() < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
-    width = hidden.shape[-1]
-    if weight.dim() != 2:
-        raise ValueError(f"{wn} must have shape [V, H] = [V, {width}] (the LM head's weight), got "
-                         f"{tuple(weight.shape)}")
-    if weight.shape[1] != width:
-        raise ValueError(f"{wn} must have shape [V, H] with H = hidden.shape[-1] = {width}, got "
-                         f"{tuple(weight.shape)}")
-    if weight.shape[0] < 1:
-        raise ValueError(f"{wn} must have a vocabulary dimension V >= 1, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{wn} must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"{wn} is on {weight.device} but hidden is on {hidden.device}; put them on one device")
-    if bias is not None:
-        bias = V.check_tensor(bn, bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{bn} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{bn} must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
-        if bias.device != hidden.device:
-            raise ValueError(f"{bn} is on {bias.device} but hidden is on {hidden.device}; put them on one device")
-    return hidden, weight, bias
-
-
-def logits_like(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
-    """A zero-stride stand-in with the logits' shape [..., V] and device, for the shape and label checks
-    that the logits-based functions share (one element of memory, never read)."""
-    return hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)
 
 
 def check_budget(budget: object, path: Optional[FusedLinearPath] = None) -> Optional[int]:

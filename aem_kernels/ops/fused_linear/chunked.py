@@ -10,6 +10,10 @@ logits z = hidden_chunk @ W^T (+ b), chunk by chunk, in one reused [rows, V] buf
 Rows whose label is ignore_index contribute nothing and are dropped before any matmul (RL batches are full of
 prompt and padding tokens): their outputs and gradients are exact zeros.
 
+The chunks' products are `products.py`'s: on CUDA with half precision the CUDA plan's ("<row>-chunked-tc",
+`plan.py`: half-precision operands on the tensor cores with fp32 output, the weight never copied); otherwise
+the working dtype's, as follows.
+
 Working precision: fp32 (fp64 for fp64 inputs, a checking path). fp32 weights are used as they are. A half
 precision (bf16/fp16) weight is upcast to fp32 once in the forward and once in the backward (CPU BLAS has no
 bf16 x bf16 -> fp32 product, and bf16 chunk logits would lose eager fp32's accuracy; upcasting per chunk or in
@@ -31,20 +35,23 @@ import torch
 from ...layout import compute_dtype
 from .loop import ActiveRows, GradHidden, RowChunk, RowChunks, accumulate, chunk_loop
 from .plan import chunk_plan
+from .products import WorkProducts
 
 __all__ = ["chunked_bwd", "chunked_fwd", "chunked_pack", "chunked_single_pass", "chunked_unpack", "compute_dtype"]
 
 
 def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 labels: torch.Tensor, temperature: float, ignore_index: int, with_entropy: bool,
-                budget: Optional[int] = None):
+                budget: Optional[int] = None, products=None):
     """hidden2d [N, H], weight [V, H], bias [V] | None, labels [N] -> (logprobs [N], entropy [N] | None, saved)
     where `saved` = (active rows, rows per chunk, the row backend's states per chunk (opaque), the active rows'
-    entropy | None) is what `chunked_bwd` needs."""
+    entropy | None) is what `chunked_bwd` needs. products: the chunks' (`products.py`; None: the working
+    dtype's)."""
     work = compute_dtype(hidden2d.dtype)
+    products = products if products is not None else WorkProducts(work)
     rows = ActiveRows(labels, ignore_index)
     labels_active = rows.pick(labels).long()
-    per_chunk = chunk_plan(rows.n_rows, weight.shape[0], hidden2d.dtype, budget)
+    per_chunk = chunk_plan(rows.n_rows, weight.shape[0], hidden2d.dtype, budget, products.tensor_cores)
     lp_active = torch.empty(rows.n_active, dtype=work, device=hidden2d.device)
     ent_active = torch.empty_like(lp_active) if with_entropy else None   # with_entropy=False: no entropy work
     states: List[object] = []
@@ -58,7 +65,7 @@ def chunked_fwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
             ent_active[span] = ent
         states.append(state)
 
-    chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work), step)
+    chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work, products), step)
     entropy = rows.spread(ent_active) if with_entropy else None
     return rows.spread(lp_active), entropy, (rows, per_chunk, states, ent_active)
 
@@ -73,11 +80,11 @@ def chunked_pack(saved, n_rows: int, dtype: torch.dtype, device: torch.device) -
 
 
 def chunked_unpack(state: torch.Tensor, entropy: Optional[torch.Tensor], labels: torch.Tensor, ignore_index: int,
-                   vocab: int, dtype: torch.dtype, budget: Optional[int]):
+                   vocab: int, dtype: torch.dtype, budget: Optional[int], tensor_cores: bool = False):
     """The `saved` of `chunked_fwd` from `chunked_pack`'s tensor, the forward's entropy [N] (None without it)
-    and what the forward's plan was decided from (the labels, V, the dtype, the budget)."""
+    and what the forward's plan was decided from (the labels, V, the dtype, the budget, the products)."""
     rows = ActiveRows(labels, ignore_index)
-    per_chunk = chunk_plan(rows.n_rows, vocab, dtype, budget)
+    per_chunk = chunk_plan(rows.n_rows, vocab, dtype, budget, tensor_cores)
     active = rows.pick(state)
     states = list(active.split(per_chunk)) if active.shape[0] else []
     return rows, per_chunk, states, rows.pick(entropy)
@@ -97,7 +104,7 @@ def _gradient_buffers(rows: ActiveRows, weight: torch.Tensor, bias: Optional[tor
 def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 labels: torch.Tensor, saved, grad_logprobs: Optional[torch.Tensor],
                 grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int,
-                needs: Tuple[bool, bool, bool]):
+                needs: Tuple[bool, bool, bool], products=None):
     """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the inputs' dtypes; None where not needed."""
     rows, per_chunk, states, ent_active = saved
     work = compute_dtype(hidden2d.dtype)
@@ -120,14 +127,14 @@ def chunked_bwd(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias:
         accumulate(chunk, dx, dw, db)
 
     if (glp is not None or gent is not None) and (dx is not None or dw is not None or db is not None):
-        chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work), step)
+        chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work, products), step)
     return (dx.buffer.to(hidden2d.dtype) if dx is not None else None, dw.to(weight.dtype) if dw is not None else None,
             db.to(bias.dtype) if db is not None else None)
 
 
 def chunked_single_pass(row_backend, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         labels: torch.Tensor, temperature: float, ignore_index: int, token_grads,
-                        needs: Tuple[bool, bool, bool], budget: Optional[int] = None):
+                        needs: Tuple[bool, bool, bool], budget: Optional[int] = None, products=None):
     """Values and gradients of a scalar loss sum_t f_t(l_t, h_t) in one pass over the chunks (the fused-linear
     twin of the single-pass loss, AEM_SPEC section 6): when the loss's per-token derivatives a_t = df/dl_t,
     b_t = df/dh_t depend only on token t's own values (the AEM loss once its weights w_r are known before the
@@ -139,10 +146,11 @@ def chunked_single_pass(row_backend, hidden2d: torch.Tensor, weight: torch.Tenso
     grad_bias [V] | None)) in the working dtype (fp32; fp64 for fp64 inputs), for the caller to scale by the
     loss's upstream gradient and cast."""
     work = compute_dtype(hidden2d.dtype)
+    products = products if products is not None else WorkProducts(work)
     rows = ActiveRows(labels, ignore_index)
     labels_active = rows.pick(labels).long()
     positions = rows.index if rows.index is not None else torch.arange(rows.n_rows, device=hidden2d.device)
-    per_chunk = chunk_plan(rows.n_rows, weight.shape[0], hidden2d.dtype, budget)
+    per_chunk = chunk_plan(rows.n_rows, weight.shape[0], hidden2d.dtype, budget, products.tensor_cores)
     lp_active = torch.empty(rows.n_active, dtype=work, device=hidden2d.device)
     ent_active = torch.empty_like(lp_active)
     dx, dw, db = _gradient_buffers(rows, weight, bias, hidden2d.shape[1], work, needs)
@@ -161,5 +169,5 @@ def chunked_single_pass(row_backend, hidden2d: torch.Tensor, weight: torch.Tenso
                                  z3)   # dL/dz overwrites z while it is still in the buffer
             accumulate(chunk, dx, dw, db)
 
-    chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work), step)
+    chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work, products), step)
     return rows.spread(lp_active), rows.spread(ent_active), (dx.buffer if dx is not None else None, dw, db)

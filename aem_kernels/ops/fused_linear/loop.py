@@ -11,10 +11,11 @@ order, compute that chunk's logits into ONE reused buffer (the plan's, `plan.py`
                                         path's forward and backward (`blocked.py`)
 
 The loop owns what the steps share: the active-row gather (a per-chunk index_select, never a copy of all the
-active rows), the weight and bias in the working dtype (themselves for fp32/fp64; one fp32 copy for half
-precision on row chunks, one fp32 block at a time on vocab blocks), the reused logits buffer, and their
-release when the loop ends. A step reads `chunk.z` (and may overwrite it with dL/dz: the buffer is its own
-until it returns). The order of chunks and of the products inside a chunk is fixed, so every pass over the
+active rows), the weight and bias as the chunks' products take them (row chunks: `products.py`, the working
+dtype's products (the weight itself for fp32/fp64, one fp32 copy for half precision) or the CUDA plan's
+half-precision products (the weight itself); vocab blocks: one fp32 block at a time), the reused logits
+buffer, and their release when the loop ends. A step reads `chunk.z` (and may overwrite it with dL/dz: the
+buffer is its own until it returns). The order of chunks and of the products inside a chunk is fixed, so every pass over the
 same plan gives bit-identical numbers.
 """
 
@@ -25,9 +26,10 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 
 from .plan import BlockPlan
+from .products import WorkProducts
 
 __all__ = ["ActiveRows", "GradHidden", "RowChunk", "RowChunks", "VocabBlock", "VocabBlocks", "accumulate",
-           "active_rows", "chunk_logits", "chunk_loop", "in_work_dtype"]
+           "active_rows", "chunk_loop"]
 
 _WORK_HALF = torch.float32   # the blocked path's working dtype (bf16/fp16 inputs)
 
@@ -68,51 +70,42 @@ class ActiveRows:
         return hidden2d[start:stop] if self.index is None else hidden2d.index_select(0, self.index[start:stop])
 
 
-def chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 out: torch.Tensor) -> torch.Tensor:
-    """out [n, V] = x @ W^T + b, all in the working dtype."""
-    torch.mm(x, weight.t(), out=out)
-    if bias is not None:
-        out += bias
-    return out
-
-
-def in_work_dtype(weight: torch.Tensor, bias: Optional[torch.Tensor], work: torch.dtype):
-    """The weight and bias in the working dtype: themselves for fp32/fp64, one fp32 copy for half precision."""
-    return weight.to(work), (bias.to(work) if bias is not None else None)
-
-
 # ---- row chunks --------------------------------------------------------------------------------------------
 
 class RowChunk(NamedTuple):
-    """Chunk `number` of the active rows [start, stop): x [n, H] and z = x W^T + b [n, V] (the reused buffer)
-    in the working dtype, and the working-dtype weight [V, H] (for dL/dx = dz W)."""
+    """Chunk `number` of the active rows [start, stop): x [n, H] (the products' operand: working dtype, or
+    the inputs' half precision on the CUDA plan), z = x W^T + b [n, V] in the working dtype (the reused
+    buffer), the products' weight [V, H] (for dL/dx = dz W) and the products themselves."""
     number: int
     start: int
     stop: int
     x: torch.Tensor
     z: torch.Tensor
     weight: torch.Tensor
+    products: object = None
 
 
 class RowChunks:
-    """Chunks of `rows_per_chunk` active rows of hidden2d [N, H] over weight [V, H] (+ bias [V])."""
+    """Chunks of `rows_per_chunk` active rows of hidden2d [N, H] over weight [V, H] (+ bias [V]), multiplied
+    by `products` (None: `products.WorkProducts(work)`)."""
 
     def __init__(self, hidden2d: torch.Tensor, rows: ActiveRows, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 rows_per_chunk: int, work: torch.dtype) -> None:
+                 rows_per_chunk: int, work: torch.dtype, products=None) -> None:
         self.hidden2d, self.rows, self.weight, self.bias, self.work = hidden2d, rows, weight, bias, work
+        self.products = products if products is not None else WorkProducts(work)
         self.total, self.size, self.live = rows.n_active, rows_per_chunk, rows.n_active > 0
 
     def open(self):
-        w_work, b_work = in_work_dtype(self.weight, self.bias, self.work)
+        w_op, b_op = self.products.operands(self.weight, self.bias)
         buffer = torch.empty(min(self.size, self.total), self.weight.shape[0], dtype=self.work,
                              device=self.hidden2d.device)
-        return w_work, b_work, buffer
+        return w_op, b_op, buffer
 
     def chunk(self, buffers, number: int, start: int, stop: int) -> RowChunk:
-        w_work, b_work, buffer = buffers
-        x = self.rows.gather(self.hidden2d, start, stop).to(self.work)
-        return RowChunk(number, start, stop, x, chunk_logits(x, w_work, b_work, buffer[:stop - start]), w_work)
+        w_op, b_op, buffer = buffers
+        x = self.products.rows(self.rows.gather(self.hidden2d, start, stop))
+        z = self.products.logits(x, w_op, b_op, buffer[:stop - start])
+        return RowChunk(number, start, stop, x, z, w_op, self.products)
 
 
 class GradHidden:
@@ -123,24 +116,29 @@ class GradHidden:
         self.index = rows.index
         self.buffer = torch.zeros(rows.n_rows, hidden, dtype=work, device=device)
 
-    def write(self, start: int, stop: int, dz: torch.Tensor, weight: torch.Tensor) -> None:
+    def write(self, start: int, stop: int, parts, weight: torch.Tensor, products) -> None:
+        """Rows [start, stop) of the active rows = dz @ W, dz given as the products' `parts`."""
         if self.index is None:
-            torch.mm(dz, weight, out=self.buffer[start:stop])
+            products.grad_hidden(parts, weight, self.buffer[start:stop])
         else:
-            self.buffer.index_copy_(0, self.index[start:stop], dz @ weight)
+            self.buffer.index_copy_(0, self.index[start:stop], products.grad_hidden(parts, weight, None))
 
 
 def accumulate(chunk: RowChunk, dx: Optional[GradHidden], dw: Optional[torch.Tensor],
                db: Optional[torch.Tensor]) -> None:
-    """One row chunk's share of the three gradients, its z holding dL/dz: grad_hidden rows = dz @ W,
-    grad_W += dz^T x, grad_b += sum dz."""
-    dz = chunk.z
+    """One row chunk's share of the three gradients, its z holding dL/dz: grad_b += sum dz (from the fp32
+    dz), then dz as the products' operands (`products.Parts`: itself, or half-precision parts formed in its
+    buffer, which is then spent), grad_hidden rows = dz @ W, grad_W += dz^T x."""
+    dz, products = chunk.z, chunk.products
     if db is not None:
         db += dz.sum(0)
+    if dx is None and dw is None:
+        return
+    parts = products.parts(dz)
     if dx is not None:
-        dx.write(chunk.start, chunk.stop, dz, chunk.weight)
+        dx.write(chunk.start, chunk.stop, parts, chunk.weight, products)
     if dw is not None:
-        dw.addmm_(dz.t(), chunk.x)
+        products.grad_weight(parts, chunk.x, dw, dz.view(-1))
 
 
 # ---- vocab blocks ------------------------------------------------------------------------------------------

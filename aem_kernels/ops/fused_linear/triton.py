@@ -18,7 +18,9 @@ g = [a (onehot(y) - p) - b p (log p + h)] / tau, which feeds dH = g W and dW = g
   deterministic  two launches without atomics: dH with one program per (row block, H block) looping over the
                  vocabulary, dW/db with one program per (vocab tile, H block) looping over the rows; each
                  recomputes its logit tiles once per H block (more flops, bit-identical run to run).
-Nothing of size N x V is ever allocated: the working set is the [BLOCK_N, BLOCK_V] tile in registers.
+Nothing of size N x V is ever allocated: the working set is the [BLOCK_N, BLOCK_V] tile in registers. The tiles
+are autotuned (`autotuned`, `gpu_configs`: a few around the compile-checked `block_config`) until a GPU has
+measured a table; this is path "tiles", which the GPU script races against the CUDA plan (`plan.py`).
 `with_entropy=False` drops t in the forward and the b-term in the backward (constexpr switches).
 
 This module is a leaf: it takes tensors and scalars and imports nothing of the package's loss or path decisions.
@@ -35,7 +37,8 @@ import triton.language as tl
 
 from ..utils import to_storage
 
-__all__ = ["fused_linear_fwd", "fused_linear_bwd", "block_config"]
+__all__ = ["ATOMIC_OUTPUTS", "autotuned", "block_config", "fused_linear_bwd", "fused_linear_fwd", "gpu_configs",
+           "interpreter_configs", "prune_tiles"]
 
 # Triton 3.9's interpreter multiplies bf16 tl.dot operands as raw integers; there the (already rounded)
 # operands go to tl.dot in fp32, which gives the same products (exact in fp32) as the tensor cores.
@@ -268,24 +271,65 @@ def _interpreting() -> bool:
 
 
 def block_config(dtype: torch.dtype) -> dict:
-    """Tile sizes. GPU: 64 x 128 logit tiles over 64-wide K slices (bf16/fp16: 24 KB of operands per K step,
-    tensor-core shaped); fp32 operands halve the K slice. Untuned: compiled ahead of time for sm_90
-    (python_tests/sm90_compile_fused_linear.py) ptxas allocates 206-255 registers per thread without spills,
-    i.e. one 8-warp program per SM; the tile table awaits a GPU to be measured on. Interpreter: 16-wide tiles
-    so that small odd test shapes cross several tiles in every dimension."""
+    """The first of the autotuned tile configurations (`_CONFIGS`) for `dtype`: 64 x 128 logit tiles over
+    64-wide K slices (bf16/fp16: 24 KB of operands per K step, tensor-core shaped); fp32 operands halve the K
+    slice. Compiled ahead of time for sm_90 (python_tests/sm90_compile_fused_linear.py) ptxas allocates
+    206-255 registers per thread without spills, i.e. one 8-warp program per SM. Interpreter: 16-wide tiles
+    so that small odd test shapes cross several tiles in every dimension (its only configuration)."""
     if _interpreting():
-        return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "BLOCK_H": 16, "num_warps": 1}
+        return dict(_INTERPRETER_TILES)
     block_k = 32 if dtype == torch.float32 else 64
     return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": block_k, "BLOCK_H": 64, "num_warps": 8}
 
 
+_INTERPRETER_TILES = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "BLOCK_H": 16, "num_warps": 1}
+# (BLOCK_N, BLOCK_V, BLOCK_K, BLOCK_H, num_warps): no tile is known best before a GPU measures them, so the
+# kernels are autotuned over a small set around the compile-checked first one (a taller, a narrower and a
+# 4-warp tile), each with both K slices; `prune_tiles` keeps the K slice of the operands' dtype (64 for bf16/fp16,
+# 32 for fp32). Tuned once per (V, H, dtypes): N changes every RL step and is left out of the key (tiles
+# chosen at the first N; a fresh process retunes).
+_TILES = [(64, 128, 64, 8), (128, 64, 64, 8), (64, 64, 64, 4)]
+
+
+def interpreter_configs() -> list:
+    """The interpreter's one configuration (the autotuner then never benchmarks: interpreter test time)."""
+    tiles = dict(_INTERPRETER_TILES)
+    return [triton.Config({k: v for k, v in tiles.items() if k != "num_warps"}, num_warps=tiles["num_warps"])]
+
+
+def gpu_configs() -> list:
+    """The GPU's configurations: each tile of `_TILES` with both K slices (`prune_tiles` keeps one)."""
+    return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "BLOCK_H": h}, num_warps=w)
+            for n, v, h, w in _TILES for k in (64, 32)]
+
+
+def prune_tiles(configs, named_args, **kwargs) -> list:
+    """The configurations whose K slice suits the operands (x_ptr's dtype: 32 for fp32, else 64)."""
+    block_k = 32 if named_args["x_ptr"].dtype == torch.float32 else 64
+    return [c for c in configs if c.kwargs["BLOCK_K"] == block_k] or configs
+
+
+def autotuned(kernel, configs: list, reset=()):
+    """`kernel` autotuned over `configs`, keyed on (V, H) and the tensors' dtypes; `reset` names the outputs
+    that every trial (and the chosen configuration's first run) starts from zeroed (atomic accumulators)."""
+    return triton.autotune(configs=configs, key=["vocab", "hidden"], reset_to_zero=list(reset),
+                           prune_configs_by={"early_config_prune": prune_tiles})(kernel)
+
+
+_CONFIGS = interpreter_configs() if _interpreting() else gpu_configs()
+ATOMIC_OUTPUTS = ("dx_ptr", "dw_ptr", "db_ptr")
+# The JIT kernels above stay as they are (the sm_90 compile check builds them with `block_config`'s tiles);
+# these autotuned launchers run them.
+_fwd = autotuned(_fused_linear_fwd_kernel, _CONFIGS)
+_bwd_atomic = autotuned(_fused_linear_bwd_atomic_kernel, _CONFIGS, reset=ATOMIC_OUTPUTS)
+_bwd_dx = autotuned(_fused_linear_bwd_dx_kernel, _CONFIGS)
+_bwd_dw = autotuned(_fused_linear_bwd_dw_kernel, _CONFIGS)
+
+
 def _common(hidden2d, weight, bias, temperature, ignore_index):
-    cfg = block_config(hidden2d.dtype)
     args = (hidden2d.shape[0], weight.shape[0], hidden2d.shape[1], hidden2d.stride(0), hidden2d.stride(1),
             weight.stride(0), weight.stride(1), float(temperature), int(ignore_index))
-    meta = dict(HAS_BIAS=bias is not None, DOT_PRECISION="ieee", BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
-                BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    return cfg, args, meta
+    return args, dict(HAS_BIAS=bias is not None, DOT_PRECISION="ieee")
 
 
 def fused_linear_fwd(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -298,9 +342,8 @@ def fused_linear_fwd(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optiona
     entropy = torch.empty_like(logprobs) if with_entropy else None
     row_max, log_d = torch.empty_like(logprobs), torch.empty_like(logprobs)
     if n_rows:
-        cfg, args, meta = _common(hidden2d, weight, bias, temperature, ignore_index)
-        grid = (triton.cdiv(n_rows, cfg["BLOCK_N"]),)
-        _fused_linear_fwd_kernel[grid](
+        args, meta = _common(hidden2d, weight, bias, temperature, ignore_index)
+        _fwd[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]),)](
             hidden2d, weight, bias if bias is not None else weight, labels, logprobs,
             entropy if with_entropy else logprobs, row_max, log_d, *args, WITH_ENTROPY=with_entropy, **meta)
     return logprobs, entropy, (row_max, log_d)
@@ -326,24 +369,26 @@ def fused_linear_bwd(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optiona
     has_b = grad_entropy is not None and entropy is not None
     if n_rows and (has_a or has_b) and (need_dx or need_dw or need_db):
         row_max, log_d = state
-        cfg, args, meta = _common(hidden2d, weight, bias, temperature, ignore_index)
+        args, meta = _common(hidden2d, weight, bias, temperature, ignore_index)
         dummy = row_max
         per_row = (hidden2d, weight, bias if bias is not None else weight, labels, row_max, log_d,
                    entropy if has_b else dummy, grad_logprobs if has_a else dummy, grad_entropy if has_b else dummy)
-        meta.update(HAS_A=has_a, HAS_B=has_b, SPLIT=hidden2d.dtype != torch.float32, BLOCK_H=cfg["BLOCK_H"])
+        meta.update(HAS_A=has_a, HAS_B=has_b, SPLIT=hidden2d.dtype != torch.float32)
         if not deterministic:
-            grid = (triton.cdiv(n_rows, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
-            _fused_linear_bwd_atomic_kernel[grid](
-                *per_row, dx if need_dx else dummy, dw if need_dw else dummy, db if need_db else dummy, *args,
+            # the autotuner zeroes the gradient pointers: the unused ones get a spare of their own, never state
+            spare = torch.zeros(1, **f32)
+            _bwd_atomic[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]), triton.cdiv(vocab, m["BLOCK_V"]))](
+                *per_row, dx if need_dx else spare, dw if need_dw else spare, db if need_db else spare, *args,
                 NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, **meta)
         else:
             if need_dx:
-                grid = (triton.cdiv(n_rows, cfg["BLOCK_N"]), triton.cdiv(hidden, cfg["BLOCK_H"]))
-                _fused_linear_bwd_dx_kernel[grid](*per_row, dx, *args, **meta)
+                _bwd_dx[lambda m: (triton.cdiv(n_rows, m["BLOCK_N"]), triton.cdiv(hidden, m["BLOCK_H"]))](
+                    *per_row, dx, *args, **meta)
             if need_dw or need_db:
-                grid = (triton.cdiv(vocab, cfg["BLOCK_V"]), triton.cdiv(hidden, cfg["BLOCK_H"]) if need_dw else 1)
-                _fused_linear_bwd_dw_kernel[grid](*per_row, dw if need_dw else dummy, db if need_db else dummy,
-                                                  *args, NEED_DW=need_dw, NEED_DB=need_db, **meta)
+                _bwd_dw[lambda m: (triton.cdiv(vocab, m["BLOCK_V"]),
+                                   triton.cdiv(hidden, m["BLOCK_H"]) if need_dw else 1)](
+                    *per_row, dw if need_dw else dummy, db if need_db else dummy, *args, NEED_DW=need_dw,
+                    NEED_DB=need_db, **meta)
     else:  # no upstream gradient reaches the op: the gradients are exact zeros
         for buf in (dx, dw, db):
             if buf is not None:

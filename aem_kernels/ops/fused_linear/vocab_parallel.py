@@ -30,8 +30,9 @@ reduce-scatters would sum the ranks' identical full gradients once more.
 
 Every rank must run the backward (it holds that collective), as it does when every rank computes the same
 loss from the outputs. Memory: the chunk buffer (rows = budget // (4 V_k), the default budget that of the
-chunked path for V_k) plus O(N) per-row state; half-precision weights as on the chunked path
-(one fp32 copy of W_k per pass, an fp32 [V_k, H] gradient accumulator).
+chunked path for V_k) plus O(N) per-row state; half-precision weights as on the chunked path: on CUDA its CUDA
+plan (`plan.py`: the shard W_k itself in tensor-core products with fp32 output, rows = budget // (8 V_k),
+1024 by default), elsewhere one fp32 copy of W_k per pass; an fp32 [V_k, H] gradient accumulator either way.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ __all__ = ["VocabParallelFusedLinearFunction", "vocab_parallel_fused_linear_logp
 
 
 def _slice_statistics(row_backend: Backend, hidden2d: torch.Tensor, rows: ActiveRows, weight: torch.Tensor,
-                      bias: Optional[torch.Tensor], labels: torch.Tensor, temperature: float, per_chunk: int):
+                      bias: Optional[torch.Tensor], labels: torch.Tensor, temperature: float, per_chunk: int,
+                      products):
     """Per active row [N_active], chunk by chunk: (lse_k fp64, h_k, state (m, log d), s_y fp64) of this slice;
-    `labels` [N_active] local."""
+    `labels` [N_active] local; `products` the path's (`products.py`)."""
     n_active, device = rows.n_active, hidden2d.device
     work = compute_dtype(hidden2d.dtype)
     lse = torch.empty(n_active, dtype=torch.float64, device=device)
@@ -75,7 +77,7 @@ def _slice_statistics(row_backend: Backend, hidden2d: torch.Tensor, rows: Active
         column = labels[span, None].clamp(min=0)
         target[span] = chunk.z.gather(1, column).squeeze(1).double() / temperature
 
-    chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work), step)
+    chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work, products), step)
     return lse, entropy, state, target
 
 
@@ -92,9 +94,10 @@ class VocabParallelFusedLinearFunction(torch.autograd.Function):
         # ignored rows cost no matmul (as on the chunked path); the combination runs on all N rows, so that
         # the ranks' all_reduces always have the same size
         rows = ActiveRows(local_labels, VP.LOCAL_IGNORE)
-        per_chunk = vocab_parallel_plan(rows.n_rows, weight.shape[0], hidden2d.dtype, budget)
+        products = path.products(hidden2d.device, hidden2d.dtype)
+        per_chunk = vocab_parallel_plan(rows.n_rows, weight.shape[0], hidden2d.dtype, budget, products.tensor_cores)
         stats = _slice_statistics(path.row, hidden2d, rows, weight, bias, rows.pick(local_labels), temperature,
-                                  per_chunk)
+                                  per_chunk, products)
         lse_k, h_k, state_k, target = (rows.spread(t) for t in stats)
         active = local_labels != VP.LOCAL_IGNORE
         logprobs, entropy, state_b, h_slot, w = VP.mixture_outputs(lse_k, h_k, state_k, target, in_shard, active,
@@ -145,7 +148,8 @@ class VocabParallelFusedLinearFunction(torch.autograd.Function):
             accumulate(chunk, dx, dw, db)
 
         if need_dx or need_dw or need_db:
-            chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work), step)
+            products = path.products(hidden2d.device, hidden2d.dtype)
+            chunk_loop(RowChunks(hidden2d, rows, weight, bias, per_chunk, work, products), step)
         grad_hidden = None
         if need_dx:
             # this slice's share of dLoss/dhidden; the sum over the ranks is the gradient (module docstring)
