@@ -203,7 +203,9 @@ def test_backend_decision_routes_by_device_and_dtype():
     assert resolve_backend("auto", cuda, torch.float64).name == "torch"   # fp32-math kernels: not fp64
     if capability.TRITON_FOUND:
         assert resolve_backend("auto", cuda, torch.bfloat16).name == "triton"
-        assert resolve_fused_linear_path("auto", cuda, torch.bfloat16).key == "triton"
+        # the CUDA plan: cuBLAS half-precision products with fp32 output per row chunk, Triton row kernels
+        expected = "triton-chunked-tc" if capability.half_mm_fp32_out("cuda") else "triton-blocked"
+        assert resolve_fused_linear_path("auto", cuda, torch.bfloat16).key == expected
     # the fused-linear path follows the row backend: vocab blocks for bf16/fp16 (no fp32 weight copy), row chunks
     # for fp32/fp64, and fp64 never on the Triton tiles
     assert resolve_fused_linear_path("torch", cpu, torch.bfloat16).key == "torch-blocked"

@@ -124,7 +124,8 @@ def fused_linear_single_pass_unavailable(path: FusedLinearPath, config: AEMConfi
     if not asked and dtype not in (torch.float32, torch.float64):
         # half precision: the single pass holds the fp32 weight copy and gradient accumulator from the forward
         # to the backward; taken only when asked for
-        return f"not taken unasked for {dtype} hidden states (it holds fp32 copies of the weight and its gradient)"
+        return (f"not taken unasked for {dtype} hidden states (it holds the fp32 weight-gradient accumulator, and "
+                "on the CPU paths fp32 copies of the weight, from the forward to the backward)")
     if torch.compiler.is_compiling():
         # its data-dependent row selection does not trace; the custom ops of the two passes do
         return "under torch.compile the fused-linear loss takes its two passes (custom ops)"
