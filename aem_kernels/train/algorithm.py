@@ -20,35 +20,60 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import aem_kernels as ak
+from aem_kernels.config import LOSS_MODES
 
 from .batching import PolicyBatch
 
-__all__ = ["METHODS", "loss_config", "grpo_advantages", "split_by_group", "policy_terms", "ppo_update",
+__all__ = ["BASE_METHODS", "METHODS", "METHOD_MODES", "MODE_METHODS", "MODE_SETTINGS", "loss_config", "grpo_advantages", "split_by_group", "policy_terms", "ppo_update",
            "response_entropies", "measured_entropy_change"]
 
-METHODS = ("grpo", "aem", "entropy", "clip_higher")
+BASE_METHODS = ("grpo", "aem", "entropy", "clip_higher", "entropy_tokens")
+# every policy-loss mode of `ak.AEMConfig.loss_mode` but vanilla (= method "grpo") is a method, alone and with
+# AEM; TRL's loss type "grpo" is method "trl_grpo" (method "grpo" is verl's vanilla loss at beta 0)
+METHOD_MODES = {("trl_grpo" if mode == "grpo" else mode): mode for mode in LOSS_MODES if mode != "vanilla"}
+MODE_METHODS = tuple(METHOD_MODES)
+METHODS = BASE_METHODS + MODE_METHODS + tuple(f"{method}_aem" for method in MODE_METHODS)
+
+# the settings a mode's method trains with besides loss_mode (its framework's recommendation):
+#   gspo: sequence-level ratios clipped to [1 - 3e-4, 1 + 4e-4] and seq-mean-token-mean, as the GSPO paper and
+#         verl's GSPO example run it (a token-level clip range of 0.2 leaves a sequence ratio unclipped)
+#   dro:  verl has no default for its quadratic penalty (dro_beta must be set); 0.1 here
+MODE_SETTINGS = {"gspo": dict(clip_low=3e-4, clip_high=4e-4, loss_agg_mode="seq-mean-token-mean"),
+                 "dro": dict(dro_beta=0.1)}
 
 
 def loss_config(method: str, beta: float, *, entropy_coef: float = 0.0, clip_high: float = 0.2,
-                **overrides) -> ak.AEMConfig:
+                top_entropy_quantile: float = 0.2, **overrides) -> ak.AEMConfig:
     """The loss configuration of a method, every one an `ak.AEMConfig` (so every one goes through
     `ak.aem_policy_loss`):
 
-        "grpo"         AEMConfig(beta=0): plain GRPO exactly
-        "aem"          the paper's default AEMConfig with the given beta
-        "entropy"      GRPO plus an entropy bonus: AEMConfig(beta=0, entropy_coef=entropy_coef)
-        "clip_higher"  GRPO with DAPO's asymmetric ratio clip: AEMConfig(beta=0, clip_high=clip_high)
+        "grpo"            AEMConfig(beta=0): plain GRPO exactly
+        "aem"             the paper's default AEMConfig with the given beta
+        "entropy"         GRPO plus an entropy bonus: AEMConfig(beta=0, entropy_coef=entropy_coef)
+        "clip_higher"     GRPO with DAPO's asymmetric ratio clip: AEMConfig(beta=0, clip_high=clip_high)
+        "entropy_tokens"  GRPO on the high-entropy tokens only (the "80/20" selection, TRL's
+                          top_entropy_quantile): AEMConfig(beta=0, top_entropy_quantile=top_entropy_quantile)
+        "<mode>"          a policy-loss mode of `LOSS_MODES` (gspo, clip_cov, ...; TRL's grpo type is "trl_grpo"),
+                          beta 0, with `MODE_SETTINGS`
+        "<mode>_aem"      the same mode on AEM-modulated advantages (the given beta)
 
-    `beta` is used by "aem" only, `entropy_coef` by "entropy" only, `clip_high` by "clip_higher" only;
-    `overrides` set the remaining fields (KL, temperature, ...)."""
+    `beta` is used by "aem" and "*_aem" only, `entropy_coef` by "entropy", `clip_high` by "clip_higher",
+    `top_entropy_quantile` by "entropy_tokens"; `overrides` set the remaining fields (KL, temperature, spread
+    floors, ...)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    fields = {"beta": beta if method == "aem" else 0.0}
+    base = method[:-len("_aem")] if method.endswith("_aem") else method
+    fields = {"beta": beta if method == "aem" or method.endswith("_aem") else 0.0}
     if method == "entropy":
         fields["entropy_coef"] = entropy_coef
     if method == "clip_higher":
         fields["clip_high"] = clip_high
-    return ak.AEMConfig(**fields, **overrides)
+    if method == "entropy_tokens":
+        fields["top_entropy_quantile"] = top_entropy_quantile
+    if base in METHOD_MODES:
+        mode = METHOD_MODES[base]
+        fields.update(loss_mode=mode, **MODE_SETTINGS.get(mode, {}))
+    return ak.AEMConfig(**{**fields, **overrides})
 
 
 def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -7,6 +7,8 @@
              nice -n 10 python -m aem_kernels.train compare --out bench/results/trainer --workers 2
              python -m aem_kernels.train compare --envs safe --methods grpo aem entropy clip_higher \
                  --out bench/results/trainer-explore --workers 2
+             python -m aem_kernels.train compare --envs safe --seeds 5 --methods grpo aem gspo gspo_aem \
+                 clip_cov entropy_tokens --out bench/results/trainer-modes --workers 2
     demo     the short demo (GRPO and GRPO+AEM, one environment, one seed; a few minutes on 2 CPU cores)
     plot     plots and summary.md again from the JSONL files of an output directory
 
@@ -54,6 +56,9 @@ def _add_common(p: argparse.ArgumentParser, default_preset: str) -> None:
     g.add_argument("--beta", type=float, help="AEM strength for method aem")
     g.add_argument("--entropy-coef", type=float, help="entropy-bonus coefficient for method entropy")
     g.add_argument("--clip-high", type=float, help="upper ratio clip for method clip_higher")
+    g.add_argument("--top-entropy-quantile", type=float, help="share of top-entropy tokens for entropy_tokens")
+    g.add_argument("--spread-floor", type=float, help="AEM's absolute spread floor (eq. 5)")
+    g.add_argument("--relative-spread-floor", type=float, help="AEM's spread floor relative to the group mean")
     g.add_argument("--lr", type=float)
     g.add_argument("--ppo-epochs", type=int)
     g.add_argument("--minibatches", type=int)
@@ -65,7 +70,8 @@ def _add_common(p: argparse.ArgumentParser, default_preset: str) -> None:
     g.add_argument("--threads", type=int)
 
 
-_OVERRIDES = ("steps", "tasks_per_step", "group_size", "level", "beta", "entropy_coef", "clip_high", "lr", "ppo_epochs", "minibatches",
+_OVERRIDES = ("steps", "tasks_per_step", "group_size", "level", "beta", "entropy_coef", "clip_high",
+              "top_entropy_quantile", "spread_floor", "relative_spread_floor", "lr", "ppo_epochs", "minibatches",
               "kl_coef", "temperature", "reward_scheme", "warmstart_steps", "eval_every", "threads")
 
 

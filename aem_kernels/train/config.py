@@ -32,6 +32,8 @@ AEM_BETA = 0.5
 ENTROPY_COEF = 0.03
 # upper ratio clip of method "clip_higher" (DAPO's clip-higher: clip_low 0.2, clip_high 0.28)
 CLIP_HIGHER = 0.28
+# the share of highest-entropy tokens method "entropy_tokens" trains on (the "80/20" rule of thumb: the top 20 %)
+ENTROPY_TOKENS_QUANTILE = 0.2
 
 
 @dataclass
@@ -41,8 +43,10 @@ class TrainConfig:
     Attributes:
         env: "household", "shop" or "safe".
         method: "grpo" (AEMConfig(beta=0)), "aem" (AEMConfig(beta=beta), the paper's default form),
-            "entropy" (GRPO with an entropy bonus `entropy_coef`) or "clip_higher" (GRPO with the upper ratio
-            clip `clip_high`, DAPO-style).
+            "entropy" (GRPO with an entropy bonus `entropy_coef`), "clip_higher" (GRPO with the upper ratio
+            clip `clip_high`, DAPO-style), "entropy_tokens" (GRPO on the top `top_entropy_quantile` entropy
+            tokens), or a policy-loss mode ("gspo", "clip_cov", ..., alone or "<mode>_aem"; see
+            `algorithm.loss_config`).
         seed: seeds the RL run (task stream, sampling); the warm start has its own fixed seed so that every
             run of an environment starts from the same policy (as RL runs start from one base model).
         steps: RL steps (one rollout batch and one PPO update each).
@@ -51,6 +55,8 @@ class TrainConfig:
         beta: AEM strength for method "aem".
         entropy_coef: entropy-bonus coefficient for method "entropy".
         clip_high: upper ratio clip for method "clip_higher" (the other methods keep AEMConfig's 0.2).
+        top_entropy_quantile: share of the highest-entropy tokens method "entropy_tokens" trains on.
+        spread_floor, relative_spread_floor: AEM's spread floors of eq. 5 (`ak.AEMConfig`), every method.
         lr, ppo_epochs, minibatches, max_grad_norm: the actor update (Adam).
         kl_coef: KL-to-reference coefficient (k3); 0 disables the reference model.
         temperature: sampling temperature (the loss uses the same).
@@ -75,6 +81,9 @@ class TrainConfig:
     beta: float = AEM_BETA
     entropy_coef: float = ENTROPY_COEF
     clip_high: float = CLIP_HIGHER
+    top_entropy_quantile: float = ENTROPY_TOKENS_QUANTILE
+    spread_floor: float = 1e-8
+    relative_spread_floor: float = 0.0
     lr: float = 3e-4
     ppo_epochs: int = 1
     minibatches: int = 2

@@ -116,7 +116,9 @@ def train(cfg: TrainConfig, *, out_path: Optional[str] = None, cache_dir: Option
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     config = loss_config(cfg.method, cfg.beta, entropy_coef=cfg.entropy_coef, clip_high=cfg.clip_high,
-                         kl_coef=cfg.kl_coef, temperature=cfg.temperature)
+                         top_entropy_quantile=cfg.top_entropy_quantile, kl_coef=cfg.kl_coef,
+                         temperature=cfg.temperature, spread_floor=cfg.spread_floor,
+                         relative_spread_floor=cfg.relative_spread_floor)
     task_rng = random.Random(f"train-{cfg.env}-{cfg.seed}")
     sampler = torch.Generator().manual_seed(cfg.seed)
     eval_tasks = sample_tasks(env, random.Random(f"eval-{cfg.env}"), cfg.eval_tasks)

@@ -17,10 +17,23 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .algorithm import METHODS
+
 __all__ = ["load_runs", "series", "drift_points", "plot_env", "plot_drift", "plot_all"]
 
 METHOD_STYLE = {"grpo": ("GRPO", "tab:blue"), "aem": ("GRPO+AEM", "tab:red"),
-                "entropy": ("GRPO+entropy bonus", "tab:green"), "clip_higher": ("GRPO+clip-higher", "tab:purple")}
+                "entropy": ("GRPO+entropy bonus", "tab:green"), "clip_higher": ("GRPO+clip-higher", "tab:purple"),
+                "entropy_tokens": ("GRPO, top-20 % entropy tokens", "tab:olive"),
+                "gspo": ("GSPO", "tab:orange"), "gspo_aem": ("GSPO+AEM", "tab:brown"),
+                "clip_cov": ("Clip-Cov", "tab:cyan"), "clip_cov_aem": ("Clip-Cov+AEM", "tab:pink"),
+                "kl_cov": ("KL-Cov", "tab:gray"), "kl_cov_aem": ("KL-Cov+AEM", "black")}
+# the other policy-loss modes' methods: labelled by their name, colours from matplotlib's cycle
+_NAMED = {"trl_grpo": "TRL grpo", "dr_grpo": "Dr. GRPO", "dapo": "DAPO", "bnpo": "BNPO"}
+for _method in METHODS:
+    if _method not in METHOD_STYLE:
+        _base = _method[:-4] if _method.endswith("_aem") else _method
+        _label = _NAMED.get(_base, _base.replace("_", "-"))
+        METHOD_STYLE[_method] = (_label + ("+AEM" if _method.endswith("_aem") else ""), None)
 
 Runs = Dict[Tuple[str, str], List[List[dict]]]   # (env, method) -> one record list per seed
 

@@ -84,28 +84,33 @@ def summary_tables(runs: Runs, window: int = 5) -> str:
 
 def _paired_section(runs: Runs, env: str, methods: Sequence[str], finals: Dict[str, np.ndarray],
                     averages: Dict[str, np.ndarray]) -> List[str]:
-    """Every method against GRPO, paired by seed (the protocol of stats.py)."""
-    others = [m for m in methods if m != "grpo"]
-    if "grpo" not in methods or not others:
-        return []
+    """Every method against GRPO, and every "<mode>_aem" against its "<mode>", paired by seed (the protocol of
+    stats.py)."""
     rollout = {m: _last_mean(runs[(env, m)], "rollout/success", 10) for m in methods}
-    out = ["\nPaired differences against GRPO (same seed: same warm start, same first batch); mean difference, "
-           "95 % bootstrap interval over seeds (10^4 resamples), seeds better / worse / tied, and the minimal "
-           "detectable effect (MDE: 80 % power, two-sided 5 %, at the observed spread of the differences):\n",
-           "| method | outcome | seeds | difference [95 % CI] | better / worse / tied | MDE | verdict |",
-           "|---|---|---|---|---|---|---|"]
-    for method in others:
-        for name, values in (("mean held-out success after step 0 (primary)", averages),
-                             ("final held-out success", finals), ("rollout success, last 10 steps", rollout)):
-            if len(values[method]) != len(values["grpo"]) or len(values[method]) < 2:
-                out.append(f"| {METHOD_STYLE[method][0]} | {name} | - | unpaired seeds | - | - | - |")
-                continue
-            c = paired_comparison(values[method], values["grpo"])
-            verdict = ("no detectable difference" if c["low"] <= 0 <= c["high"] else
-                       "better than GRPO" if c["low"] > 0 else "worse than GRPO")
-            out.append(f"| {METHOD_STYLE[method][0]} | {name} | {c['n']} | {c['mean']:+.3f} [{c['low']:+.3f}, "
-                       f"{c['high']:+.3f}] | {c['better']} / {c['worse']} / {c['tied']} | {c['mde']:.3f} | "
-                       f"{verdict} |")
+    out: List[str] = []
+    against_grpo = [(m, "grpo") for m in methods if m != "grpo"] if "grpo" in methods else []
+    against_base = [(m, m[:-4]) for m in methods if m.endswith("_aem") and m[:-4] in methods]
+    for pairs, title in ((against_grpo, "against GRPO"), (against_base, "of AEM against the same loss mode without it")):
+        if not pairs:
+            continue
+        out += [f"\nPaired differences {title} (same seed: same warm start, same first batch); mean difference, "
+                "95 % bootstrap interval over seeds (10^4 resamples), seeds better / worse / tied, and the minimal "
+                "detectable effect (MDE: 80 % power, two-sided 5 %, at the observed spread of the differences):\n",
+                "| method | against | outcome | seeds | difference [95 % CI] | better / worse / tied | MDE | verdict |",
+                "|---|---|---|---|---|---|---|---|"]
+        for method, base in pairs:
+            label, base_label = METHOD_STYLE[method][0], METHOD_STYLE[base][0]
+            for name, values in (("mean held-out success after step 0 (primary)", averages),
+                                 ("final held-out success", finals), ("rollout success, last 10 steps", rollout)):
+                if len(values[method]) != len(values[base]) or len(values[method]) < 2:
+                    out.append(f"| {label} | {base_label} | {name} | - | unpaired seeds | - | - | - |")
+                    continue
+                c = paired_comparison(values[method], values[base])
+                verdict = ("no detectable difference" if c["low"] <= 0 <= c["high"] else
+                           f"better than {base_label}" if c["low"] > 0 else f"worse than {base_label}")
+                out.append(f"| {label} | {base_label} | {name} | {c['n']} | {c['mean']:+.3f} [{c['low']:+.3f}, "
+                           f"{c['high']:+.3f}] | {c['better']} / {c['worse']} / {c['tied']} | {c['mde']:.3f} | "
+                           f"{verdict} |")
     return out
 
 

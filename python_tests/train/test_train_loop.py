@@ -48,7 +48,7 @@ def test_loss_config_methods():
     aem = A.loss_config("aem", 2.0, kl_coef=0.01)
     assert aem.beta == 2.0 and aem.kl_coef == 0.01 and aem.baseline == "minmax" and aem.normalize == "group"
     with pytest.raises(ValueError, match="method"):
-        A.loss_config("dapo", 1.0)
+        A.loss_config("ppo", 1.0)
 
 
 def _batch(env_name="shop", level="turn", seed=0):

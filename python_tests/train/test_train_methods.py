@@ -33,7 +33,7 @@ def test_each_method_is_its_aem_config():
     assert (higher.beta, higher.entropy_coef, higher.clip_high, higher.clip_low) == (0.0, 0.0, 0.3, 0.2)
     assert A.loss_config("clip_higher", 1.0, kl_coef=0.01).kl_coef == 0.01
     with pytest.raises(ValueError, match="method"):
-        A.loss_config("dapo", 0.5)
+        A.loss_config("vanilla", 0.5)   # verl's vanilla loss is method "grpo"
 
 
 def _batch(seed=0):
@@ -66,7 +66,7 @@ def _loss_by_hand(model, batch, old_logprobs, config, weights, dtype):
     return pg_loss - config.entropy_coef * mean_entropy, pg_loss, mean_entropy
 
 
-@pytest.mark.parametrize("method", A.METHODS)
+@pytest.mark.parametrize("method", ("grpo", "aem", "entropy", "clip_higher"))
 def test_each_method_config_reaches_the_loss(method, monkeypatch):
     """ppo_update hands the method's AEMConfig to the package's loss (ak.causal_lm_aem_policy_loss: the LM head
     through the fused linear path) unchanged, and the loss it gets back is the method's total, computed here
@@ -226,7 +226,46 @@ def test_cli_compare_runs_the_baselines_and_reports_paired_statistics_and_the_dr
     assert configs["safe-grpo-seed0.jsonl"]["entropy_coef"] == 0.0 and configs["safe-grpo-seed0.jsonl"]["beta"] == 0.0
     with open(os.path.join(out, "summary.md")) as f:
         text = f.read()
-    assert "Paired differences against GRPO" in text and "| GRPO+entropy bonus | mean held-out success" in text
-    assert "| GRPO+clip-higher | final held-out success | 2 |" in text
+    assert "Paired differences against GRPO" in text and "| GRPO+entropy bonus | GRPO | mean held-out success" in text
+    assert "| GRPO+clip-higher | GRPO | final held-out success | 2 |" in text
     assert "Drift meter" in text and "| GRPO+entropy bonus | 4 |" in text   # 2 seeds x 2 steps
     assert os.path.getsize(os.path.join(out, "safe-drift.png")) > 10_000
+
+
+def test_loss_mode_methods_map_to_their_config():
+    """Every method names its AEMConfig: the policy-loss modes alone (beta 0) and with AEM (beta given), TRL's
+    grpo type as trl_grpo, the entropy-token selection, and the spread floors passed through."""
+    assert len(set(A.METHODS)) == len(A.METHODS)
+    for method in A.METHODS:
+        config = A.loss_config(method, 0.7, relative_spread_floor=0.05)
+        assert config.relative_spread_floor == 0.05
+        assert config.beta == (0.7 if method == "aem" or method.endswith("_aem") else 0.0), method
+        base = method[:-4] if method.endswith("_aem") else method
+        assert config.loss_mode == A.METHOD_MODES.get(base, "vanilla"), method
+    assert A.loss_config("trl_grpo", 0.7).loss_mode == "grpo" and A.loss_config("grpo", 0.7).loss_mode == "vanilla"
+    gspo = A.loss_config("gspo_aem", 0.7)
+    assert (gspo.clip_low, gspo.clip_high, gspo.loss_agg_mode) == (3e-4, 4e-4, "seq-mean-token-mean")
+    assert A.loss_config("entropy_tokens", 0.7, top_entropy_quantile=0.3).top_entropy_quantile == 0.3
+    with pytest.raises(ValueError, match="method"):
+        A.loss_config("gspo_aem_aem", 0.7)
+
+
+@pytest.mark.parametrize("method", ("gspo_aem", "clip_cov", "entropy_tokens"))
+def test_loss_mode_methods_train(method, monkeypatch):
+    """A PPO update of a loss-mode method hands its config to the package's loss and moves the policy."""
+    model, batch = _batch()
+    seen = []
+    real = ak.causal_lm_aem_policy_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["config"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A.ak, "causal_lm_aem_policy_loss", spy)
+    config = A.loss_config(method, 0.7)
+    before = [p.detach().clone() for p in model.parameters()]
+    old, _ = A.policy_terms(model, batch)
+    metrics = A.ppo_update(model, torch.optim.Adam(model.parameters(), lr=1e-2), [batch], [old], config,
+                           epochs=1, max_grad_norm=1.0)
+    assert seen == [config] and all(v == v for v in metrics.values() if isinstance(v, float))
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
