@@ -48,11 +48,13 @@ def fused_linear_aem_policy_loss(
         batch_keywords: the batch keywords of `aem_policy_loss`, with the same meanings (token_response /
             response_mask / turn_ids, response_group, old_logprobs, old_entropy, ref_logprobs,
             advantage_level, num_groups, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor,
-            process_group); any other keyword is a TypeError.
+            process_group, rollout_logprobs); any other keyword is a TypeError.
         inplace_backward: accepted for signature compatibility (a bool); it changes nothing, as the chunk
             buffers are always overwritten by their gradient.
         single_pass: None: when the modulation weights are known before the forward (surprisal_source="old",
-            or beta = 0) and the path is the chunked one (CPU, backend="torch") with fp32/fp64 hidden states,
+            or beta = 0), config.loss_mode's per-token derivative is row-local (`ops.policy_loss.row_local`:
+            not gspo, geo_mean, vespo, clip_cov, kl_cov, TRL's sequence level, nor top_entropy_quantile < 1),
+            and the path is the chunked one (CPU, backend="torch") with fp32/fp64 hidden states,
             every chunk's gradient is finished in the forward while its logits are in the buffer (three matmuls
             instead of four; same loss, metrics and gradients up to fp32 summation order); True: require that
             (bf16/fp16 included, which then holds the fp32 weight copy and gradient accumulator from the

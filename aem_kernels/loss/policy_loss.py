@@ -68,8 +68,9 @@ def aem_policy_loss(
         num_groups: G (default max group id + 1, one host sync).
         inplace_backward: write the logits' gradient into the logits' storage.
         single_pass: loss terms and gradient from one Triton launch (`ops/policy_loss/triton.py`), possible
-            when the modulation weights do not depend on this forward (surprisal_source="old", or beta = 0).
-            None: use it whenever it applies on the Triton backend; True: require it (ValueError saying why it cannot
+            when the modulation weights do not depend on this forward (surprisal_source="old", or beta = 0)
+            and config.loss_mode is "vanilla" or "bypass_mode" (the kernel's loss; every other mode takes two
+            passes here, README "Policy-loss modes"). None: use it whenever it applies on the Triton backend; True: require it (ValueError saying why it cannot
             apply); False: the two-pass path. Loss and metrics are the same either way; with
             inplace_backward the gradient overwrites the logits already in the forward.
         dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: verl 0.9.1's global normalisers of
