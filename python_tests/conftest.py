@@ -27,6 +27,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+DISTRIBUTED_TESTS = "python_tests/distributed/"
+
+
+@pytest.hookimpl(optionalhook=True)  # (a pytest-xdist hook)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs the suite in two pytest-xdist workers with --dist loadfile: a test file stays on one
+    worker, so its module-scoped fixtures (the sm_90 compiles) run once. The files under distributed/ form one
+    unit too: one spawn of gloo processes per world size serves all of them (distributed_harness.py), and a
+    second worker would repeat it."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return DISTRIBUTED_TESTS if path.startswith(DISTRIBUTED_TESTS) else path
+
+    return FileScheduling(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

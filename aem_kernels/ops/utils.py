@@ -36,7 +36,7 @@ import triton.language as tl
 from ..errors import BackendUnavailableError
 
 __all__ = ["INTERPRET_MAX_BLOCK_V", "FWD_TILE_BYTES", "BWD_TILE_BYTES", "is_interpreting", "check_triton_device",
-           "launch_config", "temperature_args"]
+           "launch_config", "temperature_args", "loop_bound"]
 
 INTERPRET_MAX_BLOCK_V = 128
 FWD_TILE_BYTES = 16384
@@ -68,6 +68,21 @@ def launch_config(vocab: int, element_size: int, tile_bytes: int = FWD_TILE_BYTE
     # 8 warps for a full tile (see the module docstring); smaller tiles keep >= 16 elements per thread.
     num_warps = max(1, min(8, block // 512))
     return block, num_warps
+
+
+# Compiled kernels never take the interpreter-only branches below: the PTX is that of the plain code.
+_INTERPRETING: tl.constexpr = tl.constexpr(is_interpreting())
+
+
+@triton.jit
+def loop_bound(n):
+    """`n` (a runtime scalar) as the bound of a `range` loop, for every supported Triton. Compiled, it is `n`.
+    The interpreter keeps a scalar as a one-element array, and Triton 3.6's interpreter turns a loop bound into
+    a Python int with int(array), which NumPy >= 2.4 refuses for arrays of one dimension (later Tritons
+    squeeze first); .item() takes the value of any one-element array."""
+    if _INTERPRETING:
+        return n.handle.data.item()
+    return n
 
 
 @triton.jit
@@ -112,7 +127,7 @@ def streaming_softmax_stats(row_ptr, n_cols, vocab, inv_temperature, BLOCK_V: tl
     m = tl.full([], float("-inf"), tl.float32)
     d = tl.zeros([], tl.float32)
     t = tl.zeros([], tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(0, loop_bound(n_cols), BLOCK_V):
         idx = start + cols
         x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -154,7 +169,7 @@ def store_row_grad(in_ptr, out_ptr, vocab, inv_temperature, m, log_d, entropy, a
     writes zeros. The tile is read before it is written, so `out_ptr` may equal `in_ptr` (in place)."""
     cols = tl.arange(0, BLOCK_V)
     n_read = tl.where(active, vocab, 0)  # (a bound rather than `mask & active`: cheaper, and interpreter-safe)
-    for start in range(0, vocab, BLOCK_V):
+    for start in range(0, loop_bound(vocab), BLOCK_V):
         idx = start + cols
         in_row = idx < vocab
         x = tl.load(in_ptr + idx, mask=idx < n_read, other=float("-inf")).to(tl.float32)
@@ -170,7 +185,7 @@ def store_row_grad(in_ptr, out_ptr, vocab, inv_temperature, m, log_d, entropy, a
 
 
 # Triton's interpreter truncates fp32 -> bf16 where GPUs round to nearest even; the interpreter emulates the GPU.
-_EMULATE_BF16_ROUNDING: tl.constexpr = tl.constexpr(is_interpreting())
+_EMULATE_BF16_ROUNDING: tl.constexpr = _INTERPRETING
 
 
 @triton.jit

@@ -45,8 +45,8 @@ import triton.language as tl
 
 from ...contract import check_inplace_backward, first_order_only
 from ...layout import as_rows3d, gradient_buffer
-from ..utils import (BWD_TILE_BYTES, FWD_TILE_BYTES, check_triton_device, launch_config, row_epilogue, row_offset,
-                    store_row_grad, streaming_softmax_stats, temperature_args, to_storage)
+from ..utils import (BWD_TILE_BYTES, FWD_TILE_BYTES, check_triton_device, launch_config, loop_bound, row_epilogue,
+                    row_offset, store_row_grad, streaming_softmax_stats, temperature_args, to_storage)
 from .pytorch import KL_VALUE_CLAMP, LOG_RATIO_CLAMP
 
 __all__ = ["aem_loss_fused_fwd", "aem_loss_single_pass", "FusedGradientFunction"]
@@ -138,7 +138,7 @@ def _scale_rows_kernel(grad_ptr, factor_ptr, rows_per_batch, stride_b, stride_t,
     factor = tl.load(factor_ptr).to(tl.float32)
     n_cols = tl.where(factor == 1.0, 0, vocab)  # grad_output == 1: leave the gradient untouched
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(0, loop_bound(n_cols), BLOCK_V):
         idx = start + cols
         grad = tl.load(row_ptr + idx, mask=idx < vocab, other=0.0).to(tl.float32)
         tl.store(row_ptr + idx, to_storage(grad * factor, grad_ptr.dtype.element_ty), mask=idx < vocab)

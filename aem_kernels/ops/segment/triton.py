@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import loop_bound
 from .autograd import segment_sum_backward, segment_sum_setup_context
 
 __all__ = ["segment_sums_deterministic", "segment_sum"]
@@ -38,7 +39,7 @@ def _segment_sum_kernel(order_ptr, bounds_ptr, first_ptr, second_ptr, first_out_
     offsets = tl.arange(0, BLOCK_N)
     first_acc = tl.zeros([BLOCK_N], first_out_ptr.dtype.element_ty)
     second_acc = tl.zeros([BLOCK_N], second_out_ptr.dtype.element_ty)
-    for chunk in range(start, end, BLOCK_N):
+    for chunk in range(loop_bound(start), loop_bound(end), BLOCK_N):
         idx = chunk + offsets
         inside = idx < end
         token = tl.load(order_ptr + idx, mask=inside, other=0)
