@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import to_storage
+from ..utils import loop_bound, to_storage
 
 __all__ = ["ATOMIC_OUTPUTS", "autotuned", "block_config", "fused_linear_bwd", "fused_linear_fwd", "gpu_configs",
            "interpreter_configs", "prune_tiles"]
@@ -88,7 +88,7 @@ def _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, stride_x
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     row_ok = rows[:, None] < n_rows
     col_ok = cols[None, :] < vocab
-    for k0 in range(0, hidden, BLOCK_K):
+    for k0 in range(0, loop_bound(hidden), BLOCK_K):
         k = k0 + ks
         x = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xh,
                     mask=row_ok & (k[None, :] < hidden), other=0.0)
@@ -150,7 +150,7 @@ def _fused_linear_fwd_kernel(
     d = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     target = tl.zeros([BLOCK_N], tl.float32)
-    for v0 in range(0, vocab, BLOCK_V):
+    for v0 in range(0, loop_bound(vocab), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         z = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, stride_xn, stride_xh, stride_wv,
                         stride_wh, temperature, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
@@ -192,7 +192,7 @@ def _fused_linear_bwd_atomic_kernel(
     col_ok = cols[:, None] < vocab
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=cols < vocab)
-    for h0 in range(0, hidden, BLOCK_H):
+    for h0 in range(0, loop_bound(hidden), BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         h_ok = hs[None, :] < hidden
         if NEED_DX:
@@ -218,7 +218,7 @@ def _fused_linear_bwd_dx_kernel(
     labels, active, row_max, log_d, entropy, a, b = _row_terms(
         rows, n_rows, labels_ptr, max_ptr, logd_ptr, entropy_ptr, glp_ptr, gent_ptr, ignore_index, HAS_A, HAS_B)
     acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
-    for v0 in range(0, vocab, BLOCK_V):
+    for v0 in range(0, loop_bound(vocab), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         z = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, stride_xn, stride_xh, stride_wv,
                         stride_wh, temperature, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
@@ -242,7 +242,7 @@ def _fused_linear_bwd_dw_kernel(
     hs = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_V, BLOCK_H], tl.float32)
     acc_b = tl.zeros([BLOCK_V], tl.float32)
-    for n0 in range(0, n_rows, BLOCK_N):
+    for n0 in range(0, loop_bound(n_rows), BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         labels, active, row_max, log_d, entropy, a, b = _row_terms(
             rows, n_rows, labels_ptr, max_ptr, logd_ptr, entropy_ptr, glp_ptr, gent_ptr, ignore_index, HAS_A,
