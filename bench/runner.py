@@ -187,9 +187,11 @@ def run_profile(ctx: BenchContext) -> List[dict]:
     for n, v, dtype in points:
         point = Point(n=n, v=v, dtype=dtype, seq_len=ctx.profile.seq_len)
         sweeps = membership[(n, v, dtype)]
+        # a case the profile confines to some points (`Profile.case_points`) has no record elsewhere
+        here = [case for case in cases if ctx.profile.runs_at(case.name, (n, v, dtype))]
         if not run.limits.budget_left():
             reason = "profile time budget exhausted"
-            records += [_Cell(c, point, sweeps).record(line, "skipped", reason) for c in cases for line in lines]
+            records += [_Cell(c, point, sweeps).record(line, "skipped", reason) for c in here for line in lines]
             run.log(f"[{point.key()}] skipped: {reason}")
             continue
         cache: Dict[str, Inputs] = {}
@@ -199,7 +201,7 @@ def run_profile(ctx: BenchContext) -> List[dict]:
                 cache["logits"] = make_logits(point, device, ctx.seed)
             return cache["logits"]
 
-        for case in cases:
+        for case in here:
             cell = _Cell(case, point, sweeps)
             # alive during the case: the logits, and for a backward a kept copy and the reference gradient
             resident = point.logits_bytes * (3 if case.backward else 1)
