@@ -115,6 +115,7 @@ class AEMLossModeForwardBackward(AEMLossForwardBackward):
         self.config = mode_config(mode)
         self.name = f"aem_loss_fwd_bwd[{mode}]"
         self.title = f"aem_policy_loss, loss_mode={mode!r} ({framework(mode)}), forward + backward"
+        self._loss = None        # the framework's loss, built in `extend` (outside the timers; verl imports in ~10 s)
         self._compiled = None
 
     def skip_reason(self, impl: Implementation) -> Optional[str]:
@@ -137,14 +138,16 @@ class AEMLossModeForwardBackward(AEMLossForwardBackward):
         inputs.extra["response_group"] = torch.arange(batch, device=device) // GROUP_SIZE
         inputs.extra["advantages"] = torch.randn(batch, generator=gen, device=device)
         inputs.extra["old_logprobs"] = current + noise
+        if self._loss is None and not (framework(self.mode) == "verl" and verl_unavailable()):
+            self._loss = framework_loss(self.config)
         return inputs
 
     def _user_loss(self, logits: torch.Tensor, labels: torch.Tensor, extra: dict,
                    logprobs_entropy=eager_logprobs_entropy) -> torch.Tensor:
         """What a framework's user writes: materialised log-probs and entropies, then the framework's loss."""
         logprobs, entropy = logprobs_entropy(logits, labels, entropy_grad=False)
-        return framework_loss(self.config, logprobs, entropy, extra["old_logprobs"], extra["advantages"],
-                              extra["response_group"], extra["mask"])
+        return self._loss(logprobs, entropy, extra["old_logprobs"], extra["advantages"], extra["response_group"],
+                          extra["mask"])
 
     def call(self, impl: Implementation, inputs: Inputs) -> Outputs:
         extra = inputs.extra

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -58,7 +58,6 @@ def verl_unavailable() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def _verl_actor(config: ak.AEMConfig):
     """verl's `ActorConfig` with the config's clip range, dual clip, aggregation and mode hyper-parameters."""
     from verl.workers.config import ActorConfig, PolicyLossConfig
@@ -75,12 +74,17 @@ def _verl_actor(config: ak.AEMConfig):
     return actor
 
 
-def _verl_loss(config, logprobs, old_logprobs, token_advantages, mask):
+def _verl_policy_loss(config: ak.AEMConfig) -> Callable[..., torch.Tensor]:
+    """verl's loss function for the mode and its actor config, both built once, as a trainer builds them."""
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    loss, _metrics = get_policy_loss_fn(config.loss_mode)(old_logprobs, logprobs, token_advantages, mask,
-                                                          config.loss_agg_mode, _verl_actor(config), None)
-    return loss
+    loss_fn, actor = get_policy_loss_fn(config.loss_mode), _verl_actor(config)
+
+    def policy_loss(logprobs, old_logprobs, token_advantages, mask):
+        loss, _metrics = loss_fn(old_logprobs, logprobs, token_advantages, mask, config.loss_agg_mode, actor, None)
+        return loss
+
+    return policy_loss
 
 
 def _vespo_weights(config, log_ratio, advantages, mask):
@@ -123,18 +127,25 @@ def _trl_loss(config, logprobs, old_logprobs, advantages, mask):
     raise ValueError(f"not a TRL loss type of this package: {mode!r}")
 
 
-def framework_loss(config: ak.AEMConfig, logprobs: torch.Tensor, entropy: torch.Tensor, old_logprobs: torch.Tensor,
-                   advantages: torch.Tensor, response_group: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The framework's loss for `config.loss_mode` with AEM, from a line's own log-probs [B, T] (with a gradient)
-    and entropies [B, T] (without), one response per row: `mask` [B, T] bool marks its trained tokens,
-    `advantages` and `response_group` are [B]."""
-    weights = mask.to(torch.float32)
-    uncertainty = (entropy.float() * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)   # x_r: mean token entropy
-    modulated, _ = ak.modulate_advantages(advantages, uncertainty, response_group, config)
-    logprobs = logprobs.float()
-    if config.loss_mode in TRL_LOSS_MODES:
-        return _trl_loss(config, logprobs, old_logprobs, modulated[:, None], weights)
-    return _verl_loss(config, logprobs, old_logprobs, modulated[:, None] * weights, weights)
+def framework_loss(config: ak.AEMConfig) -> Callable[..., torch.Tensor]:
+    """fn(logprobs, entropy, old_logprobs, advantages, response_group, mask) -> the framework's loss for
+    `config.loss_mode` with AEM, from a line's own log-probs [B, T] (with a gradient) and entropies [B, T]
+    (without), one response per row: `mask` [B, T] bool marks the trained tokens, `advantages` and
+    `response_group` are [B]. The framework's configuration is built here, once, outside the loss (a compiled
+    loss traces only the loss)."""
+    trl = config.loss_mode in TRL_LOSS_MODES
+    verl_loss = None if trl else _verl_policy_loss(config)
+
+    def loss(logprobs, entropy, old_logprobs, advantages, response_group, mask):
+        weights = mask.to(torch.float32)
+        uncertainty = (entropy.float() * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)   # x_r: mean entropy
+        modulated, _ = ak.modulate_advantages(advantages, uncertainty, response_group, config)
+        logprobs = logprobs.float()
+        if trl:
+            return _trl_loss(config, logprobs, old_logprobs, modulated[:, None], weights)
+        return verl_loss(logprobs, old_logprobs, modulated[:, None] * weights, weights)
+
+    return loss
 
 
 assert set(LOSS_MODES) == set(VERL_LOSS_MODES) | set(TRL_LOSS_MODES)
