@@ -310,7 +310,7 @@ def _check_line(run: _Run, cell: _Cell, line: Implementation) -> dict:
             del state
         else:
             outputs, peak = cell.reference_outputs, cell.reference_peak
-        passed, check = checks.compare(outputs, cell.reference_outputs)
+        passed, check = checks.compare(outputs, cell.reference_outputs, cell.case.tolerance_scale(cell.point))
         del outputs
     except Exception as exc:
         return _failure(run, cell, line, exc, **fields)
