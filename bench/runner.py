@@ -13,7 +13,8 @@ backend, or the case's own) runs first and its outputs become the reference. Eve
   3. is timed (`measure.Timer`: warm-up calls, then the timed calls), right after its check, or, when the
      profile's timing interleaves, together with the case's other lines in rounds once all are checked.
 An untimed case (the precision table) stops after step 2. A record is written for every (point, case, line),
-whatever happened, so the results list every line.
+whatever happened, so the results list every line (a case confined to some points by `Profile.case_points` has
+records at those points only).
 """
 
 from __future__ import annotations
