@@ -20,6 +20,7 @@ divides by B x max_completion_length (here the row length T), which the package 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Callable, Dict, Optional
 
@@ -51,8 +52,8 @@ def our_normalisers(config: ak.AEMConfig, horizon: int) -> Dict[str, float]:
 def verl_unavailable() -> Optional[str]:
     """None when verl's policy losses import (verl/__init__ imports Ray; ~10 s the first time), else why not."""
     try:
-        import verl.trainer.ppo.core_algos  # noqa: F401
-        import verl.workers.config  # noqa: F401
+        for module in ("verl.trainer.ppo.core_algos", "verl.workers.config"):
+            importlib.import_module(module)
     except Exception as exc:  # ImportError, or a broken install
         return f"verl's policy losses cannot be imported ({type(exc).__name__}: {str(exc)[:160]})"
     return None
