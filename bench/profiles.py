@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
+from .cases import DEFAULT_CASES, LOSS_MODE_CASES
 from .measure import TimingPolicy
 
 VOCABS = {"32k": 32000, "128k": 128256, "152k": 151936, "256k": 256000}
@@ -41,6 +42,12 @@ class Profile:
     budget_s: Optional[float] = None
     exclude: Dict[str, str] = field(default_factory=dict)   # line name -> why this profile leaves it out
     lines: Optional[Tuple[str, ...]] = None    # None: every line (but the opt-in ones); else only these
+    # case name -> the only points (N, V, dtype) of the sweeps it runs at (a case not named runs at every point);
+    # `override` with a new grid drops it, so that --n/--v/--dtype apply to every case
+    case_points: Dict[str, Tuple[Tuple[int, int, str], ...]] = field(default_factory=dict)
+
+    def runs_at(self, case: str, point: Tuple[int, int, str]) -> bool:
+        return case not in self.case_points or point in self.case_points[case]
 
 
 def _n_sweep(vocab: int, dtype: str, ns) -> Sweep:
@@ -61,13 +68,20 @@ _TWO_CUDA_PATHS = ("the two CUDA paths raced here are the package's default plan
                    "tile kernels (fused[tiles])")
 
 
+# the per-mode loss cases (aem_loss_fwd_bwd[<mode>], 18 of them) run at one point of the cpu profile's V=32000 sweep:
+# every mode is an O(N) tail on the same N x V work, and torch.compile compiles the whole user function once per
+# mode (10-40 s each on the 2-core VM), so one point keeps them to a few minutes
+LOSS_MODE_POINT = (512, 32000, "float32")
+
+
 def cpu_profile() -> Profile:
     # Sized for a 2-core machine: the torch-based lines take 1-4e-8 s per logit per call there, so they run
     # up to N ~ 1024 at V = 151936 and are then skipped by the 8 s per-call limit, while faster lines (our C++
     # backend, torch.compile) continue; at N = 4096 eager's fp32 copies exceed the 8 GiB limit.
     return Profile(
         name="cpu",
-        description="CPU default: N sweeps at Qwen's V=151936 (fp32, bf16) and a V sweep, 3 timed calls per line",
+        description="CPU default: N sweeps at Qwen's V=151936 (fp32, bf16) and a V sweep, 3 timed calls per line; "
+                    "the 18 loss modes at 512 x 32000 fp32",
         sweeps=[
             _n_sweep(151936, "float32", (128, 256, 512, 2048)),
             _v_sweep(128, "float32"),
@@ -75,7 +89,8 @@ def cpu_profile() -> Profile:
             _n_sweep(32000, "float32", (512, 1024, 4096)),
         ],
         timing=TimingPolicy(warmup=0, min_reps=3, max_reps=10, min_time_s=1.0),
-        seq_len=128, max_call_s=8.0, mem_limit_bytes=8 * GiB, budget_s=25 * 60)
+        seq_len=128, max_call_s=8.0, mem_limit_bytes=8 * GiB, budget_s=35 * 60,
+        cases=DEFAULT_CASES + LOSS_MODE_CASES, case_points={name: (LOSS_MODE_POINT,) for name in LOSS_MODE_CASES})
 
 
 def gpu_profile() -> Profile:
@@ -215,7 +230,7 @@ def override(profile: Profile, *, ns: Optional[List[int]] = None, vocabs: Option
         vocabs = vocabs or sorted({p[1] for p in points})
         dtypes = dtypes or sorted({p[2] for p in points})
         sweeps = [_n_sweep(v, dt, ns) for dt in dtypes for v in vocabs]
-        profile = replace(profile, sweeps=sweeps)
+        profile = replace(profile, sweeps=sweeps, case_points={})
     if reps is not None or warmup is not None:
         timing = profile.timing
         timing = replace(timing, warmup=timing.warmup if warmup is None else warmup,

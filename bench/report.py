@@ -126,12 +126,48 @@ def markdown(doc: dict) -> str:
                 cells = [_cell(by_key[(impl, *p)], notes) for p in points]
                 lines.append(f"| {impl} | " + " | ".join(cells) + " |")
             lines.append("")
+    lines += _modes_section(results)
     lines += _growth_section(results) + _phase_section(results) + _bandwidth_section(doc)
     lines += _detail_section(results)
     if notes:
         lines += ["", "## Notes (why a line was not timed)", ""]
         lines += [f"{mark}. {reason}" for reason, mark in notes.items()]
     return "\n".join(lines) + "\n"
+
+
+MODE_CASE = re.compile(r"^aem_loss_fwd_bwd\[(?P<mode>\w+)\]$")
+
+
+def _modes_section(results: List[dict]) -> List[str]:
+    """The per-mode loss cases (`aem_loss_fwd_bwd[<mode>]`) in one table per point: a row per mode, a column
+    per line (median ms / peak MiB), the speed-up of our fastest line over eager and over torch.compile (their
+    median over ours), and torch.compile's compile time."""
+    by_point: Dict[tuple, Dict[str, Dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in results:
+        match = MODE_CASE.match(r["case"])
+        if match:
+            by_point[(r["n"], r["v"], r["dtype"])][match["mode"]][r["impl"]] = r
+    out = []
+    for (n, v, dtype), modes in by_point.items():
+        impls = [name for name in dict.fromkeys(i for lines in modes.values() for i in lines)
+                 if any(lines.get(name, {}).get("status") == "ok" for lines in modes.values())]
+        out += [f"## The loss modes at N={n} V={v} {dtype} (`aem_loss_fwd_bwd[<mode>]`)", "",
+                "Each mode's loss, forward + backward: ours, and the framework's own loss on materialised "
+                "log-probs (eager, and the whole function under torch.compile). Median ms / peak MiB.", "",
+                "| mode | " + " | ".join(impls) + " | speed-up of ours over eager | over torch.compile | compile s |",
+                "|---|" + "---|" * (len(impls) + 3)]
+        for mode, lines in modes.items():
+            cells = [_cell(lines[name], {}) if lines.get(name, {}).get("status") == "ok" else
+                     (lines[name]["status"] if name in lines else "-") for name in impls]
+            ours = [r["time_s"]["median"] for name, r in lines.items() if name.startswith("aem_kernels")
+                    and r["status"] == "ok" and "time_s" in r]
+            ratio = (lambda name: f"{lines[name]['time_s']['median'] / min(ours):.2f}x"  # noqa: E731
+                     if ours and lines.get(name, {}).get("status") == "ok" else "-")
+            compiled = lines.get("torch.compile", {}).get("compile_s")
+            cells += [ratio("eager"), ratio("torch.compile"), "-" if compiled is None else f"{compiled:.0f}"]
+            out.append(f"| {mode} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def _growth_section(results: List[dict]) -> List[str]:
@@ -242,7 +278,7 @@ def plots(doc: dict, out_dir: Path, name: Optional[str] = None) -> List[Path]:
                                if s.startswith("N sweep"))
         for sweep in sweeps:
             rows = [r for r in results if r["case"] == case["name"] and sweep in r["sweeps"]]
-            if not rows:
+            if len({r["n"] for r in rows}) < 2:   # no points, or one (the per-mode loss cases): nothing to plot
                 continue
             fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
             for impl in dict.fromkeys(r["impl"] for r in rows):

@@ -13,7 +13,8 @@ backend, or the case's own) runs first and its outputs become the reference. Eve
   3. is timed (`measure.Timer`: warm-up calls, then the timed calls), right after its check, or, when the
      profile's timing interleaves, together with the case's other lines in rounds once all are checked.
 An untimed case (the precision table) stops after step 2. A record is written for every (point, case, line),
-whatever happened, so the results list every line.
+whatever happened, so the results list every line (a case confined to some points by `Profile.case_points` has
+records at those points only).
 """
 
 from __future__ import annotations
@@ -187,9 +188,11 @@ def run_profile(ctx: BenchContext) -> List[dict]:
     for n, v, dtype in points:
         point = Point(n=n, v=v, dtype=dtype, seq_len=ctx.profile.seq_len)
         sweeps = membership[(n, v, dtype)]
+        # a case the profile confines to some points (`Profile.case_points`) has no record elsewhere
+        here = [case for case in cases if ctx.profile.runs_at(case.name, (n, v, dtype))]
         if not run.limits.budget_left():
             reason = "profile time budget exhausted"
-            records += [_Cell(c, point, sweeps).record(line, "skipped", reason) for c in cases for line in lines]
+            records += [_Cell(c, point, sweeps).record(line, "skipped", reason) for c in here for line in lines]
             run.log(f"[{point.key()}] skipped: {reason}")
             continue
         cache: Dict[str, Inputs] = {}
@@ -199,7 +202,7 @@ def run_profile(ctx: BenchContext) -> List[dict]:
                 cache["logits"] = make_logits(point, device, ctx.seed)
             return cache["logits"]
 
-        for case in cases:
+        for case in here:
             cell = _Cell(case, point, sweeps)
             # alive during the case: the logits, and for a backward a kept copy and the reference gradient
             resident = point.logits_bytes * (3 if case.backward else 1)
@@ -308,7 +311,7 @@ def _check_line(run: _Run, cell: _Cell, line: Implementation) -> dict:
             del state
         else:
             outputs, peak = cell.reference_outputs, cell.reference_peak
-        passed, check = checks.compare(outputs, cell.reference_outputs)
+        passed, check = checks.compare(outputs, cell.reference_outputs, cell.case.tolerance_scale(cell.point))
         del outputs
     except Exception as exc:
         return _failure(run, cell, line, exc, **fields)

@@ -50,7 +50,8 @@ def test_bench(benchmark, base_inputs, case_name, line):
     inputs = case.extend(base_inputs if case.shared_logits else None, POINT, DEVICE, seed=0)
     reference = case.reference_for(REFERENCE)
     expected = case.call(reference, case.prepare(reference, inputs, fresh=False))
-    passed, report = checks.compare(case.call(line, case.prepare(line, inputs, fresh=line.mutates_inputs)), expected)
+    passed, report = checks.compare(case.call(line, case.prepare(line, inputs, fresh=line.mutates_inputs)), expected,
+                                    case.tolerance_scale(POINT))
     assert passed, f"{line.name} disagrees with {reference.name}: {report}"
 
     def timed(state):

@@ -263,3 +263,36 @@ def test_a_new_case_is_one_module_and_one_registration(monkeypatch, one_thread):
     assert "takes hidden as input" in by_key[("logprobs_fwd", "toy-chunked")]["reason"]
     assert by_key[("logprobs_fwd", "eager")]["status"] == "ok"
     assert logged and all("[N=24 V=40 float32]" in msg or "skipped" in msg for msg in logged)
+
+
+def test_loss_mode_cases_check_ours_against_each_frameworks_loss(tmp_path, one_thread):
+    """`aem_loss_fwd_bwd[<mode>]` for a verl mode (gspo: a sequence ratio, two passes) and a TRL type (dr_grpo:
+    its normaliser through loss_scale_factor) at a tiny shape: ours and eager (the framework's own loss on
+    materialised log-probs) agree on the loss and the logits' gradient and are timed, the mode-independent lines
+    are left out with the reason, and the report gathers the modes in one table. The cpu profile runs the 18
+    modes at one point only, which a grid given on the command line replaces."""
+    from bench.cases import LOSS_MODE_CASES
+    from bench.profiles import LOSS_MODE_POINT, get_profile, override
+
+    cases = ["aem_loss_fwd_bwd[gspo]", "aem_loss_fwd_bwd[dr_grpo]"]
+    doc = main(["--profile", "quick", "--cases", ",".join(cases), "--out", str(tmp_path), "--n", "32", "--v", "256",
+                "--dtype", "float32", "--seq-len", "4", "--reps", "1", "--warmup", "0", "--threads", "1",
+                "--device", "cpu", "--no-plots"])
+    by_key = {(r["case"], r["impl"]): r for r in doc["results"]}
+    for case in cases:
+        for line in ("aem_kernels[torch]", "aem_kernels[cpu]", "eager"):
+            r = by_key[(case, line)]
+            assert r["status"] == "ok" and r["time_s"]["n"] == 1, r
+            assert r["check"]["loss"]["rel_error"] < 1e-5 and r["check"]["grad_logits"]["rel_error"] < 1e-5, r
+        for line in ("trl", "verl", "aem_kernels[cpu]+inplace"):
+            assert by_key[(case, line)]["status"] == "skipped"
+            assert "does not depend on the loss mode" in by_key[(case, line)]["reason"]
+    markdown = (tmp_path / "quick.md").read_text()
+    assert "## The loss modes at N=32 V=256 float32" in markdown
+    assert "| gspo | " in markdown and "| dr_grpo | " in markdown
+
+    cpu = get_profile("cpu", "cpu")
+    assert set(LOSS_MODE_CASES) <= set(cpu.cases) and len(LOSS_MODE_CASES) == 18
+    assert all(cpu.runs_at(case, LOSS_MODE_POINT) and not cpu.runs_at(case, (128, 151936, "float32"))
+               for case in LOSS_MODE_CASES)
+    assert override(cpu, ns=[64]).runs_at(LOSS_MODE_CASES[0], (64, 32000, "float32"))

@@ -7,11 +7,12 @@ import torch
 
 from ..implementations import competitor_implementations, our_implementations
 from ..lines import Implementation
-from .aem_loss import AEMLossForwardBackward
+from .aem_loss import AEMLossForwardBackward, AEMLossModeForwardBackward
 from .base import Case, Inputs, Point
 from .fused_linear import (FusedLinearForwardBackward, FusedLinearLogprobForwardBackward,
                            FusedLinearLossForwardBackward, hidden_implementations)
 from .logprobs_fwd import LogprobsForward
+from .loss_modes import LOSS_MODES
 from .logprobs_fwd_bwd import LogprobsForwardBackward
 from .precision import LogprobsPrecision
 
@@ -24,8 +25,10 @@ CASES = {case.name: case for case in (
     FusedLinearForwardBackward(),
     FusedLinearLogprobForwardBackward(),
     FusedLinearLossForwardBackward(),
+    *(AEMLossModeForwardBackward(mode) for mode in LOSS_MODES),   # aem_loss_fwd_bwd[<mode>], one per loss mode
 )}
 DEFAULT_CASES = [name for name, case in CASES.items() if case.default]
+LOSS_MODE_CASES = [f"aem_loss_fwd_bwd[{mode}]" for mode in LOSS_MODES]
 
 
 def all_implementations(device: torch.device) -> List[Implementation]:
@@ -34,4 +37,4 @@ def all_implementations(device: torch.device) -> List[Implementation]:
     return our_implementations(device) + competitor_implementations(device) + hidden_implementations(device)
 
 
-__all__ = ["CASES", "DEFAULT_CASES", "Case", "Inputs", "Point", "all_implementations"]
+__all__ = ["CASES", "DEFAULT_CASES", "LOSS_MODE_CASES", "Case", "Inputs", "Point", "all_implementations"]

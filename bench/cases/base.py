@@ -20,6 +20,8 @@ Adding a case is one module in `bench/cases/` with a subclass of `Case` and one 
     extend            the case's inputs for a point (runs once per point, outside every timer)
     prepare           one call's inputs (outside the timer; a fresh copy when the line overwrites them)
     reference_for     the line the others are checked against (default: our torch backend)
+    tolerance_scale   output name -> a factor on the gate's tolerance, where the case's outputs amplify the
+                      per-token rounding of a correct line (the per-mode loss case's vespo)
     lines(device)     lines only this case runs (e.g. the competitors over hidden states); they join the run
                       like the lines of implementations.py, and the other cases list them as not applicable
     call              the timed work; returns the outputs to compare (checks.py: logprobs, entropy and other
@@ -150,6 +152,11 @@ class Case:
         overwrites them), with requires_grad set when the case runs a backward."""
         logits = inputs.logits.clone() if fresh else inputs.logits.detach()
         return Inputs(logits=logits.requires_grad_(self.backward), labels=inputs.labels, extra=inputs.extra)
+
+    def tolerance_scale(self, point: Point) -> Dict[str, float]:
+        """Output name -> a factor on the correctness gate's tolerance (`checks.py`) where this case's outputs
+        amplify the per-token rounding of a correct line (none by default)."""
+        return {}
 
     def skip_reason(self, impl: Implementation) -> Optional[str]:
         if self.timed and impl.not_timed:
