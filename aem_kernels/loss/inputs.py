@@ -206,14 +206,12 @@ def loss_batch(logits: torch.Tensor, labels, advantages, config: AEMConfig, *, r
     `rollout_logprobs` (labels' shape) is read only when a rollout correction is on (config.rollout_is,
     rollout_rs or vllm_importance_sampling_mode); with every correction off it is checked and then ignored, as
     verl ignores its batch's rollout_log_probs without a rollout-correction config."""
-    # the normalisers of the aggregations this call uses: the policy term's (a loss mode may fix its own, e.g.
-    # TRL's types, verl's sapo) and, outside TRL's types, loss_agg_mode's for the entropy and KL terms
-    policy_mode, _, ignores_normalisers = mode_aggregation(config)
-    checked_mode = policy_mode if config.loss_mode in TRL_LOSS_MODES else config.loss_agg_mode
+    # the normalisers of the aggregation loss_agg_mode names (entropy and KL terms); under TRL's loss types
+    # every term aggregates as the type does. (A verl mode that fixes its own policy aggregation, sapo, has
+    # its normaliser checked with the policy term, `terms.py`.)
+    checked_mode = mode_aggregation(config)[0] if config.loss_mode in TRL_LOSS_MODES else config.loss_agg_mode
     global_batch = GlobalBatch.checked(checked_mode, dp_size, batch_num_tokens, global_batch_size,
                                        loss_scale_factor, process_group)
-    if policy_mode != checked_mode and not ignores_normalisers:
-        GlobalBatch.checked(policy_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
     batch = pack_inputs(logits, labels, advantages, token_response=token_response, response_group=response_group,
                         response_mask=response_mask, turn_ids=turn_ids, old_logprobs=old_logprobs,
                         old_entropy=old_entropy, ref_logprobs=ref_logprobs, ignore_index=config.ignore_index,

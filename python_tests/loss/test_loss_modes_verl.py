@@ -213,6 +213,17 @@ def test_a_mode_with_its_own_aggregation_needs_its_global_normaliser():
                                                                               "batch_num_tokens": 40})
 
 
+def test_a_trl_type_asks_for_its_own_normaliser_only():
+    """Under TRL's grpo type (per-response means) every term aggregates as the type does: with dp_size > 1 it
+    needs global_batch_size, and not the token count that loss_agg_mode's default (token-mean) would."""
+    log_prob, old, mask, advantages = _batch()
+    loss, _, _ = _ours(_config("grpo", "token-mean"), log_prob, old, mask, advantages,
+                    {"dp_size": 2, "global_batch_size": 8})
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        _ours(_config("grpo", "token-mean"), log_prob, old, mask, advantages, {"dp_size": 2, "batch_num_tokens": 40})
+
+
 def test_verl_mode_options_are_checked():
     with pytest.raises(ValueError, match="dual_clip"):
         ak.AEMConfig(loss_mode="gspo", dual_clip=2.0)
