@@ -38,7 +38,7 @@ import torch
 
 from .. import collectives as C
 from ..config import AEMConfig, rollout_is_bounds, rollout_rs_bounds
-from ..ops.segment import segment_count, segment_sum
+from ..ops.segment import segment_broadcast, segment_count, segment_sum
 from .inputs import PackedBatch, check_correction_inputs, rollout_corrections_on
 
 __all__ = ["apply_rollout_corrections", "entropy_token_mask"]
@@ -68,12 +68,6 @@ class _Stats:
         return torch.where(torch.isfinite(out), out, 0.0)  # no token anywhere: 0, not an infinity
 
 
-def _per_token(per_response: torch.Tensor, token_response: torch.Tensor) -> torch.Tensor:
-    """[R] -> [N] by token_response; untrained tokens read a zero slot at index R."""
-    safe = torch.where(token_response >= 0, token_response, per_response.shape[0])
-    return torch.cat([per_response, per_response.new_zeros(1)])[safe]
-
-
 def _response_max(values: torch.Tensor, token_response: torch.Tensor, num_responses: int) -> torch.Tensor:
     """Per-response max [R]; 0 for a response without tokens (verl's seq_max)."""
     safe = torch.where(token_response >= 0, token_response, num_responses)
@@ -89,7 +83,7 @@ def _verl_is_weights(lr: torch.Tensor, trained: torch.Tensor, batch: PackedBatch
         log_w = lr
     else:
         seq_lr = segment_sum(lr, tr, num_responses)
-        log_w = _per_token(seq_lr, tr)
+        log_w = segment_broadcast(seq_lr, tr)
     raw = torch.where(trained, log_w.clamp(-_SAFETY_BOUND, _SAFETY_BOUND).exp(), 0.0)
     if lower is None:   # TIS
         weights = raw.clamp(max=upper)
@@ -153,7 +147,7 @@ def _verl_rejection(lr: torch.Tensor, trained: torch.Tensor, batch: PackedBatch,
         else:
             passed = stat <= upper
         if level != "token":
-            passed = _per_token(passed, tr)
+            passed = segment_broadcast(passed, tr)
         option_keep = passed | ~trained
         keep = keep & option_keep
         metrics[f"rollout_rs_{option}_masked_fraction"] = stats.mean((~option_keep).to(lr.dtype), trained)
@@ -208,7 +202,7 @@ def _trl_is_weights(lr: torch.Tensor, trained: torch.Tensor, batch: PackedBatch,
         "sampling/importance_sampling_ratio/mean": stats.mean(ratio, valid),
         "sampling/importance_sampling_ratio/max": stats.extreme(ratio, valid, "max"),
     }
-    weights = _per_token(ratio, tr) if sequence else ratio
+    weights = segment_broadcast(ratio, tr) if sequence else ratio
     return weights, metrics
 
 

@@ -29,7 +29,7 @@ import torch
 from .. import collectives as C
 from ..config import TRL_LOSS_MODES, AEMConfig
 from ..ops.policy_loss import Segments, kl_penalty, kl_ratio, mode_aggregation, policy_token_loss
-from ..ops.segment import segment_count, segment_mean, segment_sum
+from ..ops.segment import segment_broadcast, segment_count, segment_mean, segment_sum
 from .aggregation import GlobalBatch, aggregate
 from .corrections import apply_rollout_corrections, entropy_token_mask
 from .inputs import PackedBatch
@@ -92,16 +92,12 @@ def modulated_token_advantages(batch: PackedBatch, x: torch.Tensor, config: AEMC
     weights, u, clipped = aem_weights_checked(x, batch.response_group, config, batch.num_groups, valid,
                                               batch.process_group)
     weights = weights.to(dtype)
-    # untrained tokens read a zero slot at index R, so a batch without responses (a data-parallel rank
-    # holding none) works too
-    safe_tr = torch.where(tr >= 0, tr, num_responses)
-    padded = (lambda per_response: torch.cat([per_response, per_response.new_zeros(1)]))  # noqa: E731
     if batch.token_level:
-        token_adv = batch.advantages.to(dtype) * padded(weights)[safe_tr]
+        token_adv = batch.advantages.to(dtype) * segment_broadcast(weights, tr)
         response_adv = segment_mean(batch.advantages.to(dtype), tr, num_responses)
     else:
         response_adv = batch.advantages.to(dtype)
-        token_adv = padded(weights * response_adv)[safe_tr]
+        token_adv = segment_broadcast(weights * response_adv, tr)
     token_adv = torch.where(tr >= 0, token_adv, 0.0)
     return token_adv, response_adv, weights, u, clipped, valid
 

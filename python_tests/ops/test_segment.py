@@ -91,3 +91,18 @@ def test_triton_segment_sum_gradient_and_registration():
     assert torch.autograd.gradcheck(lambda v: kernel.segment_sum(v, ids, 5), (values,))
     torch.library.opcheck(torch.ops.aem_kernels.triton_segment_sum.default,
                           (values.detach().float().requires_grad_(), ids, 5))
+
+
+def test_segment_broadcast_is_the_membership_matrix_product():
+    """out[t] = per_segment[id_t] (0 for id -1), i.e. the dense membership matrix's transpose applied to the
+    per-segment values, with its gradient the segment sum; no segment at all works too."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(-1, 4, (37,), generator=gen)
+    values = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    membership = (ids[None, :] == torch.arange(4)[:, None]).to(torch.float64)   # [R, N]
+    out = segment.segment_broadcast(values, ids)
+    assert torch.equal(out, values.detach() @ membership)
+    upstream = torch.randn(37, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), values)
+    torch.testing.assert_close(grad, membership @ upstream, rtol=0, atol=1e-12)
+    assert torch.equal(segment.segment_broadcast(torch.zeros(0), torch.full((5,), -1)), torch.zeros(5))

@@ -46,7 +46,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from ...config import DUAL_CLIP_MODES, TRL_AGGREGATION, TRUNCATION_MODES
-from ..segment import segment_count, segment_mean, segment_sum
+from ..segment import segment_broadcast, segment_count, segment_mean, segment_sum
 from .pytorch import LOG_RATIO_CLAMP, kl_penalty, ppo_token_loss
 
 __all__ = ["ROW_LOCAL", "Segments", "kl_ratio", "mode_aggregation", "policy_token_loss", "row_local",
@@ -62,9 +62,8 @@ class Segments(NamedTuple):
     num_responses: int
 
     def per_token(self, per_response: torch.Tensor) -> torch.Tensor:
-        """[R] -> [N] (untrained tokens read a zero slot at index R, so R = 0 works; differentiable)."""
-        slot = torch.where(self.token_response >= 0, self.token_response, self.num_responses)
-        return torch.cat([per_response, per_response.new_zeros(1)])[slot]
+        """[R] -> [N] (0 on untrained tokens; differentiable)."""
+        return segment_broadcast(per_response, self.token_response)
 
     @property
     def trained(self) -> torch.Tensor:

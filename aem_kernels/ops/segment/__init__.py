@@ -18,8 +18,8 @@ import torch
 from ... import validation as V
 from ...capability import TRITON_FOUND, cpu_extension
 
-__all__ = ["resolve_segment_sum", "response_entropy", "response_surprisal", "segment_count", "segment_mean",
-           "segment_sum"]
+__all__ = ["resolve_segment_sum", "response_entropy", "response_surprisal", "segment_broadcast", "segment_count",
+           "segment_mean", "segment_sum"]
 
 
 def resolve_segment_sum(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
@@ -47,6 +47,14 @@ def segment_count(segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
     ids = segment_ids.reshape(-1)
     bucket = torch.where(ids >= 0, ids, num_segments)
     return torch.bincount(bucket, minlength=num_segments + 1)[:num_segments]
+
+
+def segment_broadcast(per_segment: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """The inverse direction: out[t] = per_segment[segment_ids[t]] ([num_segments] -> segment_ids' shape), 0 where
+    the id is -1. Ids of -1 read a zero slot at index num_segments, so num_segments = 0 (a data-parallel rank
+    holding no response) works too; differentiable in per_segment."""
+    slot = torch.where(segment_ids >= 0, segment_ids, per_segment.shape[0])
+    return torch.cat([per_segment, per_segment.new_zeros(1)])[slot]
 
 
 def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
