@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["resolve_group", "group_size", "group_rank", "all_reduce", "all_gather_rows", "optional_int_max"]
+__all__ = ["resolve_group", "group_size", "group_rank", "all_reduce", "all_gather_rows", "masked_mean", "optional_int_max"]
 
 
 def _dist():
@@ -59,6 +59,15 @@ def all_reduce(tensor: torch.Tensor, op: str, group) -> torch.Tensor:
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
         dist.all_reduce(tensor, op=reduce_op, group=group)
     return tensor
+
+
+def masked_mean(values: torch.Tensor, valid: Optional[torch.Tensor], group, eps: float = 0.0) -> torch.Tensor:
+    """0-d mean of `values` over its `valid` entries (None: all) on every rank of `group` (one all_reduce of two
+    numbers); the count is clamped to 1 (no entry: 0), or, with eps > 0, has eps added (verl's masked_mean)."""
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
+    sums = all_reduce(torch.stack([torch.where(valid, values, 0.0).sum(), valid.sum().to(values.dtype)]), "sum",
+                      group)
+    return sums[0] / (sums[1] + eps if eps else sums[1].clamp(min=1))
 
 
 def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:

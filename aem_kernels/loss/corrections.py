@@ -54,10 +54,7 @@ class _Stats:
         self.group = group
 
     def mean(self, values: torch.Tensor, valid: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
-        valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
-        sums = torch.stack([torch.where(valid, values, 0.0).sum(), valid.sum().to(values.dtype)])
-        sums = C.all_reduce(sums, "sum", self.group)
-        return sums[0] / (sums[1] + eps if eps else sums[1].clamp(min=1))
+        return C.masked_mean(values, valid, self.group, eps)
 
     def extreme(self, values: torch.Tensor, valid: Optional[torch.Tensor], reduce: str) -> torch.Tensor:
         fill = float("-inf") if reduce == "max" else float("inf")

@@ -39,12 +39,6 @@ __all__ = ["Corrected", "LossWeights", "loss_from_token_terms", "loss_weights", 
            "response_uncertainty", "weights_unknown_before_forward"]
 
 
-def _token_mean(values: torch.Tensor, trained: torch.Tensor, group=None) -> torch.Tensor:
-    sums = torch.stack([torch.where(trained, values, 0.0).sum(), trained.sum().to(values.dtype)])
-    sums = C.all_reduce(sums, "sum", group)  # over every rank's tokens with a process group
-    return sums[0] / sums[1].clamp(min=1)
-
-
 def _global_value(value: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """A loss term's whole-batch value: this rank's share summed over the ranks / dp_size (itself alone)."""
     if batch.process_group is None:
@@ -169,9 +163,9 @@ def loss_from_token_terms(batch: PackedBatch, logprobs: torch.Tensor, entropy: t
     group = batch.process_group
     metrics: Dict[str, torch.Tensor] = {
         "actor/pg_loss": _global_value(pg_loss, batch),
-        "actor/pg_clipfrac": _token_mean(flags["clip"], trained, group),
-        "actor/ppo_kl": _token_mean(flags["neg_log_ratio"], trained, group),
-        "actor/pg_clipfrac_lower": _token_mean(flags["clip_lower"], trained, group),
+        "actor/pg_clipfrac": C.masked_mean(flags["clip"], trained, group),
+        "actor/ppo_kl": C.masked_mean(flags["neg_log_ratio"], trained, group),
+        "actor/pg_clipfrac_lower": C.masked_mean(flags["clip_lower"], trained, group),
         "actor/entropy": _global_value(entropy_agg, batch),
     }
     if config.kl_coef > 0:
